@@ -1,0 +1,3 @@
+from everest_agent.cli import main
+
+raise SystemExit(main())

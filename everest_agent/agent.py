@@ -1,0 +1,149 @@
+"""
+The agent as one Twisted service tree.
+
+L{EverestAgent} builds the parts from the configuration and wires them:
+the connection (L{client}) feeds platform messages to the L{Sender} (acks)
+and the L{TaskManager} (tasks); the manager's workers run tasks through the
+handler and move files with the L{Stager}; everything said to the platform
+goes through the sender and its durable outbox.
+"""
+
+import fcntl
+import os
+import time
+
+from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
+
+from everest_agent import __version__, protocol
+from everest_agent.client import AgentClientFactory, ConnectionService
+from everest_agent.handlers import make_handler
+from everest_agent.journal import make_private_dir
+from everest_agent.manager import TaskManager
+from everest_agent.outbox import Outbox
+from everest_agent.registry import TaskRegistry
+from everest_agent.resource import ResourceMonitor
+from everest_agent.sender import Sender
+from everest_agent.staging import Stager
+
+
+class StateDirLocked(Exception):
+    pass
+
+
+class EverestAgent(MultiService):
+    log = Logger()
+
+    def __init__(self, config, reactor, handler=None, fsync=True, wallclock=time.time):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        agent = config.agent
+        self.user_agent = f"everest-agent/{__version__}"
+        self.handler = handler if handler is not None else make_handler(config, reactor)
+        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync)
+        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync)
+        self.sender = Sender(self.outbox, reactor, wallclock)
+        self.stager = Stager(
+            reactor, config.platform.url, config.platform.token,
+            ca_file=config.platform.ca_file or None, timeout=config.transfer.timeout,
+        )
+        self.manager = TaskManager(
+            self.registry, self.sender, self.handler, self.stager, agent.work_dir, agent.max_tasks,
+            allowed_commands=config.security.allowed_commands,
+            keep_finished=agent.keep_finished, wallclock=wallclock,
+        )
+        self.monitor = ResourceMonitor(
+            reactor, self.sender, self.manager, self.handler, agent.hostname, agent.work_dir, wallclock
+        )
+        platform = config.platform
+        self.factory = AgentClientFactory(
+            self, platform.url, reactor,
+            ping_interval=platform.ping_interval, ping_timeout=platform.ping_timeout,
+            initial_delay=platform.reconnect_initial_delay, max_delay=platform.reconnect_max_delay,
+            factor=platform.reconnect_factor, welcome_timeout=platform.welcome_timeout,
+        )
+        self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
+        self._lock = None
+        # Started in this order, stopped in reverse: the connection goes first.
+        self.sender.setServiceParent(self)
+        if IService.providedBy(self.handler):
+            self.handler.setServiceParent(self)
+        self.manager.setServiceParent(self)
+        self.connection.setServiceParent(self)
+
+    def startService(self):
+        agent = self.config.agent
+        make_private_dir(agent.state_dir)
+        os.makedirs(agent.work_dir, exist_ok=True)
+        self._take_lock(agent.state_dir)
+        self.outbox.load()
+        self.registry.load()
+        self.log.info(
+            "everest-agent {version} starting: handler {handler}, {slots} slots, "
+            "work_dir {work_dir}, {pending} messages to deliver",
+            version=__version__, handler=self.handler.name, slots=agent.max_tasks,
+            work_dir=agent.work_dir, pending=len(self.outbox),
+        )
+        if os.geteuid() == 0:
+            self.log.warn("Running as root: tasks run as root too; consider a dedicated user")
+        super().startService()
+
+    def _take_lock(self, state_dir):
+        fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StateDirLocked(
+                f"another agent is using the state directory {state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+
+    async def _stop(self):
+        await MultiService.stopService(self)
+        self.monitor.lost()
+        await self.stager.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def stopService(self):
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(self._stop())
+
+    # -- what the connection asks of the agent ------------------------------------
+
+    def hello(self):
+        return {
+            "token": self.config.platform.token,
+            "protocol": protocol.PROTOCOL_VERSION,
+            "agent": self.user_agent,
+            "hostname": self.config.agent.hostname,
+            "handler": self.handler.name,
+            "slots": self.config.agent.max_tasks,
+            "tasks": self.manager.hello_tasks(),
+        }
+
+    def dispatch_table(self):
+        return {
+            protocol.ACK: self.sender.ack,
+            protocol.TASK_SUBMIT: self.manager.submit,
+            protocol.TASK_CANCEL: self.manager.cancel,
+            protocol.TASK_MESSAGE: self.manager.deliver,
+        }
+
+    def welcomed(self, connection, info):
+        heartbeat = info.get("heartbeat")
+        if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or heartbeat <= 0:
+            heartbeat = 30
+        self.log.info("Connected to the platform")
+        self.sender.welcomed(connection, info.get("ack", 0))
+        self.monitor.welcomed(heartbeat)
+
+    def connection_lost(self, connection):
+        self.sender.lost(connection)
+        self.monitor.lost()

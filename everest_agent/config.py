@@ -1,0 +1,290 @@
+"""
+The agent's configuration file (INI).
+
+Every key the agent understands is declared once, in L{SCHEMA} and
+L{HANDLER_KEYS}, with its type, default and a one-line description; the
+reference documentation is checked against these tables.  Anything else in
+the file (an unknown section or key, a bad value, a missing token, a token
+file others can read) is an error whose message names the file, the section,
+the key and what is wrong.
+"""
+
+import configparser
+import os
+import re
+import socket
+import stat
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message fit to show the user as is."""
+
+
+@dataclass(frozen=True)
+class Key:
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+
+
+def _text(value):
+    return value.strip()
+
+
+def _positive_int(value):
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return number
+
+
+def _non_negative_int(value):
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be a whole number of at least 0")
+    return number
+
+
+def _positive_float(value):
+    number = float(value)
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _bool(value):
+    lowered = value.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("must be yes or no")
+
+
+def _path(value):
+    value = value.strip()
+    if not value:
+        return ""
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _regex_lines(value):
+    patterns = []
+    for line in value.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            patterns.append(re.compile(line))
+        except re.error as e:
+            raise ValueError(f"{line!r} is not a valid regular expression ({e})") from None
+    return patterns
+
+
+def _words(value):
+    return value.split()
+
+
+def _handler_type(value):
+    value = value.strip().lower()
+    if value not in HANDLER_KEYS:
+        raise ValueError("must be one of " + ", ".join(sorted(HANDLER_KEYS)))
+    return value
+
+
+SCHEMA = {
+    "platform": {
+        "url": Key(_text, REQUIRED, "WebSocket URL of the platform's agent endpoint (wss://...)."),
+        "token": Key(_text, "", "The agent's secret token, inline. Use exactly one of token and token_file."),
+        "token_file": Key(_path, "", "File holding the secret token (mode 0600). Use exactly one of token and token_file."),
+        "ca_file": Key(_path, "", "PEM bundle of CA certificates to trust instead of the system store, for wss:// and https://."),
+        "allow_insecure": Key(_bool, False, "Allow a plain ws:// URL to a host that is not loopback."),
+        "ping_interval": Key(_positive_float, 30.0, "Seconds between WebSocket pings."),
+        "ping_timeout": Key(_positive_float, 60.0, "Seconds without a pong before the connection is dropped and re-established."),
+        "reconnect_initial_delay": Key(_positive_float, 1.0, "First reconnection delay in seconds."),
+        "reconnect_max_delay": Key(_positive_float, 60.0, "Largest reconnection delay in seconds."),
+        "reconnect_factor": Key(_positive_float, 2.0, "Factor by which the reconnection delay grows."),
+        "welcome_timeout": Key(_positive_float, 30.0, "Seconds to wait for WELCOME after HELLO before reconnecting."),
+    },
+    "agent": {
+        "work_dir": Key(_path, "/var/lib/everest-agent/tasks", "Directory holding one directory per task."),
+        "state_dir": Key(_path, "/var/lib/everest-agent/state", "Directory for the durable outbox and task registry."),
+        "max_tasks": Key(_positive_int, os.cpu_count() or 1, "Slots: tasks (local: cores) in use at once. Default: the number of CPUs."),
+        "hostname": Key(_text, "", "Name reported to the platform. Default: this machine's fully qualified name."),
+        "kill_grace": Key(_positive_float, 10.0, "Seconds between SIGTERM and SIGKILL when a task is canceled or exceeds its timeLimit."),
+        "keep_finished": Key(_non_negative_int, 10000, "Finished tasks remembered (for idempotent TASK_SUBMIT) after their report is acknowledged."),
+    },
+    "handler": {
+        "type": Key(_handler_type, "local", "Back end that runs tasks: local, slurm, torque or pbs."),
+    },
+    "security": {
+        "allowed_commands": Key(_regex_lines, [], "Regular expressions, one per line; when given, a task command must match one as a whole."),
+    },
+    "transfer": {
+        "timeout": Key(_positive_float, 60.0, "Seconds to wait for a file server's response headers."),
+    },
+}
+
+_BATCH_KEYS = {
+    "poll_interval": Key(_positive_float, 10.0, "Seconds between scheduler polls (one call covers every job)."),
+    "command_timeout": Key(_positive_float, 60.0, "Seconds a scheduler command may take before it is killed and retried later."),
+    "max_submit": Key(_positive_int, 16, "Job submissions in flight at once."),
+    "extra_args": Key(_words, [], "Extra arguments for every submission (split on white space)."),
+}
+
+#: Keys of the [handler] section, by handler type (besides ``type``).
+HANDLER_KEYS = {
+    "local": {},
+    "slurm": dict(
+        _BATCH_KEYS,
+        partition=Key(_text, "", "SLURM partition (--partition)."),
+        account=Key(_text, "", "SLURM account (--account)."),
+        qos=Key(_text, "", "SLURM quality of service (--qos)."),
+    ),
+    "torque": dict(_BATCH_KEYS, queue=Key(_text, "", "Queue for qsub -q.")),
+    "pbs": dict(_BATCH_KEYS, queue=Key(_text, "", "Queue for qsub -q.")),
+}
+
+
+def load(path, environ=None):
+    """
+    Read and check a configuration file.
+
+    @return: a namespace with one namespace per section (C{config.platform.url},
+        C{config.agent.max_tasks}, ...), plus C{config.path} and
+        C{config.platform.token} holding the token itself.
+    @raise ConfigError: with a one-line message naming file, section and key.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";",), default_section="\0none"
+    )
+    parser.optionxform = str
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the configuration file is not UTF-8 text") from None
+    except configparser.Error as e:
+        message = " ".join(str(e).split())
+        raise ConfigError(f"{path}: {message}") from None
+    return from_parser(parser, path)
+
+
+def from_parser(parser, path):
+    config = SimpleNamespace(path=path)
+    for section in parser.sections():
+        if section not in SCHEMA:
+            known = ", ".join(f"[{s}]" for s in SCHEMA)
+            raise ConfigError(f"{path}: [{section}]: unknown section (known: {known})")
+
+    def section_values(section, keys, present):
+        values = {}
+        for key, value in present.items():
+            if key not in keys:
+                known = ", ".join(sorted(keys))
+                raise ConfigError(f"{path}: [{section}] {key}: unknown key (known: {known})")
+        for key, spec in keys.items():
+            if key in present:
+                try:
+                    values[key] = spec.parse(present[key])
+                except ValueError as e:
+                    raise ConfigError(
+                        f"{path}: [{section}] {key}: bad value {present[key].strip()!r}: {e}"
+                    ) from None
+            elif spec.default is REQUIRED:
+                raise ConfigError(f"{path}: [{section}] {key}: missing; this key is required")
+            else:
+                values[key] = spec.default
+        return values
+
+    for section, keys in SCHEMA.items():
+        present = dict(parser.items(section)) if parser.has_section(section) else {}
+        if section == "handler":
+            raw = present.get("type", "local")
+            try:
+                handler_type = _handler_type(raw)
+            except ValueError as e:
+                raise ConfigError(f"{path}: [handler] type: bad value {raw.strip()!r}: {e}") from None
+            keys = dict(keys, **HANDLER_KEYS[handler_type])
+        setattr(config, section, SimpleNamespace(**section_values(section, keys, present)))
+
+    _check_platform(config, path)
+    agent = config.agent
+    if not agent.hostname:
+        agent.hostname = socket.getfqdn()
+    for key in ("work_dir", "state_dir"):
+        if not getattr(agent, key):
+            raise ConfigError(f"{path}: [agent] {key}: must not be empty")
+    return config
+
+
+def is_loopback(host):
+    host = (host or "").strip("[]").lower()
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _check_platform(config, path):
+    platform = config.platform
+    parts = urlsplit(platform.url)
+    where = f"{path}: [platform] url"
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(f"{where}: {platform.url!r} is not a ws:// or wss:// URL with a host")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: {platform.url!r} has a bad port") from None
+    if parts.scheme == "ws" and not is_loopback(parts.hostname) and not platform.allow_insecure:
+        raise ConfigError(
+            f"{where}: plain ws:// to {parts.hostname} would send the token unencrypted; "
+            "use wss://, or set allow_insecure = yes if you really mean it"
+        )
+    if platform.ca_file and not os.path.isfile(platform.ca_file):
+        raise ConfigError(f"{path}: [platform] ca_file: {platform.ca_file}: no such file")
+
+    if bool(platform.token) == bool(platform.token_file):
+        raise ConfigError(
+            f"{path}: [platform] token: give exactly one of token and token_file"
+            + (" (both are set)" if platform.token else " (neither is set)")
+        )
+    if platform.token_file:
+        where = f"{path}: [platform] token_file: {platform.token_file}"
+        try:
+            st = os.stat(platform.token_file)
+            with open(platform.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such file") from None
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read it: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: not UTF-8 text") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{where}: others can read it (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"run: chmod 600 {platform.token_file}"
+            )
+        if not token:
+            raise ConfigError(f"{where}: the file is empty")
+        platform.token = token
+    else:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = 0
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{path}: [platform] token: the file holds the token inline but others can read it "
+                f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}, or use token_file"
+            )
+    if any(c.isspace() for c in platform.token):
+        raise ConfigError(f"{path}: [platform] token: the token must not contain white space")

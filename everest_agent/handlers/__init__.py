@@ -1,0 +1,18 @@
+"""
+Task handlers: the back ends that run tasks (see L{everest_agent.interfaces.ITaskHandler}).
+"""
+
+from twisted.python.reflect import namedAny
+
+#: Handler type (the config's [handler] type) -> class implementing it.
+HANDLERS = {
+    "local": "everest_agent.handlers.local.LocalTaskHandler",
+    "slurm": "everest_agent.handlers.slurm.SlurmTaskHandler",
+    "torque": "everest_agent.handlers.pbs.TorqueTaskHandler",
+    "pbs": "everest_agent.handlers.pbs.PbsProTaskHandler",
+}
+
+
+def make_handler(config, reactor):
+    """Build the handler that C{config.handler.type} names."""
+    return namedAny(HANDLERS[config.handler.type]).from_config(config, reactor)

@@ -1,0 +1,146 @@
+"""
+The job script that runs one task, and the file it leaves behind.
+
+A batch handler submits L{job_script}'s text (written by L{write_job_script}
+to C{.everest/job.sh} in the task directory); the script
+
+ 1. C{cd}s to the task directory,
+ 2. notes that it started (C{.everest/started}) and removes an exit-code
+    file a previous attempt of the same job may have left (a requeued job
+    runs the script again),
+ 3. runs the command with C{/bin/sh -c} in a subshell that holds the task's
+    environment, standard input from C{/dev/null}, standard output and
+    error to the files C{stdout} and C{stderr},
+ 5. and as its last act writes the command's exit status to
+    C{.everest/exitcode} (to a temporary name first, then renamed, so a
+    reader never sees half a file).
+
+So the exit status comes from the job itself, not from the scheduler's
+accounting, and L{read_exit_code} finds it even when the scheduler has long
+forgotten the job.  A job killed before its command ended (time limit,
+cancel, node failure) leaves no exit-code file.
+
+Every value is quoted with L{shlex.quote}: a command or environment value
+holding quotes, C{$}, backticks, backslashes or newlines reaches the task
+unchanged.
+"""
+
+import os
+import re
+import shlex
+
+#: Directory (inside the task directory) for the agent's own files.
+STATE_DIR = ".everest"
+#: The job script, relative to the task directory.
+SCRIPT_FILE = os.path.join(STATE_DIR, "job.sh")
+#: Where the scheduler is told to put the script's own output (its errors,
+#: e.g. when the task directory is missing on the compute node).
+JOB_OUTPUT_FILE = os.path.join(STATE_DIR, "job.out")
+#: Written by the script when it starts.
+STARTED_FILE = os.path.join(STATE_DIR, "started")
+#: Holds the command's exit status, written by the script as its last act.
+EXIT_CODE_FILE = os.path.join(STATE_DIR, "exitcode")
+
+#: The script's exit status when it cannot enter the task directory.
+CD_FAILED = 90
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def job_script(request, shell="/bin/sh"):
+    """
+    The text of the script that runs C{request}.
+
+    @param request: a L{everest_agent.interfaces.JobRequest}.
+    @param shell: the shell that runs the command (C{shell -c command}).
+    @raise ValueError: if an environment variable's name is empty or holds
+        C{=}, or a name, a value or the command holds a NUL character.
+    """
+    q = shlex.quote
+    for what, text in [("command", request.command), ("directory", request.directory)]:
+        if "\0" in text:
+            raise ValueError(f"the task's {what} holds a NUL character")
+    lines = [
+        "#!/bin/sh",
+        f"# everest-agent job for task {_SAFE.sub('?', request.task_id)}; generated, do not edit.",
+        f"cd {q(request.directory)} || exit {CD_FAILED}",
+        f"rm -f {q(EXIT_CODE_FILE)} {q(EXIT_CODE_FILE + '.tmp')}",
+        f": >{q(STARTED_FILE)}",
+    ]
+    # The task's variables are set in a subshell, so that a task setting
+    # PATH or IFS cannot change how the rest of the script runs.
+    lines.append("(")
+    odd = []  # names a shell cannot assign to; env(1) passes them on
+    for name, value in sorted(request.environment.items()):
+        name, value = str(name), str(value)
+        if not name or "=" in name or "\0" in name:
+            raise ValueError(f"environment variable name {name!r} is not valid")
+        if "\0" in value:
+            raise ValueError(f"environment variable {name} holds a NUL character")
+        if _NAME.match(name):
+            lines.append(f"{name}={q(value)}; export {name}")
+        else:
+            odd.append(q(f"{name}={value}"))
+    run = f"{q(shell)} -c {q(request.command)}"
+    if odd:
+        run = "env -- " + " ".join(odd) + " " + run
+    lines += [
+        f"exec {run}",
+        ") </dev/null >stdout 2>stderr",
+        "everest_status=$?",
+        f"printf '%d\\n' \"$everest_status\" >{q(EXIT_CODE_FILE + '.tmp')} &&"
+        f" mv -f {q(EXIT_CODE_FILE + '.tmp')} {q(EXIT_CODE_FILE)}",
+        'exit "$everest_status"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_job_script(request, shell="/bin/sh"):
+    """
+    Write L{job_script} to C{.everest/job.sh} in the task directory (which
+    must exist), executable, and remove what an earlier run left there
+    (exit-code file, started marker, job output).
+
+    @return: the script's absolute path.
+    """
+    text = job_script(request, shell)
+    state_dir = os.path.join(request.directory, STATE_DIR)
+    os.makedirs(state_dir, exist_ok=True)
+    for stale in (EXIT_CODE_FILE, STARTED_FILE, JOB_OUTPUT_FILE):
+        try:
+            os.unlink(os.path.join(request.directory, stale))
+        except FileNotFoundError:
+            pass
+    path = os.path.join(request.directory, SCRIPT_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def read_exit_code(directory):
+    """
+    The exit status the job script recorded in C{directory}.
+
+    @return: an C{int}, or None if there is no exit-code file (the command
+        has not ended, or was killed before it ended).
+    @raise ValueError: if the file holds something else than a number.
+    """
+    try:
+        with open(os.path.join(directory, EXIT_CODE_FILE), encoding="utf-8", errors="replace") as f:
+            text = f.read(100)
+    except FileNotFoundError:
+        return None
+    text = text.strip()
+    if not re.fullmatch(r"-?[0-9]{1,10}", text):
+        raise ValueError(f"{EXIT_CODE_FILE} holds {text!r}, not an exit status")
+    return int(text)
+
+
+def job_started(directory):
+    """True if the job script has started in C{directory} (its marker exists)."""
+    return os.path.exists(os.path.join(directory, STARTED_FILE))

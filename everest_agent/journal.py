@@ -1,0 +1,198 @@
+"""
+An append-only journal of JSON records with group commit.
+
+Both durable parts of the agent (the outbox of reliable messages and the
+task registry) are journals in C{state_dir}.
+
+Group commit: L{Journal.append} only queues a record and returns a Deferred.
+The first append of a reactor turn schedules one flush for the end of that
+turn (C{callLater(0)}); the flush writes every queued record with a single
+C{write} and a single C{fsync}, then fires all their Deferreds at once.  So
+a thousand tasks reporting in the same turn cost one fsync, not a thousand,
+and each caller still learns exactly when its own record is on disk.
+
+A crash can leave a torn last line; L{Journal.load} skips any line that is
+not a complete JSON object (and logs it), so a damaged journal never stops
+the agent.  L{Journal.rewrite} replaces the file atomically (write a
+temporary file, fsync, rename, fsync the directory) to compact it.
+"""
+
+import json
+import os
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def fsync_directory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path):
+    """Create C{path} (and parents) as a directory only its owner can use."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+class Journal:
+    log = Logger()
+
+    #: Seconds to wait before trying again after a failed write (disk full).
+    retry_delay = 1.0
+
+    def __init__(self, path, reactor, fsync=True):
+        self.path = path
+        self._reactor = reactor
+        self._fsync = fsync
+        self._queue = []  # encoded lines waiting for the next flush
+        self._waiting = []  # their Deferreds
+        self._flush_call = None
+        self._file = None
+        self.lines = 0  # records in the file, for deciding when to compact
+        self.flushes = 0
+
+    def load(self):
+        """
+        Read every record in the file (none if there is no file).
+
+        @return: a list of dicts, in the order they were appended.
+        """
+        records = []
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return records
+        with f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    if line.strip():
+                        self.log.warn(
+                            "Skipping damaged line {number} of {path}",
+                            number=number, path=self.path,
+                        )
+                    continue
+                records.append(record)
+        self.lines = len(records)
+        return records
+
+    def _open(self):
+        if self._file is None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._file = os.fdopen(fd, "ab", buffering=0)
+        return self._file
+
+    def append(self, record):
+        """
+        Queue one record.
+
+        @return: a Deferred that fires (with None) once the record is on disk.
+        """
+        self._queue.append(_dumps(record).encode("utf-8") + b"\n")
+        d = Deferred()
+        self._waiting.append(d)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        return d
+
+    def append_nowait(self, record):
+        """Queue a record whose durability nobody waits for (it rides the next flush)."""
+        self._queue.append(_dumps(record).encode("utf-8") + b"\n")
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self):
+        self._flush_call = None
+        if not self._queue:
+            return
+        lines, self._queue = self._queue, []
+        waiting, self._waiting = self._waiting, []
+        try:
+            self._write(b"".join(lines))
+        except OSError as e:
+            # Keep everything queued, in order, and try again later; nothing
+            # is reported as durable (or sent) before it is.
+            self.log.error(
+                "Cannot write {path}: {error}; retrying in {delay} s",
+                path=self.path, error=e.strerror or str(e), delay=self.retry_delay,
+            )
+            self._queue[:0] = lines
+            self._waiting[:0] = waiting
+            if self._flush_call is None:
+                self._flush_call = self._reactor.callLater(self.retry_delay, self._flush)
+            return
+        self.lines += len(lines)
+        self.flushes += 1
+        for d in waiting:
+            d.callback(None)
+
+    def _write(self, data):
+        f = self._open()
+        offset = os.fstat(f.fileno()).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                written = f.write(view)
+                view = view[written:]
+            if self._fsync:
+                os.fsync(f.fileno())
+        except OSError:
+            # Take back a partial write so the retry does not duplicate it.
+            try:
+                os.ftruncate(f.fileno(), offset)
+            except OSError:
+                pass
+            raise
+
+    def flush(self):
+        """Write what is queued now (used when stopping)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._flush()
+
+    def rewrite(self, records):
+        """
+        Atomically replace the journal with C{records} (compaction).
+
+        Anything still queued is written first, so no append is lost.
+        """
+        self.flush()
+        if self._queue:
+            raise OSError("cannot compact while writes are failing")
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(_dumps(r).encode("utf-8") + b"\n" for r in records))
+            f.flush()
+            if self._fsync:
+                os.fsync(f.fileno())
+        self.close()
+        os.replace(tmp, self.path)
+        if self._fsync:
+            fsync_directory(os.path.dirname(self.path) or ".")
+        self.lines = len(records)
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def stop(self):
+        """Flush what is queued and close the file."""
+        try:
+            self.flush()
+        finally:
+            if self._flush_call is not None and self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+            self.close()

@@ -1,0 +1,222 @@
+"""
+The TaskManager turns platform commands into tasks.
+
+It owns the task registry (durable, in C{state_dir}), the pool of slots
+(C{max_tasks}), and one L{TaskWorker} per unfinished task.  A new task is
+recorded on disk before its C{ACCEPTED} is reported; a known task id is
+never run again (its current state is re-sent instead).
+"""
+
+import collections
+import os
+import time
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from everest_agent import protocol
+from everest_agent.protocol import ProtocolError, SpecError
+from everest_agent.worker import TaskWorker
+
+
+class SlotPool:
+    """
+    C{capacity} slots handed out first come, first served: a task waits
+    until the tasks ahead of it have their slots, so a big task is not
+    starved by a stream of small ones.
+    """
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.used = 0
+        self._waiting = collections.deque()  # (count, Deferred)
+
+    def acquire(self, count):
+        if not self._waiting and self.used + count <= self.capacity:
+            self.used += count
+            return defer.succeed(count)
+
+        def cancel(d):
+            try:
+                self._waiting.remove((count, d))
+            except ValueError:
+                pass
+
+        d = defer.Deferred(cancel)
+        self._waiting.append((count, d))
+        return d
+
+    def release(self, count):
+        self.used -= count
+        while self._waiting and self.used + self._waiting[0][0] <= self.capacity:
+            count, d = self._waiting.popleft()
+            self.used += count
+            d.callback(count)
+
+    @property
+    def queued(self):
+        return len(self._waiting)
+
+
+class TaskManager(Service):
+    log = Logger()
+
+    def __init__(self, registry, sender, handler, stager, work_dir, slots, *,
+                 allowed_commands=(), keep_finished=10000, wallclock=time.time):
+        self.registry = registry
+        self.sender = sender
+        self.handler = handler
+        self.stager = stager
+        self.work_dir = work_dir
+        self.pool = SlotPool(slots)
+        self.allowed_commands = list(allowed_commands)
+        self.keep_finished = keep_finished
+        self.wallclock = wallclock
+        self.workers = {}  # task id -> TaskWorker of every unfinished task
+        self._awaiting_ack = collections.deque()  # (terminal seq, task id), in seq order
+        self._unreported = set()  # tasks not finished, or finished but not acknowledged
+        self._reported = collections.deque()  # finished and acknowledged, oldest first
+        self.slot_listeners = []
+        sender.add_ack_listener(self.acked)
+
+    # -- start and stop -------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        acked = self.sender.outbox.acked
+        resumed = 0
+        finished = []
+        for task_id, record in self.registry.records.items():
+            if record.get("finished"):
+                seq = record.get("terminal_seq")
+                if seq is not None and seq <= acked:
+                    finished.append((seq, task_id))
+                else:
+                    self._unreported.add(task_id)
+                    if seq is not None:
+                        self._awaiting_ack.append((seq, task_id))
+                continue
+            self._unreported.add(task_id)
+            resumed += 1
+            self._start_worker(task_id, record)
+        self._reported.extend(task_id for _, task_id in sorted(finished))
+        self._awaiting_ack = collections.deque(sorted(self._awaiting_ack))
+        if resumed:
+            self.log.info("Resuming {count} unfinished tasks", count=resumed)
+
+    def stopService(self):
+        super().stopService()
+        # Tasks keep running (batch jobs in the scheduler; local processes in
+        # their own sessions); the registry says where each one was.
+        self.registry.stop()
+
+    # -- platform commands ----------------------------------------------------
+
+    def submit(self, task_id, spec):
+        record = self.registry.get(task_id)
+        if record is not None:
+            self._resend_state(task_id, record)
+            return
+        failure = None
+        try:
+            spec = protocol.validate_spec(spec)
+            self._check_command(spec["command"])
+            self.handler.slots_needed(spec["resourceRequirements"])
+        except (SpecError, ValueError) as e:
+            failure = str(e)
+            spec = None
+        self.log.info("Task {task_id} submitted", task_id=task_id)
+        fields = {"state": None, "phase": "new", "created": self.wallclock()}
+        if failure is not None:
+            fields["failure"] = failure
+        record_d = self.registry.create(task_id, spec, **fields)
+        worker = TaskWorker(self, task_id, self.registry.get(task_id))
+        self.workers[task_id] = worker
+        self._unreported.add(task_id)
+        # ACCEPTED only once the task is on disk.
+        record_d.addCallback(lambda _: worker.start())
+
+    def _check_command(self, command):
+        if self.allowed_commands and not any(p.fullmatch(command) for p in self.allowed_commands):
+            raise SpecError("command refused: it matches none of this agent's [security] allowed_commands")
+
+    def _resend_state(self, task_id, record):
+        state = record.get("state")
+        if state is None:
+            return  # its ACCEPTED is on the way
+        self.log.info("Task {task_id} submitted again; re-sending its state {state}", task_id=task_id, state=state)
+        d = self.sender.task_state(task_id, state, record.get("info") or {})
+        if state in protocol.TERMINAL:
+            # The platform wants this report again: it must be acknowledged
+            # anew before the task can be forgotten.
+            self._unreported.add(task_id)
+            d.addCallback(self.terminal_reported, task_id)
+
+    def cancel(self, task_id):
+        if task_id not in self.registry:
+            raise ProtocolError(protocol.E_UNKNOWN_TASK, f"cancel of unknown task {task_id}", task_id)
+        worker = self.workers.get(task_id)
+        if worker is not None:
+            worker.cancel()
+        # A finished task: nothing to do.
+
+    def deliver(self, task_id, text):
+        if task_id not in self.registry:
+            raise ProtocolError(protocol.E_UNKNOWN_TASK, f"message for unknown task {task_id}", task_id)
+        raise ProtocolError(
+            "unsupported", "the task channel is not enabled on this agent", task_id
+        )
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def task_dir(self, task_id):
+        return os.path.join(self.work_dir, task_id)
+
+    def release(self, worker):
+        if worker.holding:
+            self.pool.release(worker.holding)
+            worker.holding = 0
+            self.slots_changed()
+
+    def slots_changed(self):
+        for listener in self.slot_listeners:
+            listener()
+
+    def terminal_reported(self, seq, task_id):
+        """A task's terminal state is durably in the outbox as C{seq}."""
+        self.workers.pop(task_id, None)
+        if seq is None:
+            return
+        self.registry.update(task_id, terminal_seq=seq)
+        if seq <= self.sender.outbox.acked:
+            self._forget_later(task_id)
+        else:
+            self._awaiting_ack.append((seq, task_id))
+
+    def acked(self, seq):
+        pending = self._awaiting_ack
+        while pending and pending[0][0] <= seq:
+            self._forget_later(pending.popleft()[1])
+
+    def _forget_later(self, task_id):
+        self._unreported.discard(task_id)
+        self._reported.append(task_id)
+        while len(self._reported) > self.keep_finished:
+            old = self._reported.popleft()
+            if old not in self._unreported:
+                self.registry.forget(old)
+
+    def hello_tasks(self):
+        """Tasks not finished, or whose terminal report is not acknowledged yet."""
+        return sorted(self._unreported)
+
+    def counts(self):
+        """C{(busy slots, tasks waiting for a slot)}."""
+        return self.pool.used, self.pool.queued
+
+    def _start_worker(self, task_id, record):
+        worker = TaskWorker(self, task_id, record)
+        self.workers[task_id] = worker
+        worker.start()
+        return worker

@@ -1,0 +1,37 @@
+"""
+C{everest-platform}: run the reference platform in the foreground, logging
+to standard output, until interrupted.  Same options as
+C{twistd -n everest-platform}.
+"""
+
+import sys
+
+from twisted.python import usage
+
+
+def main(argv=None):
+    from everest_agent.platform import tap
+
+    if argv is None:
+        argv = sys.argv[1:]
+    options = tap.Options()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as e:
+        print(f"everest-platform: {e}", file=sys.stderr)
+        print("Try 'everest-platform --help'.", file=sys.stderr)
+        return 2
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    platform_service = tap.makeService(options, reactor)
+    reactor.callWhenRunning(platform_service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", platform_service.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

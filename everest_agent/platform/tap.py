@@ -1,0 +1,208 @@
+"""
+twistd plugin support for the reference platform: C{twistd -n everest-platform}.
+"""
+
+import os
+import re
+import tempfile
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from everest_agent.platform.core import Platform
+from everest_agent.platform.server import listen
+
+log = Logger(namespace="everest_agent.platform")
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}\Z")
+
+
+def _split(value, what):
+    name, sep, rest = value.partition("=")
+    if not sep or not name or not rest:
+        raise usage.UsageError(f"{what} needs NAME=VALUE, got {value.split('=', 1)[0]!r}=...")
+    if not _NAME.match(name):
+        raise usage.UsageError(f"invalid agent name {name!r}")
+    return name, rest
+
+
+def load_tls(cert_path, key_path):
+    """
+    A server TLS context from PEM files: the certificate file may hold the
+    chain after the server certificate.
+
+    @raise usage.UsageError: if they cannot be read or do not match.
+    """
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+
+    try:
+        with open(cert_path, "rb") as f:
+            cert_pem = f.read()
+        with open(key_path, "rb") as f:
+            key_pem = f.read()
+    except OSError as e:
+        raise usage.UsageError(f"cannot read {e.filename}: {e.strerror}") from None
+    blocks = re.findall(
+        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", cert_pem, re.S
+    )
+    if not blocks:
+        raise usage.UsageError(f"{cert_path} holds no PEM certificate")
+    try:
+        private = ssl.PrivateCertificate.loadPEM(blocks[0] + b"\n" + key_pem)
+        chain = [ssl.Certificate.loadPEM(b).original for b in blocks[1:]]
+        return ssl.CertificateOptions(
+            privateKey=private.privateKey.original,
+            certificate=private.original,
+            extraCertChain=chain or None,
+        )
+    except (SSL.Error, ValueError) as e:
+        raise usage.UsageError(f"cannot use {cert_path} and {key_path}: {e}") from None
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the Everest reference platform: agents connect to "
+        "/compute/agent/v1 with a WebSocket; /files/ is the file store and "
+        "/api/ a JSON API to submit and watch tasks, all on one port.  "
+        "At least one --token or --token-file is required."
+    )
+    optParameters = [
+        ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint description to listen on."],
+        ["files-dir", "f", None, "File store directory (default: a new temporary directory)."],
+        ["state-file", "s", None, "JSON file keeping agents' sequence numbers and tasks across restarts."],
+        ["heartbeat", None, 30, "Seconds between the agents' RESOURCE_STATE reports, sent in WELCOME.", int],
+        ["hello-timeout", None, 10.0, "Seconds a new connection has to send HELLO.", float],
+        ["ping-interval", None, 30.0, "Seconds between WebSocket pings to each agent.", float],
+        ["ping-timeout", None, 60.0, "Seconds to wait for a pong before dropping an agent.", float],
+        ["tls-cert", None, None, "PEM certificate (optionally followed by its chain): serve wss/https."],
+        ["tls-key", None, None, "PEM private key of --tls-cert."],
+        ["public-url", None, None, "Base http(s) URL to publish (default: from the listening address)."],
+    ]
+    optFlags = [
+        ["no-files-auth", None, "Serve the file store without requiring an agent token."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["tokens"] = {}
+        self["tls"] = None
+
+    def _add_token(self, name, token):
+        if token in self["tokens"]:
+            raise usage.UsageError(f"the token for agent {name} is given twice")
+        if name in self["tokens"].values():
+            raise usage.UsageError(f"agent {name} is given twice")
+        self["tokens"][token] = name
+
+    def opt_token(self, value):
+        """
+        NAME=TOKEN: an agent and its token (repeatable).  Prefer
+        --token-file: command lines are visible to other users.
+        """
+        name, token = _split(value, "--token")
+        self._add_token(name, token)
+
+    def opt_token_file(self, value):
+        """
+        NAME=PATH: an agent and a file holding its token (repeatable).
+        """
+        name, path = _split(value, "--token-file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"cannot read the token file {path}: {e}") from None
+        if not token:
+            raise usage.UsageError(f"the token file {path} is empty")
+        self._add_token(name, token)
+
+    def postOptions(self):
+        if not self["tokens"]:
+            raise usage.UsageError("give at least one --token NAME=TOKEN or --token-file NAME=PATH")
+        if self["heartbeat"] <= 0:
+            raise usage.UsageError("--heartbeat must be positive")
+        for key in ("hello-timeout", "ping-interval", "ping-timeout"):
+            if self[key] <= 0:
+                raise usage.UsageError(f"--{key} must be positive")
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["tls-cert"]:
+            self["tls"] = load_tls(self["tls-cert"], self["tls-key"])
+        if self["public-url"] and not re.match(r"https?://[^/]+\Z", self["public-url"].rstrip("/")):
+            raise usage.UsageError("--public-url must look like http(s)://host:port")
+        try:
+            from twisted.internet import reactor
+
+            endpoints.serverFromString(reactor, self["listen"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise usage.UsageError(f"invalid --listen {self['listen']!r}: {e}") from None
+        if self["state-file"]:
+            directory = os.path.dirname(os.path.abspath(self["state-file"]))
+            if not os.path.isdir(directory):
+                raise usage.UsageError(f"the directory of --state-file does not exist: {directory}")
+
+
+class PlatformService(service.Service):
+    """
+    Listens when started; L{Platform.close} when stopped.
+    """
+
+    name = "everest-platform"
+
+    def __init__(self, platform, endpoint, tls=None, public_url=None, ping_interval=30,
+                 ping_timeout=60):
+        self.platform = platform
+        self.endpoint = endpoint
+        self.tls = tls
+        self.public_url = public_url
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        reactor = self.platform.reactor
+        d = listen(self.platform, reactor, self.endpoint, tls=self.tls,
+                   public_url=self.public_url, ping_interval=self.ping_interval,
+                   ping_timeout=self.ping_timeout)
+
+        def listening(port):
+            self.port = port
+            log.info("agents connect to {url}", url=self.platform.ws_url)
+
+        def failed(f):
+            log.failure("the platform cannot listen on {endpoint}", f, endpoint=str(self.endpoint))
+            if reactor.running:
+                reactor.stop()
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self):
+        super().stopService()
+        return self.platform.close()
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    files_dir = options["files-dir"]
+    if not files_dir:
+        files_dir = tempfile.mkdtemp(prefix="everest-platform-files-")
+        log.info("file store in {path}", path=files_dir)
+    platform = Platform(
+        dict(options["tokens"]),
+        reactor,
+        heartbeat=options["heartbeat"],
+        hello_timeout=options["hello-timeout"],
+        files_dir=files_dir,
+        files_auth=not options["no-files-auth"],
+        state_file=options["state-file"],
+    )
+    return PlatformService(platform, options["listen"], tls=options["tls"],
+                           public_url=options["public-url"],
+                           ping_interval=options["ping-interval"],
+                           ping_timeout=options["ping-timeout"])

@@ -1,0 +1,275 @@
+"""
+One task's life: stage in, wait for a slot, run, stage out, report.
+
+The worker records its progress in the task registry as a C{phase} before
+each step that must not be repeated, so that an agent restarted from its
+state directory resumes the task where it was and never runs it twice:
+
+  - C{new}: nothing has happened; inputs are (re)fetched.
+  - C{staged}: inputs are in place; waiting for a slot.
+  - C{submitting}: written (and on disk) before the handler is asked to
+    start the job.  A restart in this phase asks the handler to find the
+    job instead of starting another one.
+  - C{submitted}: the handler's job id is on disk.
+  - C{ended}: the job's result is on disk; outputs are (re)sent.
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from everest_agent import protocol
+from everest_agent.interfaces import JobLost, JobRequest, JobResult
+from everest_agent.staging import StagingError
+
+
+class TaskWorker:
+    log = Logger()
+
+    def __init__(self, manager, task_id, record):
+        self.manager = manager
+        self.task_id = task_id
+        self.record = record
+        self.state = record.get("state")
+        self.job = None
+        self.slots = 0  # slots this task needs
+        self.holding = 0  # slots it holds now
+        self._current = None  # what cancel() must interrupt
+        self.cancel_requested = False
+        self.done = None
+
+    # -- reporting ------------------------------------------------------------
+
+    def report(self, state, **info):
+        """
+        Report a state change, if it moves the task forward.
+
+        @return: a Deferred firing with the message's seq once it is durable
+            (or None if the change was not reported).
+        """
+        if not protocol.may_follow(self.state, state):
+            return defer.succeed(None)
+        self.state = state
+        fields = {"state": state}
+        if state in protocol.TERMINAL:
+            fields.update(finished=True, info=info)
+        elif info:
+            fields["info"] = info
+        self.manager.registry.update(self.task_id, **fields)
+        d = self.manager.sender.task_state(self.task_id, state, info)
+        if state in protocol.TERMINAL:
+            d.addCallback(self.manager.terminal_reported, self.task_id)
+        return d
+
+    # -- life -----------------------------------------------------------------
+
+    def start(self):
+        self.done = defer.Deferred.fromCoroutine(self._live())
+        self.done.addErrback(
+            lambda f: self.log.failure("Task {task_id} worker failed", f, task_id=self.task_id)
+        )
+        return self.done
+
+    def cancel(self):
+        if self.cancel_requested:
+            return
+        self.cancel_requested = True
+        self.log.info("Canceling task {task_id} in state {state}", task_id=self.task_id, state=self.state)
+        if self.job is not None:
+            self.job.cancel()
+        elif self._current is not None:
+            self._current.cancel()
+
+    async def _step(self, d):
+        """Await C{d}, letting cancel() interrupt it."""
+        self._current = d
+        try:
+            return await d
+        finally:
+            self._current = None
+
+    def _request(self):
+        spec = self.record["spec"]
+        environment = dict(spec["environment"])
+        environment["EVEREST_TASK_ID"] = self.task_id
+        return JobRequest(
+            task_id=self.task_id,
+            directory=self.manager.task_dir(self.task_id),
+            command=spec["command"],
+            environment=environment,
+            requirements=spec["resourceRequirements"],
+        )
+
+    async def _live(self):
+        registry = self.manager.registry
+        if self.state is None:
+            await self.report(protocol.ACCEPTED)
+        if self.record.get("failure"):  # a bad spec or a refused command: nothing runs
+            await self._finish(protocol.FAILED, JobResult(None, self.record["failure"]))
+            return
+        times = self.record.setdefault("times", {})
+        clock = self.manager.wallclock
+        try:
+            phase = self.record.get("phase", "new")
+            if phase == "new":
+                if self.cancel_requested:
+                    raise defer.CancelledError()
+                start = clock()
+                await self._stage_in()
+                times["stageInTime"] = round(clock() - start, 6)
+                registry.update(self.task_id, phase="staged", times=times)
+                phase = "staged"
+            if phase == "staged":
+                await self._acquire_slots()
+                # On disk before the job exists: a restart from here looks for
+                # the job instead of starting a second one.
+                await self._step(registry.update(self.task_id, phase="submitting"))
+                self.job = await self.manager.handler.submit(self._request())
+                await registry.update(self.task_id, phase="submitted", job=self._job_record())
+                phase = "submitted"
+            elif phase in ("submitting", "submitted"):
+                await self._acquire_slots(report=False)
+                job = self.record.get("job") or {}
+                self.job = await self.manager.handler.reattach(self._request(), job.get("id"))
+                if job.get("id") != self.job.job_id:
+                    registry.update(self.task_id, phase="submitted", job=self._job_record())
+                phase = "submitted"
+            if phase == "submitted":
+                result = await self._run()
+            else:
+                result = JobResult(**self.record["result"])
+        except defer.CancelledError:
+            await self._finish(protocol.CANCELED, JobResult(None, "canceled", canceled=True))
+            return
+        except (StagingError, JobLost, ValueError) as e:
+            await self._finish(protocol.FAILED, JobResult(None, str(e)))
+            return
+        except Exception as e:
+            # A handler that could not start the job (scheduler refused it,
+            # spawn failed): the task fails with that reason.
+            self.log.warn("Task {task_id} could not run: {error!r}", task_id=self.task_id, error=e)
+            await self._finish(protocol.FAILED, JobResult(None, str(e) or e.__class__.__name__))
+            return
+        finally:
+            self.manager.release(self)
+        await self._stage_out_and_finish(result)
+
+    async def _stage_in(self):
+        inputs = self.record["spec"]["inputs"]
+        directory = self.manager.task_dir(self.task_id)
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise StagingError(f"cannot create the task directory: {e.strerror}") from None
+        if inputs:
+            await self.report(protocol.STAGING_IN)
+            await self._step(
+                defer.Deferred.fromCoroutine(self.manager.stager.stage_in(directory, inputs))
+            )
+
+    async def _acquire_slots(self, report=True):
+        self.slots = self.manager.handler.slots_needed(self.record["spec"]["resourceRequirements"])
+        d = self.manager.pool.acquire(self.slots)
+        if not d.called and report:
+            await self.report(protocol.QUEUED)
+        await self._step(d)
+        self.holding = self.slots
+        self.manager.slots_changed()
+
+    def _job_record(self):
+        return {"id": self.job.job_id, "batch": bool(self.job.batch)}
+
+    def _job_info(self):
+        return {"jobId": self.job.job_id} if self.job.batch else {}
+
+    async def _run(self):
+        job = self.job
+        if self.cancel_requested:
+            job.cancel()
+        if job.batch:
+            await self.report(protocol.QUEUED, **self._job_info())
+        clock = self.manager.wallclock
+        ran = await _ran(job)
+        started = clock()
+        if ran:
+            await self.report(protocol.RUNNING, **self._job_info())
+        result = await job.result
+        times = self.record.setdefault("times", {})
+        times["runTime"] = round(clock() - started, 6)
+        await self.manager.registry.update(
+            self.task_id,
+            phase="ended",
+            times=times,
+            result={"exit_code": result.exit_code, "reason": result.reason, "canceled": result.canceled},
+        )
+        return result
+
+    async def _stage_out_and_finish(self, result):
+        if result.canceled:
+            await self._finish(protocol.CANCELED, result)
+            return
+        outputs_spec = self.record["spec"]["outputs"]
+        uploaded, errors = [], []
+        clock = self.manager.wallclock
+        start = clock()
+        if outputs_spec:
+            await self.report(protocol.STAGING_OUT)
+            try:
+                uploaded, errors = await self._step(
+                    defer.Deferred.fromCoroutine(
+                        self.manager.stager.stage_out(self.manager.task_dir(self.task_id), outputs_spec)
+                    )
+                )
+            except defer.CancelledError:
+                await self._finish(protocol.CANCELED, JobResult(result.exit_code, "canceled", canceled=True))
+                return
+        self.record.setdefault("times", {})["stageOutTime"] = round(clock() - start, 6)
+        if errors and result.succeeded:
+            result = JobResult(result.exit_code, "; ".join(errors))
+        elif errors:
+            result = JobResult(result.exit_code, result.reason + "; " + "; ".join(errors))
+        state = protocol.DONE if result.succeeded else protocol.FAILED
+        await self._finish(state, result, uploaded)
+
+    async def _finish(self, state, result, outputs=()):
+        times = self.record.get("times") or {}
+        info = {
+            "exitCode": result.exit_code,
+            "stageInTime": times.get("stageInTime", 0.0),
+            "runTime": times.get("runTime", 0.0),
+            "stageOutTime": times.get("stageOutTime", 0.0),
+            "outputs": list(outputs),
+        }
+        if state != protocol.DONE:
+            info["reason"] = result.reason or state.lower()
+        if self.job is not None and self.job.batch:
+            info["jobId"] = self.job.job_id
+        level = self.log.info if state == protocol.DONE else self.log.warn
+        level(
+            "Task {task_id} {state}{why}",
+            task_id=self.task_id, state=state, why=f": {info['reason']}" if "reason" in info else "",
+            exit_code=result.exit_code,
+        )
+        await self.report(state, **info)
+
+
+def _ran(job):
+    """
+    A Deferred that fires with True when C{job} starts running, or with False
+    if it ends first (a batch job can leave the queue between two polls).
+    """
+    first = defer.Deferred()
+
+    def started(_):
+        if not first.called:
+            first.callback(not job.result.called)
+
+    def ended(result):
+        if not first.called:
+            first.callback(False)
+        return result
+
+    job.running.addCallback(started)
+    job.result.addBoth(ended)
+    return first

@@ -1,0 +1,341 @@
+"""
+TaskManager and TaskWorker: the state machine, slots, idempotence and
+restarts, with fake handler, stager and session, and a Clock.
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from everest_agent.interfaces import IJob, ISender, ITaskHandler
+from everest_agent.manager import SlotPool, TaskManager
+from everest_agent.outbox import Outbox
+from everest_agent.protocol import ProtocolError
+from everest_agent.registry import TaskRegistry
+from everest_agent.sender import Sender
+from everest_agent.testing import FakeSession, FakeStager, FakeTaskHandler
+
+
+def spec(command="true", **extra):
+    s = {"command": command}
+    s.update(extra)
+    return s
+
+
+class Harness:
+    """An agent core without a network: manager, sender, outbox, registry."""
+
+    def __init__(self, test, state_dir=None, slots=2, handler=None, allowed=()):
+        self.clock = Clock()
+        self.state_dir = state_dir or test.mktemp()
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.work_dir = os.path.join(self.state_dir, "work")
+        self.outbox = Outbox(self.state_dir, self.clock, fsync=False)
+        self.outbox.load()
+        self.registry = TaskRegistry(self.state_dir, self.clock, fsync=False)
+        self.registry.load()
+        self.sender = Sender(self.outbox, self.clock, wallclock=lambda: 1000.0)
+        self.handler = handler or FakeTaskHandler()
+        self.stager = FakeStager()
+        self.manager = TaskManager(
+            self.registry, self.sender, self.handler, self.stager, self.work_dir, slots,
+            allowed_commands=allowed, wallclock=self.clock.seconds,
+        )
+        self.session = FakeSession()
+        self.sender.welcomed(self.session, 0)
+        self.manager.startService()
+
+    def pump(self):
+        for _ in range(20):
+            self.clock.advance(0)
+
+    def submit(self, task_id, s):
+        self.manager.submit(task_id, s)
+        self.pump()
+
+    def states(self, task_id):
+        return self.session.states(task_id)
+
+    def last(self, task_id):
+        return [m for m in self.session.sent if m[0] == "TASK_STATE" and m[1] == task_id][-1]
+
+    def stop(self):
+        self.manager.stopService()
+        self.outbox.stop()
+
+
+class ManagerTests(SynchronousTestCase):
+    def test_interfaces(self):
+        h = Harness(self)
+        verifyObject(ISender, h.sender)
+        verifyObject(ITaskHandler, h.handler)
+        h.submit("t1", spec())
+        verifyObject(IJob, h.handler.jobs["t1"])
+
+    def test_accepted_only_once_recorded(self):
+        h = Harness(self)
+        h.manager.submit("t1", spec())
+        self.assertEqual(h.session.sent, [])
+        with open(os.path.join(h.state_dir, "tasks.jsonl")) as f:
+            self.assertEqual(f.read(), "")
+        h.pump()
+        with open(os.path.join(h.state_dir, "tasks.jsonl")) as f:
+            self.assertIn('"t1"', f.read())
+        self.assertEqual(h.states("t1")[0], "ACCEPTED")
+
+    def test_happy_path(self):
+        h = Harness(self)
+        h.submit("t1", spec(inputs=[{"path": "a", "data": ""}], outputs=[{"path": "b", "uri": "http://x/b"}]))
+        job = h.handler.jobs["t1"]
+        self.assertEqual(job.request.environment["EVEREST_TASK_ID"], "t1")
+        self.assertEqual(job.request.directory, os.path.join(h.work_dir, "t1"))
+        job.finish(0)
+        h.pump()
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "STAGING_IN", "RUNNING", "STAGING_OUT", "DONE"])
+        info = h.last("t1")[3]
+        self.assertEqual(info["exitCode"], 0)
+        self.assertNotIn("reason", info)
+        for key in ("seq", "time", "stageInTime", "runTime", "stageOutTime", "outputs"):
+            self.assertIn(key, info)
+        seqs = [m[3]["seq"] for m in h.session.sent]
+        self.assertEqual(seqs, list(range(1, len(seqs) + 1)))
+
+    def test_nonzero_exit_fails_and_still_stages_out(self):
+        h = Harness(self)
+        h.submit("t1", spec(outputs=[{"path": "stdout", "uri": "http://x/o"}]))
+        h.handler.jobs["t1"].finish(3)
+        h.pump()
+        self.assertEqual(h.states("t1")[-1], "FAILED")
+        self.assertEqual(h.last("t1")[3]["exitCode"], 3)
+        self.assertEqual(h.last("t1")[3]["reason"], "exit code 3")
+        self.assertEqual(len(h.stager.staged_out), 1)
+
+    def test_stage_out_error_fails_task(self):
+        h = Harness(self)
+        h.stager.out_errors = ["output 'r' is missing"]
+        h.submit("t1", spec(outputs=[{"path": "r", "uri": "http://x/r"}]))
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        self.assertEqual(h.states("t1")[-1], "FAILED")
+        self.assertEqual(h.last("t1")[3]["reason"], "output 'r' is missing")
+        self.assertEqual(h.last("t1")[3]["exitCode"], 0)
+
+    def test_stage_in_error_fails_before_running(self):
+        h = Harness(self)
+        h.stager.fail_in = "input 'a': checksum mismatch"
+        h.submit("t1", spec(inputs=[{"path": "a", "data": ""}]))
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "STAGING_IN", "FAILED"])
+        self.assertEqual(h.last("t1")[3]["reason"], "input 'a': checksum mismatch")
+        self.assertEqual(h.handler.jobs, {})
+
+    def test_duplicate_submit_does_not_run_again(self):
+        h = Harness(self)
+        h.submit("t1", spec())
+        h.submit("t1", spec())
+        self.assertEqual(len(h.handler.jobs), 1)
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "RUNNING", "RUNNING"])
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        h.submit("t1", spec("other"))
+        self.assertEqual(h.states("t1")[-2:], ["DONE", "DONE"])
+        self.assertEqual(len(h.handler.jobs), 1)
+
+    def test_duplicate_submit_in_same_turn(self):
+        h = Harness(self)
+        h.manager.submit("t1", spec())
+        h.manager.submit("t1", spec())
+        h.pump()
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "RUNNING"])
+
+    def test_cancel_unknown(self):
+        h = Harness(self)
+        e = self.assertRaises(ProtocolError, h.manager.cancel, "nope")
+        self.assertEqual(e.code, "unknown-task")
+        self.assertEqual(e.as_message()[1]["taskId"], "nope")
+
+    def test_cancel_running(self):
+        h = Harness(self)
+        h.submit("t1", spec())
+        h.manager.cancel("t1")
+        h.pump()
+        self.assertTrue(h.handler.jobs["t1"].canceled)
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "RUNNING", "CANCELED"])
+        self.assertEqual(h.last("t1")[3]["reason"], "canceled")
+        # Cancel of a finished task does nothing.
+        h.manager.cancel("t1")
+        h.pump()
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "RUNNING", "CANCELED"])
+
+    def test_cancel_during_stage_in(self):
+        h = Harness(self)
+        h.stager.hold_in = defer.Deferred()
+        h.submit("t1", spec(inputs=[{"path": "a", "data": ""}]))
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "STAGING_IN"])
+        h.manager.cancel("t1")
+        h.pump()
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "STAGING_IN", "CANCELED"])
+        self.assertEqual(h.handler.jobs, {})
+
+    def test_slots_and_queue(self):
+        h = Harness(self, slots=2)
+        h.submit("big", spec(resourceRequirements={"coresPerNode": 2}))
+        h.submit("small", spec())
+        self.assertEqual(h.states("small"), ["ACCEPTED", "QUEUED"])
+        self.assertEqual(h.manager.counts(), (2, 1))
+        h.manager.cancel("small")
+        h.pump()
+        self.assertEqual(h.states("small"), ["ACCEPTED", "QUEUED", "CANCELED"])
+        self.assertEqual(h.manager.counts(), (2, 0))
+        h.submit("next", spec())
+        h.handler.jobs["big"].finish(0)
+        h.pump()
+        self.assertEqual(h.states("next"), ["ACCEPTED", "QUEUED", "RUNNING"])
+        self.assertEqual(h.manager.counts(), (1, 0))
+        self.assertNotIn("small", h.handler.jobs)
+
+    def test_allow_list(self):
+        import re
+
+        h = Harness(self, allowed=[re.compile(r"echo \w+")])
+        h.submit("ok", spec("echo hi"))
+        h.submit("no", spec("echo hi; rm -rf /"))
+        self.assertIn("ok", h.handler.jobs)
+        self.assertNotIn("no", h.handler.jobs)
+        self.assertEqual(h.states("no"), ["ACCEPTED", "FAILED"])
+        self.assertIn("allowed_commands", h.last("no")[3]["reason"])
+
+    def test_bad_spec_fails_task(self):
+        h = Harness(self)
+        h.submit("t1", spec(inputs=[{"path": "../x", "data": ""}]))
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "FAILED"])
+        self.assertIn("leaves the task directory", h.last("t1")[3]["reason"])
+        h.submit("t2", {"nocommand": 1})
+        self.assertEqual(h.states("t2"), ["ACCEPTED", "FAILED"])
+
+    def test_submit_failure(self):
+        h = Harness(self, handler=FakeTaskHandler(fail_submit="sbatch: error: invalid partition"))
+        h.submit("t1", spec())
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "FAILED"])
+        self.assertEqual(h.last("t1")[3]["reason"], "sbatch: error: invalid partition")
+        self.assertEqual(h.manager.counts(), (0, 0))
+
+    def test_batch_reports_job_id(self):
+        h = Harness(self, handler=FakeTaskHandler(batch=True))
+        h.submit("t1", spec())
+        job = h.handler.jobs["t1"]
+        self.assertEqual(h.last("t1")[2:4][0], "QUEUED")
+        self.assertEqual(h.last("t1")[3]["jobId"], job.job_id)
+        job.start()
+        h.pump()
+        self.assertEqual(h.last("t1")[3]["jobId"], job.job_id)
+        job.finish(0)
+        h.pump()
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "QUEUED", "RUNNING", "DONE"])
+
+    def test_batch_job_ends_before_running_seen(self):
+        h = Harness(self, handler=FakeTaskHandler(batch=True))
+        h.submit("t1", spec())
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        self.assertEqual(h.states("t1"), ["ACCEPTED", "QUEUED", "DONE"])
+
+    def test_hello_tasks_until_acknowledged(self):
+        h = Harness(self)
+        h.submit("t1", spec())
+        h.submit("t2", spec())
+        self.assertEqual(h.manager.hello_tasks(), ["t1", "t2"])
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        self.assertEqual(h.manager.hello_tasks(), ["t1", "t2"])
+        h.sender.ack(h.last("t1")[3]["seq"])
+        self.assertEqual(h.manager.hello_tasks(), ["t2"])
+        # Still known: a repeated submit re-sends DONE rather than running it.
+        h.submit("t1", spec())
+        self.assertEqual(h.states("t1")[-1], "DONE")
+        self.assertEqual(len(h.handler.jobs), 2)
+
+    def test_keep_finished_forgets_oldest(self):
+        h = Harness(self)
+        h.manager.keep_finished = 1
+        for name in ("a", "b"):
+            h.submit(name, spec())
+            h.handler.jobs[name].finish(0)
+            h.pump()
+        h.sender.ack(h.outbox.last_seq)
+        self.assertNotIn("a", h.registry)
+        self.assertIn("b", h.registry)
+
+
+class RestartTests(SynchronousTestCase):
+    def restart(self, h, handler=None):
+        h.sender.ack(h.outbox.durable_seq)
+        h.stop()
+        return Harness(self, state_dir=h.state_dir, handler=handler or FakeTaskHandler(batch=True))
+
+    def test_submitted_batch_job_is_reattached_by_id(self):
+        h = Harness(self, handler=FakeTaskHandler(batch=True))
+        h.submit("t1", spec())
+        job_id = h.handler.jobs["t1"].job_id
+        h2 = self.restart(h)
+        h2.pump()
+        self.assertEqual(h2.handler.reattached, [("t1", job_id)])
+        h2.handler.jobs["t1"].finish(0)
+        h2.pump()
+        self.assertEqual(h2.states("t1"), ["DONE"])
+        # seq keeps growing across the restart
+        self.assertGreater(h2.last("t1")[3]["seq"], h.outbox.last_seq)
+
+    def test_submitting_phase_looks_for_job_by_name(self):
+        h = Harness(self, handler=FakeTaskHandler(batch=True, hold_submit=True))
+        h.submit("t1", spec())
+        self.assertIn("t1", h.handler.jobs)  # sbatch is running
+        with open(os.path.join(h.state_dir, "tasks.jsonl")) as f:
+            self.assertNotIn('"job"', f.read())
+        # The agent dies before the job id is on disk; a new one starts.
+        h2 = Harness(self, state_dir=h.state_dir, handler=FakeTaskHandler(batch=True))
+        h2.pump()
+        self.assertEqual(h2.handler.reattached, [("t1", None)])
+
+    def test_finished_tasks_are_not_rerun(self):
+        h = Harness(self)
+        h.submit("t1", spec())
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        h.stop()  # DONE is in the outbox, not acknowledged
+        h2 = Harness(self, state_dir=h.state_dir)
+        h2.pump()
+        self.assertEqual(h2.handler.jobs, {})
+        self.assertEqual(h2.manager.hello_tasks(), ["t1"])  # DONE not yet acknowledged
+        h2.sender.welcomed(FakeSession(), 0)
+        self.assertEqual(h2.outbox.durable_pending()[-1][2], "DONE")
+
+    def test_local_task_lost_in_restart_fails(self):
+        h = Harness(self)
+        h.submit("t1", spec())
+        from everest_agent.interfaces import JobLost
+
+        handler = FakeTaskHandler()
+        handler.reattach = lambda request, job_id: defer.fail(JobLost("its outcome is unknown"))
+        h2 = self.restart(h, handler)
+        h2.pump()
+        self.assertEqual(h2.states("t1"), ["FAILED"])
+        self.assertEqual(h2.last("t1")[3]["reason"], "its outcome is unknown")
+
+
+class SlotPoolTests(SynchronousTestCase):
+    def test_fifo(self):
+        pool = SlotPool(2)
+        self.assertEqual(self.successResultOf(pool.acquire(1)), 1)
+        big = pool.acquire(2)
+        small = pool.acquire(1)
+        self.assertNoResult(big)
+        self.assertNoResult(small)  # waits behind the big one
+        pool.release(1)
+        self.assertEqual(self.successResultOf(big), 2)
+        self.assertNoResult(small)
+        pool.release(2)
+        self.successResultOf(small)
+        self.assertEqual(pool.used, 1)
