@@ -106,6 +106,7 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
 
     log = Logger()
     protocol = AgentProtocolClient
+    noisy = False
 
     def __init__(self, agent, url, reactor, *, ping_interval=30.0, ping_timeout=60.0,
                  initial_delay=1.0, max_delay=60.0, factor=2.0, welcome_timeout=30.0):
@@ -146,14 +147,18 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
             self.current = None
 
     def clientConnectionFailed(self, connector, reason):
-        self.log.info(
-            "Cannot connect to {url}: {reason}; retrying",
-            url=self.url, reason=reason.getErrorMessage(),
-        )
-        self.retry(connector)
+        self.log.info("Cannot connect to {url}: {reason}", url=self.url, reason=reason.getErrorMessage())
+        self._retry(connector)
 
     def clientConnectionLost(self, connector, reason):
+        self._retry(connector)
+
+    def _retry(self, connector):
         self.retry(connector)
+        if self._callID is not None:
+            self.log.info(
+                "Reconnecting in {delay:.1f} s", delay=self._callID.getTime() - self.clock.seconds()
+            )
 
 
 def load_ca_bundle(ca_file):

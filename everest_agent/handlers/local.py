@@ -116,11 +116,21 @@ class LocalJob(ProcessProtocol):
         if self._limit_call is not None and self._limit_call.active():
             self._limit_call.cancel()
         self._limit_call = None
-        if self._kill_call is not None and _group_alive(self.pid):
-            return  # the leader is gone; the rest of its group gets SIGKILL on time
         if self._kill_call is not None:
-            self._kill_call.cancel()
-            self._kill_call = None
+            # The leader is gone; wait for the rest of its group to follow,
+            # and SIGKILL it when the grace period is over.
+            self._await_group()
+            return
+        self._finish()
+
+    def _await_group(self):
+        if self._kill_call is None:
+            return  # _kill() has finished the job
+        if _group_alive(self.pid):
+            self._clock.callLater(0.05, self._await_group)
+            return
+        self._kill_call.cancel()
+        self._kill_call = None
         self._finish()
 
     def _finish(self):

@@ -1,0 +1,199 @@
+"""
+The journal, the durable outbox and the sender.
+"""
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from everest_agent.journal import Journal
+from everest_agent.outbox import Outbox
+from everest_agent.sender import Sender
+from everest_agent.testing import FakeSession
+
+
+class JournalTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.path = self.mktemp()
+
+    def test_group_commit(self):
+        """Records appended in one reactor turn share one write and one fsync."""
+        journal = Journal(self.path, self.clock)
+        ds = [journal.append({"n": i}) for i in range(1000)]
+        self.assertEqual([d.called for d in ds[:1]], [False])
+        self.assertFalse(os.path.exists(self.path))
+        self.clock.advance(0)
+        self.assertTrue(all(d.called for d in ds))
+        self.assertEqual(journal.flushes, 1)
+        self.assertEqual([r["n"] for r in Journal(self.path, self.clock).load()], list(range(1000)))
+
+    def test_torn_line_skipped(self):
+        with open(self.path, "w") as f:
+            f.write('{"a":1}\n{"b":2}\n{"c":')
+        journal = Journal(self.path, self.clock)
+        self.assertEqual(journal.load(), [{"a": 1}, {"b": 2}])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_failed_write_is_retried_without_duplicates(self):
+        """
+        A write that fails after some bytes reached the file (ENOSPC at
+        fsync) is taken back and retried later; nothing is reported durable
+        before it is, and nothing is written twice.
+        """
+        from everest_agent import journal as journal_module
+
+        journal = Journal(self.path, self.clock)
+        real_fsync = os.fsync
+        calls = []
+
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(28, "No space left on device")
+            return real_fsync(fd)
+
+        self.patch(journal_module.os, "fsync", fsync)
+        d = journal.append({"x": 1})
+        self.clock.advance(0)
+        self.assertFalse(d.called)
+        self.assertEqual(os.path.getsize(self.path), 0)
+        journal.append({"y": 2})
+        self.clock.advance(journal.retry_delay)
+        self.assertTrue(d.called)
+        journal.stop()
+        self.assertEqual(Journal(self.path, self.clock).load(), [{"x": 1}, {"y": 2}])
+
+    def test_rewrite_is_atomic_and_keeps_queued(self):
+        journal = Journal(self.path, self.clock)
+        journal.append({"old": 1})
+        self.clock.advance(0)
+        journal.append({"queued": 1})
+        journal.rewrite([{"compacted": 1}])
+        journal.append({"after": 1})
+        journal.stop()
+        self.assertEqual(
+            Journal(self.path, self.clock).load(), [{"compacted": 1}, {"after": 1}]
+        )
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+
+
+class OutboxTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def outbox(self):
+        box = Outbox(self.dir, self.clock, fsync=False)
+        box.load()
+        return box
+
+    def test_seq_survives_restart_even_when_all_acked(self):
+        box = self.outbox()
+        for _ in range(3):
+            box.put(lambda seq: ["X", seq])
+        self.clock.advance(0)
+        box.ack(3)
+        box.stop()
+        box = self.outbox()
+        self.assertEqual(len(box), 0)
+        seq, message, _ = box.put(lambda seq: ["X", seq])
+        self.assertEqual(seq, 4)
+
+    def test_unacked_survive_restart_in_order(self):
+        box = self.outbox()
+        for _ in range(5):
+            box.put(lambda seq: ["X", seq])
+        self.clock.advance(0)
+        box.ack(2)
+        box.stop()
+        box = self.outbox()
+        self.assertEqual(box.durable_pending(), [["X", 3], ["X", 4], ["X", 5]])
+        self.assertEqual(box.acked, 2)
+
+    def test_only_durable_messages_are_pending_for_resend(self):
+        box = self.outbox()
+        box.put(lambda seq: ["X", seq])
+        self.assertEqual(box.durable_pending(), [])
+        self.clock.advance(0)
+        self.assertEqual(box.durable_pending(), [["X", 1]])
+
+    def test_compaction(self):
+        box = self.outbox()
+        box.compact_slack = 10
+        for _ in range(50):
+            box.put(lambda seq: ["X", seq])
+            self.clock.advance(0)
+            box.ack(box.last_seq)
+        self.assertLess(box._journal.lines, 15)
+        box.stop()
+        self.assertEqual(self.outbox().last_seq, 50)
+
+    def test_ack_beyond_last_seq_is_clamped(self):
+        box = self.outbox()
+        box.put(lambda seq: ["X", seq])
+        self.clock.advance(0)
+        self.assertTrue(box.ack(99))
+        self.assertEqual(box.acked, 1)
+        seq, _, _ = box.put(lambda seq: ["X", seq])
+        self.assertEqual(seq, 2)
+
+
+class SenderTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.box = Outbox(self.dir, self.clock, fsync=False)
+        self.box.load()
+        self.sender = Sender(self.box, self.clock, wallclock=lambda: 42.0)
+
+    def test_sent_only_after_on_disk(self):
+        session = FakeSession()
+        self.sender.welcomed(session, 0)
+        d = self.sender.task_state("t1", "ACCEPTED")
+        self.assertEqual(session.sent, [])
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertEqual(session.sent, [["TASK_STATE", "t1", "ACCEPTED", {"seq": 1, "time": 42.0}]])
+        with open(os.path.join(self.dir, "outbox.jsonl")) as f:
+            self.assertIn("ACCEPTED", f.read())
+
+    def test_resent_after_reconnect_until_acked(self):
+        first = FakeSession()
+        self.sender.welcomed(first, 0)
+        for i in range(4):
+            self.sender.task_state(f"t{i}", "ACCEPTED")
+        self.clock.advance(0)
+        self.sender.ack(1)
+        self.sender.lost(first)
+        self.sender.task_message("t3", "hello")  # while disconnected
+        self.clock.advance(0)
+        self.assertEqual(len(first.sent), 4)
+        second = FakeSession()
+        self.sender.welcomed(second, 2)  # the platform had up to 2
+        self.assertEqual(
+            [m[1] for m in second.sent], ["t2", "t3", "t3"]
+        )
+        self.assertEqual(second.sent[-1], ["TASK_MESSAGE", "t3", "hello", {"seq": 5}])
+
+    def test_unreliable_dropped_while_disconnected(self):
+        self.assertFalse(self.sender.send_unreliable(["RESOURCE_STATE", {}]))
+        session = FakeSession()
+        self.sender.welcomed(session, 0)
+        self.assertTrue(self.sender.send_unreliable(["RESOURCE_STATE", {}]))
+        self.assertEqual(session.sent, [["RESOURCE_STATE", {}]])
+
+    def test_ack_listeners(self):
+        seen = []
+        self.sender.add_ack_listener(seen.append)
+        self.sender.welcomed(FakeSession(), 0)
+        self.sender.task_state("t", "ACCEPTED")
+        self.sender.task_state("t", "RUNNING")
+        self.clock.advance(0)
+        self.sender.ack(1)
+        self.sender.ack(1)  # nothing new
+        self.sender.ack(2)
+        self.assertEqual(seen, [1, 2])
