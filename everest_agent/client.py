@@ -227,7 +227,7 @@ class ConnectionService(Service):
                 done.callback(None)
 
         proto.onClose = on_close
-        proto.sendClose(1001, "agent stopping")
+        proto.sendClose(1000, "agent stopping")
         # Do not wait forever for a platform that does not answer the close.
         timer = self._reactor.callLater(5, lambda: proto.dropConnection(abort=True))
         done.addBoth(lambda r: timer.active() and timer.cancel())

@@ -1,0 +1,40 @@
+"""
+The C{everest-agent} command.
+
+The agent itself runs under twistd (C{twistd everest-agent --config FILE});
+this command holds the tools around it.
+"""
+
+import sys
+
+from everest_agent import __version__
+
+USAGE = f"""\
+usage: everest-agent COMMAND [options]
+
+commands:
+  demo      run a parameter sweep through a reference platform and an agent
+            on this machine (loopback only)
+  version   print the version ({__version__})
+
+The agent runs as a twistd plugin:
+  twistd everest-agent --config /etc/everest-agent/agent.ini   (daemon)
+  twistd -n everest-agent --config agent.ini                   (foreground)
+"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from everest_agent import demo
+
+        return demo.main(rest)
+    if command in ("version", "--version"):
+        print(f"everest-agent {__version__}")
+        return 0
+    sys.stderr.write(f"everest-agent: unknown command {command!r}\n\n{USAGE}")
+    return 2
