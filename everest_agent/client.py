@@ -42,12 +42,16 @@ class AgentProtocolClient(WebSocketClientProtocol):
         self.dropConnection(abort=True)
 
     def send(self, message):
+        if self.state != self.STATE_OPEN:
+            return  # closing: reliable messages stay in the outbox for the next session
         self.sendMessage(protocol.encode(message), isBinary=False)
 
     def onMessage(self, payload, isBinary):
         if isBinary:
             self.log.warn("Binary frame from the platform; closing the connection")
-            self.sendClose(1003, "binary frames are not part of the protocol")
+            # 1003 (unsupported data) is for the protocol layer to send;
+            # Autobahn's sendClose only takes application codes.
+            self._fail_connection(1003, "binary frames are not part of the protocol")
             return
         try:
             kind, args = protocol.parse_platform_message(protocol.decode(payload))

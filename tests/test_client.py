@@ -74,11 +74,13 @@ class ProtocolTests(SynchronousTestCase):
     def setUp(self):
         self.factory, self.agent, self.clock = make_factory()
         self.proto = AgentProtocolClient()
+        self.proto.state = AgentProtocolClient.STATE_OPEN
         self.proto.factory = self.factory
         self.frames = []
         self.closed = []
         self.proto.sendMessage = lambda payload, isBinary=False: self.frames.append(json.loads(payload))
         self.proto.sendClose = lambda code=None, reason=None: self.closed.append(code)
+        self.proto._fail_connection = lambda code=None, reason=None: self.closed.append(code)
         self.proto.dropConnection = lambda abort=False: self.closed.append("dropped")
         self.proto.onOpen()
 
@@ -180,6 +182,7 @@ class BackoffTests(SynchronousTestCase):
         connector = FakeConnector()
         self.delays(factory, clock, connector, 5)
         proto = AgentProtocolClient()
+        proto.state = AgentProtocolClient.STATE_OPEN
         proto.factory = factory
         proto.sendMessage = lambda *a, **k: None
         proto.onOpen()  # TCP and WebSocket up: not enough to reset
@@ -192,6 +195,7 @@ class BackoffTests(SynchronousTestCase):
         connector = FakeConnector()
         for _ in range(3):
             proto = AgentProtocolClient()
+            proto.state = AgentProtocolClient.STATE_OPEN
             proto.factory = factory
             proto.sendMessage = lambda *a, **k: None
             proto.onOpen()

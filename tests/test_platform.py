@@ -12,19 +12,20 @@ import os
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, endpoints, reactor
 from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-import treq
 from treq.client import HTTPClient
 
 from everest_agent import protocol as P
 from everest_agent.platform import LOST_REASON, NotConnected, Platform, StateNotReached, listen
 from everest_agent.platform import tap
 from everest_agent.platform.core import parse_agent_message
+from everest_agent.platform.files import PlatformRequest
 from everest_agent.platform.server import ConnectionTracker
 
 TOKEN = "s3cr3t-token-agent-one"
@@ -626,12 +627,21 @@ class ReconcileTests(PlatformUnitMixin, SynchronousTestCase):
         self.assertEqual(self.platform.tasks[task_id].submit_count, 2)
         self.assertIsNone(self.platform.tasks[task_id].state)
 
-    def test_unaccepted_but_listed_not_resubmitted(self):
+    def test_unaccepted_listed_resubmitted(self):
         conn = self.connect()
         task_id = self.platform.submit(SPEC)
         self.lose(conn)
         conn = self.connect(tasks=[task_id])
-        self.assertEqual(conn.sent[1:], [])
+        self.assertEqual(conn.sent[1:], [[P.TASK_SUBMIT, task_id, SPEC]])
+
+    def test_unaccepted_listed_canceled(self):
+        conn = self.connect()
+        task_id = self.platform.submit(SPEC)
+        self.lose(conn)
+        self.platform.cancel(task_id)
+        conn = self.connect(tasks=[task_id])
+        self.assertEqual(conn.sent[1:], [[P.TASK_SUBMIT, task_id, SPEC], [P.TASK_CANCEL, task_id]])
+        self.assertIsNone(self.platform.tasks[task_id].state)
 
     def test_order_welcome_submits_cancels_messages(self):
         conn = self.connect()
@@ -650,14 +660,18 @@ class ReconcileTests(PlatformUnitMixin, SynchronousTestCase):
         conn = self.connect()
         task_id = self.platform.submit(SPEC)
         self.lose(conn)
-        conn = self.connect()
-        # The agent knew it after all (e.g. it accepted it just before the
-        # connection broke): the resubmit makes it report ACCEPTED again.
+        conn = self.connect(tasks=[task_id])
+        # The agent had accepted it just before the connection broke: it
+        # re-sends its outbox (ACCEPTED, RUNNING), then answers the resubmit
+        # with its current state.
         self.receive(conn, state(task_id, P.ACCEPTED, 1))
-        self.receive(conn, state(task_id, P.ACCEPTED, 2))
+        self.receive(conn, state(task_id, P.RUNNING, 2))
+        self.receive(conn, state(task_id, P.RUNNING, 3))
         self.assertEqual(self.platform.violations, [])
-        self.assertEqual(self.platform.tasks[task_id].states, [P.ACCEPTED])
-        self.receive(conn, state(task_id, P.ACCEPTED, 3))
+        self.assertEqual(self.platform.tasks[task_id].states, [P.ACCEPTED, P.RUNNING])
+        self.assertEqual(self.platform.tasks[task_id].repeats, 1)
+        # Only one repeat per extra submit.
+        self.receive(conn, state(task_id, P.RUNNING, 4))
         self.assertEqual(len(self.platform.violations), 1)
 
     def test_other_agents_tasks_untouched(self):
@@ -900,6 +914,7 @@ class ClientFactory(WebSocketClientFactory):
 
 class IntegrationMixin:
     files_auth = True
+    timeout = 20
 
     @inlineCallbacks
     def setUp(self):
@@ -1030,19 +1045,17 @@ class WebSocketTests(IntegrationMixin, TestCase):
         body = json.dumps([P.RESOURCE_STATE, {"pad": ""}])
         pad = P.MAX_FRAME_SIZE - len(body)
         client.send([P.RESOURCE_STATE, {"pad": "x" * pad}])
-        client.send([P.RESOURCE_STATE, {"done": True}])
-        while not (self.platform.agents["a1"].resource or {}).get("done"):
-            yield deferLater(0.01)
-        self.assertEqual(self.platform.agents["a1"].resource_count, 2)
+        client.send([P.TASK_MESSAGE, "t1", "after", {"seq": 1}])
+        self.assertEqual((yield client.next(P.ACK)), [P.ACK, 1])
+        self.assertEqual(len(self.platform.agents["a1"].resource["pad"]), pad)
 
     @inlineCallbacks
     def test_second_session(self):
         first = yield self.agent()
         yield self.assertClosedWith(P.CLOSE_SESSION_ACTIVE, hello())
         self.assertIs(self.platform.sessions["a1"].connection.session, self.platform.sessions["a1"])
-        first.send([P.RESOURCE_STATE, {"still": "here"}])
-        while self.platform.agents["a1"].resource is None:
-            yield deferLater(0.01)
+        first.send([P.TASK_MESSAGE, "t1", "still here", {"seq": 1}])
+        self.assertEqual((yield first.next(P.ACK)), [P.ACK, 1])
 
     @inlineCallbacks
     def test_duplicate_dropped_ack_sent(self):
@@ -1188,6 +1201,56 @@ class FileStoreTests(IntegrationMixin, TestCase):
             ("GET", "j1-1-0/out/result.bin", True, True),
         ])
         self.assertEqual(os.listdir(os.path.join(self.platform.files_dir, ".incoming")), [])
+
+    @inlineCallbacks
+    def test_put_streams_into_store(self):
+        """
+        The body of a PUT is written straight into a temporary file inside
+        the store (not buffered elsewhere and copied).
+        """
+        taken = []
+        original = PlatformRequest.take_incoming
+
+        def take_incoming(request):
+            name = original(request)
+            taken.append(name)
+            return name
+
+        self.patch(PlatformRequest, "take_incoming", take_incoming)
+        response = yield self.http().put(self.url("big.bin"), data=b"y" * 500000,
+                                         headers={"Authorization": "Bearer " + TOKEN})
+        self.assertEqual(response.code, 201)
+        yield response.content()
+        self.assertEqual(len(taken), 1)
+        self.assertEqual(os.path.dirname(taken[0]),
+                         os.path.join(self.platform.files_dir, ".incoming"))
+        self.assertEqual(self.platform.get_file("big.bin"), b"y" * 500000)
+
+    @inlineCallbacks
+    def test_aborted_upload_leaves_nothing(self):
+        incoming = os.path.join(self.platform.files_dir, ".incoming")
+        connected = Deferred()
+
+        class Uploader(Protocol):
+            def connectionMade(self):
+                self.transport.write(
+                    b"PUT /files/partial.bin HTTP/1.1\r\nHost: x\r\n"
+                    b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                    b"Content-Length: 100000\r\n\r\n" + b"z" * 1000)
+                connected.callback(self)
+
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        client = yield endpoints.connectProtocol(endpoint, Uploader())
+        yield connected
+        while not os.listdir(incoming):
+            yield deferLater(0.01)
+        lost = Deferred()
+        client.connectionLost = lambda reason: lost.callback(None)
+        client.transport.abortConnection()
+        yield lost
+        while os.listdir(incoming):
+            yield deferLater(0.01)
+        self.assertFalse(os.path.exists(os.path.join(self.platform.files_dir, "partial.bin")))
 
     @inlineCallbacks
     def test_unauthorized(self):
@@ -1353,6 +1416,8 @@ class ApiTests(IntegrationMixin, TestCase):
 
 
 class ServiceTests(TestCase):
+    timeout = 20
+
     @inlineCallbacks
     def test_start_stop(self):
         options = tap.Options()

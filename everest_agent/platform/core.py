@@ -10,6 +10,7 @@ All timers go through the reactor given to L{Platform}, so tests can drive
 the logic with a L{twisted.internet.task.Clock}.
 """
 
+import collections
 import hmac
 import itertools
 import json
@@ -256,7 +257,8 @@ class Session:
         self.closing = False
         self.close_code = None
         self.gone = False
-        self.sent = []
+        #: The last messages sent (not raw payloads), oldest first.
+        self.sent = collections.deque(maxlen=10000)
         self._lost_waiters = []
         self._hello_timer = platform.reactor.callLater(platform.hello_timeout, self._hello_timeout)
 
@@ -483,6 +485,20 @@ class Platform:
             self._send_submit(owner.session, task)
         self._changed()
         return task_id
+
+    def resubmit(self, task_id):
+        """
+        Send a known task's C{TASK_SUBMIT} again, as a platform that lost
+        track of its delivery would.  A correct agent does not run it again;
+        it re-sends the task's current state, which is then expected.
+
+        @raise NotConnected: if its agent has no session.
+        """
+        task = self.tasks[task_id]
+        owner = self.agent(task.agent)
+        if owner.session is None:
+            raise NotConnected(owner.name)
+        self._send_submit(owner.session, task)
 
     def cancel(self, task_id):
         """
@@ -977,14 +993,14 @@ class Platform:
                     cancels.append(task)
                 continue
             # Never accepted, as far as the platform knows.
-            if task.task_id in listed:
-                # The agent knows it; its outbox will bring the state.
-                if task.cancel_requested:
-                    cancels.append(task)
-            elif task.cancel_requested:
+            if task.cancel_requested and task.task_id not in listed:
                 self._platform_state(task, P.CANCELED, CANCELED_UNKNOWN_REASON)
-            else:
-                submits.append(task)
+                continue
+            # (Re)send: if the agent knows it already, it re-sends its
+            # current state, which _task_state accepts as a repeat.
+            submits.append(task)
+            if task.cancel_requested:
+                cancels.append(task)
         for task in submits:
             self._send_submit(session, task)
         for task in cancels:
