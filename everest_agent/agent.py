@@ -13,6 +13,7 @@ import os
 import time
 
 from twisted.application.service import IService, MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from everest_agent import __version__, protocol
@@ -25,6 +26,7 @@ from everest_agent.registry import TaskRegistry
 from everest_agent.resource import ResourceMonitor
 from everest_agent.sender import Sender
 from everest_agent.staging import Stager
+from everest_agent.status import StatusFile
 
 
 class StateDirLocked(Exception):
@@ -71,6 +73,17 @@ class EverestAgent(MultiService):
             self.handler.setServiceParent(self)
         self.manager.setServiceParent(self)
         self.connection.setServiceParent(self)
+        # -- operations: status.json and the optional /metrics endpoint (status.py, monitor.py)
+        self.wallclock = wallclock
+        self.status = StatusFile(agent.state_dir, platform.url, wallclock)
+        self.monitor_service = None
+        listen = getattr(getattr(config, "monitor", None), "listen", None)
+        if listen is not None:
+            from everest_agent.monitor import MonitorService
+
+            self.monitor_service = MonitorService(self, listen, reactor)
+            self.monitor_service.setServiceParent(self)
+        # -- end of operations
 
     def startService(self):
         agent = self.config.agent
@@ -79,6 +92,7 @@ class EverestAgent(MultiService):
         self._take_lock(agent.state_dir)
         self.outbox.load()
         self.registry.load()
+        self.status.starting(handler=self.handler.name, slots=agent.max_tasks)  # operations
         self.log.info(
             "everest-agent {version} starting: handler {handler}, {slots} slots, "
             "work_dir {work_dir}, {pending} messages to deliver",
@@ -103,17 +117,32 @@ class EverestAgent(MultiService):
         self._lock = fd
 
     async def _stop(self):
-        await MultiService.stopService(self)
+        """
+        Stop gracefully: take no new work, cancel running tasks if so
+        configured, let the platform acknowledge what it can, close the
+        WebSocket cleanly, and leave the state directory complete.
+        """
+        self.running = 0
+        agent = self.config.agent
+        self.manager.stopping = True
+        if agent.on_stop == "cancel":
+            await self.manager.cancel_all(timeout=agent.kill_grace + 5)
+        if self.sender.connected and len(self.outbox):
+            await self.sender.drained(timeout=2.0)
+        # Children in reverse order of start: the connection first, the
+        # outbox last, so every state change reaches the disk.
+        for service in reversed(list(self)):
+            await defer.maybeDeferred(service.stopService)
         self.monitor.lost()
         await self.stager.close()
         if self._lock is not None:
+            self.status.stopped()  # operations: before the lock goes
             os.close(self._lock)
             self._lock = None
+        self.log.info("everest-agent stopped")
 
     def stopService(self):
-        from twisted.internet.defer import Deferred
-
-        return Deferred.fromCoroutine(self._stop())
+        return defer.Deferred.fromCoroutine(self._stop())
 
     # -- what the connection asks of the agent ------------------------------------
 
@@ -141,9 +170,22 @@ class EverestAgent(MultiService):
         if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or heartbeat <= 0:
             heartbeat = 30
         self.log.info("Connected to the platform")
+        self.log.debug("WELCOME: ack {ack}, heartbeat {heartbeat} s", ack=info.get("ack", 0), heartbeat=heartbeat)
         self.sender.welcomed(connection, info.get("ack", 0))
         self.monitor.welcomed(heartbeat)
+        self.status.welcomed(info.get("ack", 0), heartbeat)  # operations
 
     def connection_lost(self, connection):
         self.sender.lost(connection)
         self.monitor.lost()
+        self.status.lost()  # operations
+
+    # -- operations: what client.py may report for status.json ----------------------
+
+    def connection_closed(self, code, reason):
+        """A WebSocket to the platform closed, welcomed or not (e.g. 4001)."""
+        self.status.closed(code, reason)
+
+    def connection_failed(self, reason):
+        """A connection attempt failed before the WebSocket opened (refused, TLS...)."""
+        self.status.failed(reason)

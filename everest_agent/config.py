@@ -19,6 +19,8 @@ from types import SimpleNamespace
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from everest_agent.cache import parse_size
+
 REQUIRED = object()
 
 
@@ -91,11 +93,50 @@ def _words(value):
     return value.split()
 
 
+def _choice(*choices):
+    def parse(value):
+        value = value.strip().lower()
+        if value not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return value
+
+    return parse
+
+
 def _handler_type(value):
     value = value.strip().lower()
     if value not in HANDLER_KEYS:
         raise ValueError("must be one of " + ", ".join(sorted(HANDLER_KEYS)))
     return value
+
+
+# -- operations ([agent] log_level, [monitor]): see everest_agent/tap.py, monitor.py --
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def _log_level(value):
+    value = value.strip().lower()
+    value = {"warning": "warn"}.get(value, value)
+    if value not in LOG_LEVELS:
+        raise ValueError("must be one of " + ", ".join(LOG_LEVELS))
+    return value
+
+
+def _listen_address(value):
+    """C{host:port} (C{[v6]:port}) -> C{(host, port)}; empty -> None (off)."""
+    value = value.strip()
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:9108")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("the port must be a number from 0 to 65535")
+    return host, int(port)
+
+# -- end of operations helpers --
 
 
 SCHEMA = {
@@ -119,6 +160,8 @@ SCHEMA = {
         "hostname": Key(_text, "", "Name reported to the platform. Default: this machine's fully qualified name."),
         "kill_grace": Key(_positive_float, 10.0, "Seconds between SIGTERM and SIGKILL when a task is canceled or exceeds its timeLimit."),
         "keep_finished": Key(_non_negative_int, 10000, "Finished tasks remembered (for idempotent TASK_SUBMIT) after their report is acknowledged."),
+        "on_stop": Key(_choice("leave", "cancel"), "leave", "What stopping the agent does to running tasks: leave them running (they are found again at the next start) or cancel them."),
+        "log_level": Key(_log_level, "info", "Least important log messages written: debug, info, warn, error or critical (under twistd)."),
     },
     "handler": {
         "type": Key(_handler_type, "local", "Back end that runs tasks: local, slurm, torque or pbs."),
@@ -127,7 +170,17 @@ SCHEMA = {
         "allowed_commands": Key(_regex_lines, [], "Regular expressions, one per line; when given, a task command must match one as a whole."),
     },
     "transfer": {
-        "timeout": Key(_positive_float, 60.0, "Seconds to wait for a file server's response headers."),
+        "timeout": Key(_positive_float, 60.0, "Seconds to wait for a file server to connect and answer (its response headers; for an upload, after the last byte)."),
+        "stall_timeout": Key(_positive_float, 60.0, "Seconds without a byte moving while a body streams before that attempt is aborted (and retried)."),
+        "retries": Key(_non_negative_int, 5, "Retries of a transfer after transient failures (connection errors, timeouts, stalls, HTTP 408, 425, 429, 5xx); counts consecutive attempts that made no progress."),
+        "retry_initial_delay": Key(_positive_float, 1.0, "Seconds before the first retry; the delay doubles on each further one, with jitter."),
+        "retry_max_delay": Key(_positive_float, 60.0, "Largest delay in seconds between two retries (also caps a server's Retry-After)."),
+        "max_concurrent": Key(_positive_int, 8, "Transfers (downloads and uploads) running at once, shared fairly among tasks."),
+        "cache_dir": Key(_path, "", "Directory of the content cache for inputs that give a sha256. Default: .cache in work_dir (same file system, so inputs are hard-linked)."),
+        "cache_size": Key(parse_size, 10 << 30, "Largest size of the content cache, in bytes or with a suffix K, M, G, T (powers of 1024), e.g. 10G. 0 turns the cache off."),
+    },
+    "monitor": {
+        "listen": Key(_listen_address, None, "host:port of the local /healthz and /metrics HTTP endpoint, e.g. 127.0.0.1:9108. Default: empty, off."),
     },
 }
 
@@ -138,6 +191,7 @@ _BATCH_KEYS = {
     "extra_args": Key(_words, [], "Extra arguments for every submission (split on white space)."),
 }
 
+
 #: Keys of the [handler] section, by handler type (besides ``type``).
 HANDLER_KEYS = {
     "local": {},
@@ -146,8 +200,21 @@ HANDLER_KEYS = {
         partition=Key(_text, "", "SLURM partition (--partition)."),
         account=Key(_text, "", "SLURM account (--account)."),
         qos=Key(_text, "", "SLURM quality of service (--qos)."),
+        cores_as=Key(
+            _choice("tasks", "cpus"),
+            "tasks",
+            "How coresPerNode is requested: tasks (--ntasks-per-node, e.g. MPI) or cpus (--cpus-per-task, e.g. threads).",
+        ),
     ),
-    "torque": dict(_BATCH_KEYS, queue=Key(_text, "", "Queue for qsub -q.")),
+    "torque": dict(
+        _BATCH_KEYS,
+        queue=Key(_text, "", "Queue for qsub -q."),
+        qstat_format=Key(
+            _choice("text", "xml"),
+            "text",
+            "How job states are read: text (qstat -f; TORQUE and SLURM's PBS wrappers) or xml (qstat -x; TORQUE only).",
+        ),
+    ),
     "pbs": dict(_BATCH_KEYS, queue=Key(_text, "", "Queue for qsub -q.")),
 }
 

@@ -116,8 +116,12 @@ class ITaskHandler(Interface):
         """
         Find a job again after the agent restarted.
 
+        @param job_id: the job id recorded, or C{None} if the agent stopped
+            before recording one (then the handler searches by task).
         @return: a Deferred firing with an L{IJob} whose C{result} reports
-            the job's real outcome, even if it ended while the agent was away.
+            the job's real outcome, even if it ended while the agent was away;
+            or failing with L{JobNeverStarted} (safe to submit) or
+            L{JobLost} (the outcome is unknown).
         """
 
     def resource_info():
@@ -149,3 +153,11 @@ class ISender(Interface):
 
 class JobLost(Exception):
     """A job that cannot be found again; the message says why."""
+
+
+class JobNeverStarted(JobLost):
+    """
+    L{ITaskHandler.reattach} is sure the job was never started (the agent
+    stopped between recording the C{submitting} phase and starting it), so
+    starting it now cannot run it twice.
+    """

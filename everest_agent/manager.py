@@ -78,6 +78,7 @@ class TaskManager(Service):
         self._unreported = set()  # tasks not finished, or finished but not acknowledged
         self._reported = collections.deque()  # finished and acknowledged, oldest first
         self.slot_listeners = []
+        self.stopping = False  # set while the agent stops: tasks are recorded, not started
         sender.add_ack_listener(self.acked)
 
     # -- start and stop -------------------------------------------------------
@@ -108,7 +109,10 @@ class TaskManager(Service):
     def stopService(self):
         super().stopService()
         # Tasks keep running (batch jobs in the scheduler; local processes in
-        # their own sessions); the registry says where each one was.
+        # their own sessions); the registry says where each one was, and the
+        # next start takes them up from there.
+        for worker in list(self.workers.values()):
+            worker.abandon()
         self.registry.stop()
 
     # -- platform commands ----------------------------------------------------
@@ -132,8 +136,12 @@ class TaskManager(Service):
             fields["failure"] = failure
         record_d = self.registry.create(task_id, spec, **fields)
         worker = TaskWorker(self, task_id, self.registry.get(task_id))
-        self.workers[task_id] = worker
         self._unreported.add(task_id)
+        if self.stopping:
+            # Accepted, and started when the agent starts again.
+            record_d.addCallback(lambda _: worker.report(protocol.ACCEPTED))
+            return
+        self.workers[task_id] = worker
         # ACCEPTED only once the task is on disk.
         record_d.addCallback(lambda _: worker.start())
 
@@ -152,6 +160,21 @@ class TaskManager(Service):
             # anew before the task can be forgotten.
             self._unreported.add(task_id)
             d.addCallback(self.terminal_reported, task_id)
+
+    async def cancel_all(self, timeout):
+        """Cancel every running task and wait (at most C{timeout} s) for them to end."""
+        workers = [w for w in self.workers.values() if w.done is not None]
+        if not workers:
+            return
+        self.log.info("Canceling {count} tasks before stopping", count=len(workers))
+        for worker in workers:
+            worker.cancel()
+        waiting = defer.DeferredList([w.done for w in workers], consumeErrors=True)
+        waiting.addTimeout(timeout, self.sender.clock)
+        try:
+            await waiting
+        except defer.TimeoutError:
+            self.log.warn("Some tasks did not end within {timeout} s", timeout=timeout)
 
     def cancel(self, task_id):
         if task_id not in self.registry:

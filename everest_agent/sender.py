@@ -10,6 +10,7 @@ reconnect until an C{ACK} covers it, and keeps its C{seq}.  Unreliable ones
 import time
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -23,7 +24,7 @@ class Sender(Service):
 
     def __init__(self, outbox, clock=None, wallclock=time.time):
         self.outbox = outbox
-        self._clock = clock
+        self.clock = clock
         self._time = wallclock
         self._session = None  # a connection that has been WELCOMEd
         self._ack_listeners = []
@@ -56,6 +57,31 @@ class Sender(Service):
         if self.outbox.ack(seq):
             for listener in self._ack_listeners:
                 listener(self.outbox.acked)
+
+    def drained(self, timeout):
+        """
+        A Deferred that fires once every message is acknowledged, or after
+        C{timeout} seconds, whichever comes first.
+        """
+        d = defer.Deferred()
+        if not len(self.outbox):
+            d.callback(None)
+            return d
+
+        def on_ack(_):
+            if not d.called and not len(self.outbox):
+                d.callback(None)
+
+        self._ack_listeners.append(on_ack)
+        timer = self.clock.callLater(timeout, lambda: d.called or d.callback(None))
+
+        def done(result):
+            self._ack_listeners.remove(on_ack)
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(done)
 
     def add_ack_listener(self, listener):
         """Call C{listener(acked_seq)} whenever the platform acknowledges more."""

@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from everest_agent import protocol
-from everest_agent.interfaces import JobLost, JobRequest, JobResult
+from everest_agent.interfaces import JobLost, JobNeverStarted, JobRequest, JobResult
 from everest_agent.staging import StagingError
 
 
@@ -37,6 +37,7 @@ class TaskWorker:
         self.holding = 0  # slots it holds now
         self._current = None  # what cancel() must interrupt
         self.cancel_requested = False
+        self.abandoned = False
         self.done = None
 
     # -- reporting ------------------------------------------------------------
@@ -48,7 +49,7 @@ class TaskWorker:
         @return: a Deferred firing with the message's seq once it is durable
             (or None if the change was not reported).
         """
-        if not protocol.may_follow(self.state, state):
+        if self.abandoned or not protocol.may_follow(self.state, state):
             return defer.succeed(None)
         self.state = state
         fields = {"state": state}
@@ -79,6 +80,16 @@ class TaskWorker:
         if self.job is not None:
             self.job.cancel()
         elif self._current is not None:
+            self._current.cancel()
+
+    def abandon(self):
+        """
+        The agent is stopping and leaves this task as it is: stop following
+        it (no more reports or records) without touching its job.  The next
+        agent to start on this state directory takes it up from its phase.
+        """
+        self.abandoned = True
+        if self._current is not None:
             self._current.cancel()
 
     async def _step(self, d):
@@ -131,16 +142,22 @@ class TaskWorker:
             elif phase in ("submitting", "submitted"):
                 await self._acquire_slots(report=False)
                 job = self.record.get("job") or {}
-                self.job = await self.manager.handler.reattach(self._request(), job.get("id"))
+                request = self._request()
+                try:
+                    self.job = await self.manager.handler.reattach(request, job.get("id"))
+                except JobNeverStarted:
+                    self.log.info("Task {task_id} was never started; starting it now", task_id=self.task_id)
+                    self.job = await self.manager.handler.submit(request)
                 if job.get("id") != self.job.job_id:
-                    registry.update(self.task_id, phase="submitted", job=self._job_record())
+                    await registry.update(self.task_id, phase="submitted", job=self._job_record())
                 phase = "submitted"
             if phase == "submitted":
                 result = await self._run()
             else:
                 result = JobResult(**self.record["result"])
         except defer.CancelledError:
-            await self._finish(protocol.CANCELED, JobResult(None, "canceled", canceled=True))
+            if not self.abandoned:
+                await self._finish(protocol.CANCELED, JobResult(None, "canceled", canceled=True))
             return
         except (StagingError, JobLost, ValueError) as e:
             await self._finish(protocol.FAILED, JobResult(None, str(e)))
@@ -190,11 +207,11 @@ class TaskWorker:
         if job.batch:
             await self.report(protocol.QUEUED, **self._job_info())
         clock = self.manager.wallclock
-        ran = await _ran(job)
+        ran = await self._step(_ran(job))
         started = clock()
         if ran:
             await self.report(protocol.RUNNING, **self._job_info())
-        result = await job.result
+        result = await self._step(job.result)
         times = self.record.setdefault("times", {})
         times["runTime"] = round(clock() - started, 6)
         await self.manager.registry.update(
@@ -222,7 +239,8 @@ class TaskWorker:
                     )
                 )
             except defer.CancelledError:
-                await self._finish(protocol.CANCELED, JobResult(result.exit_code, "canceled", canceled=True))
+                if not self.abandoned:
+                    await self._finish(protocol.CANCELED, JobResult(result.exit_code, "canceled", canceled=True))
                 return
         self.record.setdefault("times", {})["stageOutTime"] = round(clock() - start, 6)
         if errors and result.succeeded:

@@ -56,9 +56,15 @@ def agent_ini(test, url, token=TOKEN, sections=None):
     return write_private(os.path.join(root, "agent.ini"), text)
 
 
-def start_agent(test, platform_or_url, **kwargs):
-    url = platform_or_url if isinstance(platform_or_url, str) else platform_or_url.ws_url
-    config = agent_config.load(agent_ini(test, url, **kwargs))
+def start_agent(test, platform_or_url=None, ini=None, **kwargs):
+    """
+    Start an agent in this process.  Pass C{ini} (an earlier agent's
+    C{config.path}) to start it again on the same state directory.
+    """
+    if ini is None:
+        url = platform_or_url if isinstance(platform_or_url, str) else platform_or_url.ws_url
+        ini = agent_ini(test, url, **kwargs)
+    config = agent_config.load(ini)
     agent = EverestAgent(config, reactor, fsync=False)
     agent.startService()
 

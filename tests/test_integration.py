@@ -11,20 +11,12 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
-from everest_agent import protocol
+from everest_agent.handlers.local import group_alive
 from tests.support import eventually, sleep, start_agent, start_platform
 
 
 def b64(data):
     return base64.b64encode(data).decode()
-
-
-def group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class IntegrationTests(TestCase):
@@ -300,3 +292,62 @@ class IntegrationTests(TestCase):
         await eventually(lambda: self.platform.agent().session not in (None, first), what="a new session")
         record = await self.platform.wait_for(self.platform.submit({"command": "true"}))
         self.assertEqual(record.state, "DONE")
+
+
+class RestartTests(TestCase):
+    """An agent stopped and started again on the same state directory."""
+
+    timeout = 60
+
+    async def setUp(self):
+        self.platform = await start_platform(self, heartbeat=1)
+
+    async def test_local_task_survives_agent_restart(self):
+        runs = os.path.abspath(self.mktemp())
+        go = os.path.abspath(self.mktemp())
+        agent = start_agent(self, self.platform)
+        await self.platform.wait_connected()
+        task_id = self.platform.submit({
+            "command": f"echo run >> {runs}; while [ ! -e {go} ]; do sleep 0.02; done; echo out; exit 6",
+            "outputs": [{"path": "stdout", "uri": self.platform.file_url("t/stdout")}],
+        })
+        await self.platform.wait_for(task_id, "RUNNING")
+        pid = agent.manager.workers[task_id].job.pid
+        await agent.stopService()
+        await self.platform.wait_disconnected()
+        self.assertTrue(group_alive(pid), "stopping the agent must leave the task running")
+        again = start_agent(self, ini=agent.config.path)
+        await self.platform.wait_connected()
+        self.assertEqual(self.platform.agent().hello["tasks"], [task_id])
+        open(go, "w").close()
+        record = await self.platform.wait_for(task_id)
+        self.assertEqual(record.states, ["ACCEPTED", "RUNNING", "STAGING_OUT", "FAILED"])
+        self.assertEqual(record.info["exitCode"], 6)
+        self.assertEqual(self.platform.get_file("t/stdout"), b"out\n")
+        with open(runs) as f:
+            self.assertEqual(f.read(), "run\n")
+        self.assertEqual(self.platform.violations, [])
+        self.assertIsNot(again, agent)
+
+    async def test_stop_with_cancel(self):
+        agent = start_agent(self, self.platform, sections={"agent": {"on_stop": "cancel"}})
+        await self.platform.wait_connected()
+        task_id = self.platform.submit({"command": "sleep 100"})
+        await self.platform.wait_for(task_id, "RUNNING")
+        pid = agent.manager.workers[task_id].job.pid
+        await agent.stopService()
+        self.assertFalse(group_alive(pid))
+        # CANCELED was delivered before the connection closed.
+        self.assertEqual(self.platform.task(task_id).state, "CANCELED")
+        self.assertEqual(len(agent.outbox), 0)
+
+    async def test_submit_while_stopping_is_kept(self):
+        agent = start_agent(self, self.platform)
+        await self.platform.wait_connected()
+        agent.manager.stopping = True
+        task_id = self.platform.submit({"command": "true"})
+        await self.platform.wait_for(task_id, "ACCEPTED")
+        await agent.stopService()
+        start_agent(self, ini=agent.config.path)
+        record = await self.platform.wait_for(task_id)
+        self.assertEqual(record.states, ["ACCEPTED", "RUNNING", "DONE"])

@@ -9,16 +9,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from everest_agent.handlers.local import LocalTaskHandler
+from everest_agent.handlers.local import LocalTaskHandler, group_alive
 from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobRequest
-
-
-def group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class LocalHandlerTests(TestCase):
@@ -91,11 +83,17 @@ class LocalHandlerTests(TestCase):
     def test_killed_by_signal(self):
         job = yield self.handler.submit(self.request("kill -SEGV $$"))
         result = yield job.result
-        self.assertIsNone(result.exit_code)
-        self.assertEqual(result.reason, f"killed by signal {int(signal.SIGSEGV)} (SIGSEGV)")
+        code = 128 + int(signal.SIGSEGV)
+        self.assertEqual(result.exit_code, code)
+        self.assertEqual(
+            result.reason,
+            f"exit code {code} (the shell's code for a command killed by signal {int(signal.SIGSEGV)}, SIGSEGV)",
+        )
 
-    def test_missing_directory(self):
-        d = self.handler.submit(JobRequest("t3", os.path.join(self.dir, "nope"), "true"))
+    def test_unusable_directory(self):
+        blocker = os.path.join(self.dir, "a-file")
+        open(blocker, "w").close()
+        d = self.handler.submit(JobRequest("t3", os.path.join(blocker, "task"), "true"))
         return self.assertFailure(d, RuntimeError)
 
     def test_reattach_is_honest(self):
@@ -126,3 +124,121 @@ class SlotsTests(SynchronousTestCase):
         self.assertEqual(handler.slots_needed({"coresPerNode": 3}), 3)
         self.assertIn("this agent has 4 slots", str(self.assertRaises(ValueError, handler.slots_needed, {"coresPerNode": 5})))
         self.assertIn("2 nodes", str(self.assertRaises(ValueError, handler.slots_needed, {"nodes": 2})))
+
+
+class ReattachTests(TestCase):
+    """
+    After a restart the agent finds its local tasks again.  Here a second
+    handler stands for the restarted agent; the first one's processes keep
+    running, as they do when the agent dies.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        self.first = LocalTaskHandler(reactor, slots=4, kill_grace=0.5)
+        self.second = LocalTaskHandler(reactor, slots=4, kill_grace=0.5)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def request(self, command, **requirements):
+        return JobRequest("t1", self.dir, command, {}, requirements)
+
+    @defer.inlineCallbacks
+    def test_running_task_found_by_id(self):
+        go = os.path.join(self.dir, "go")
+        request = self.request(f"while [ ! -e {go} ]; do sleep 0.02; done; exit 4")
+        original = yield self.first.submit(request)
+        job = yield self.second.reattach(request, original.job_id)
+        verifyObject(IJob, job)
+        self.assertEqual(job.job_id, original.job_id)
+        self.assertFalse(job.result.called)
+        open(go, "w").close()
+        result = yield job.result
+        self.assertEqual((result.exit_code, result.reason), (4, "exit code 4"))
+        yield original.result
+
+    @defer.inlineCallbacks
+    def test_task_ended_while_away(self):
+        request = self.request("exit 3")
+        original = yield self.first.submit(request)
+        yield original.result
+        job = yield self.second.reattach(request, original.job_id)
+        result = yield job.result
+        self.assertEqual(result.exit_code, 3)
+
+    @defer.inlineCallbacks
+    def test_reused_pid_is_not_taken_for_the_task(self):
+        request = self.request("exit 0")
+        original = yield self.first.submit(request)
+        yield original.result
+        pid, start = original.job_id.split(":")
+        # Our own pid, alive, but with another start time: a reused pid.
+        job = yield self.second.reattach(request, f"{os.getpid()}:{int(start) + 1}")
+        result = yield job.result
+        self.assertEqual(result.exit_code, 0)
+        self.assertNotEqual(job.pid, os.getpid())
+
+    @defer.inlineCallbacks
+    def test_found_by_pid_file_when_id_was_not_recorded(self):
+        go = os.path.join(self.dir, "go")
+        request = self.request(f"while [ ! -e {go} ]; do sleep 0.02; done")
+        original = yield self.first.submit(request)
+        yield _wait_for_file(os.path.join(self.dir, ".everest", "pid"))
+        job = yield self.second.reattach(request, None)
+        self.assertEqual(job.pid, original.pid)
+        open(go, "w").close()
+        result = yield job.result
+        self.assertTrue(result.succeeded)
+        yield original.result
+
+    def test_never_started(self):
+        from everest_agent.interfaces import JobNeverStarted
+
+        return self.assertFailure(self.second.reattach(self.request("true"), None), JobNeverStarted)
+
+    @defer.inlineCallbacks
+    def test_killed_while_away_is_lost(self):
+        request = self.request("sleep 60")
+        original = yield self.first.submit(request)
+        yield _wait_for_file(os.path.join(self.dir, ".everest", "pid"))
+        os.killpg(original.pid, signal.SIGKILL)
+        yield original.result
+        yield self.assertFailure(self.second.reattach(request, original.job_id), JobLost)
+
+    @defer.inlineCallbacks
+    def test_cancel_reattached(self):
+        request = self.request("sleep 60 & sleep 60 & wait")
+        original = yield self.first.submit(request)
+        job = yield self.second.reattach(request, original.job_id)
+        job.cancel()
+        result = yield job.result
+        self.assertTrue(result.canceled)
+        yield original.result
+        for _ in range(100):
+            if not group_alive(original.pid):
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertFalse(group_alive(original.pid))
+
+    @defer.inlineCallbacks
+    def test_time_limit_counts_from_the_real_start(self):
+        request = self.request("sleep 60", timeLimit=1.0)
+        original = yield self.first.submit(request)
+        original._cancel_limit()  # the first agent "died": only the second enforces it
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        job = yield self.second.reattach(request, original.job_id)
+        started = reactor.seconds()
+        result = yield job.result
+        self.assertEqual(result.reason, "time limit of 1 s exceeded")
+        self.assertLess(reactor.seconds() - started, 0.9)
+        yield original.result
+
+
+@defer.inlineCallbacks
+def _wait_for_file(path):
+    for _ in range(200):
+        if os.path.exists(path) and os.path.getsize(path):
+            return
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"{path} never appeared")

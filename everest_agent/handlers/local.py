@@ -1,12 +1,24 @@
 """
 Running tasks as processes on this machine.
 
-Each task is C{/bin/sh -c command} in its task directory, started through
-C{setsid} so that it leads a process group (and session) of its own: a
-cancel or an exceeded C{timeLimit} sends SIGTERM to the whole group, then
-SIGKILL after C{kill_grace} seconds if anything in the group is still alive.
-Standard output and error are handed to the child as file descriptors of the
-files C{stdout} and C{stderr}, so their bytes never pass through the agent.
+Each task runs detached from the agent, in a session (and process group) of
+its own, through a small shell wrapper started by C{setsid}::
+
+    setsid /bin/sh -c WRAPPER everest-task TASK_DIR COMMAND
+
+The wrapper C{cd}s to the task directory, records its pid in
+C{.everest/pid}, runs C{/bin/sh -c COMMAND} with standard output and error
+going to the files C{stdout} and C{stderr} (handed over as file
+descriptors: their bytes never pass through the agent), and as its last act
+writes the command's exit status to C{.everest/exitcode}.
+
+So a task outlives the agent: after a restart, L{LocalTaskHandler.reattach}
+finds the process again by the pid and start time recorded in its job id
+(C{"<pid>:<start ticks>"}; the start time tells a reused pid from the
+task's own), watches it until it ends, and reads the real exit status from
+the file.  A cancel or an exceeded C{timeLimit} sends SIGTERM to the whole
+process group, then SIGKILL after C{kill_grace} seconds if anything in the
+group is still alive.
 """
 
 import os
@@ -17,13 +29,28 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobResult
+from everest_agent import jobscript
+from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobNeverStarted, JobResult
 
 SETSID = "/usr/bin/setsid"
+PID_FILE = os.path.join(jobscript.STATE_DIR, "pid")
+#: Marks the wrapper in a process listing: argv is [sh, -c, WRAPPER, MARK, dir, command].
+MARK = "everest-task"
 
-# $1 is the task directory, $2 the command: cd there, then become the shell
-# that runs the command (exec keeps one process per task).
-_LAUNCH = 'cd -- "$1" || exit 126; exec /bin/sh -c "$2"'
+# Only shell built-ins after the command, so nothing can fail to start
+# between the command's end and its status reaching the disk.
+_WRAPPER = (
+    'cd -- "$1" || exit 126; '
+    f'echo $$ > {PID_FILE}; '
+    '/bin/sh -c "$2" </dev/null; '
+    "s=$?; "
+    f'echo "$s" > {jobscript.EXIT_CODE_FILE}; '
+    'exit "$s"'
+)
+
+#: Seconds between checks on tasks found again after a restart (they are
+#: not the agent's children, so their end cannot be waited for).
+POLL_INTERVAL = 0.5
 
 
 def _signal_name(number):
@@ -33,14 +60,30 @@ def _signal_name(number):
         return str(number)
 
 
-def _group_alive(pgid):
+def group_alive(pgid):
+    """
+    Whether process group C{pgid} has a live member.  Zombies do not count:
+    an orphan killed with its group is reaped by init, which may take its
+    time (or, in some containers, never do it).
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _signal_group(pid, sig):
@@ -56,8 +99,52 @@ def _signal_group(pid, sig):
         pass
 
 
-@implementer(IJob)
-class LocalJob(ProcessProtocol):
+def process_start(pid):
+    """
+    When process C{pid} started, in clock ticks since boot (field 22 of
+    C{/proc/<pid>/stat}), or None if there is no such process.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] == b"Z":
+        return None  # a zombie has ended
+    return int(fields[19])
+
+
+def _find_wrapper(directory):
+    """The pid of a live wrapper running in C{directory}, searched in /proc."""
+    wanted = b"\0" + MARK.encode() + b"\0" + os.fsencode(directory) + b"\0"
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if wanted in cmdline:
+            return int(name)
+    return None
+
+
+def describe_exit(exit_code):
+    """A task's failure reason for a non-zero exit status."""
+    reason = f"exit code {exit_code}"
+    if 128 < exit_code < 128 + 65:
+        reason += f" (the shell's code for a command killed by signal {exit_code - 128}, {_signal_name(exit_code - 128)})"
+    return reason
+
+
+class _LocalJobBase:
+    """What a task's job does whatever watches its end: limits, kills, results."""
+
     log = Logger()
     batch = False
 
@@ -65,30 +152,29 @@ class LocalJob(ProcessProtocol):
         self.request = request
         self._clock = clock
         self._grace = kill_grace
-        self.job_id = None
         self.pid = None
+        self.job_id = None
         self.running = defer.succeed(None)
         self.result = defer.Deferred()
         self._why_killed = None  # "canceled" or "timeout" once we kill it
         self._limit_call = None
         self._kill_call = None
         self._ended = False
-        self._status = None
+        self._status = None  # how the wrapper ended, when the agent saw it
+        self._await_call = None
 
-    def connectionMade(self):
-        self.pid = self.transport.pid
-        self.job_id = str(self.pid)
+    def _started(self, pid, start, elapsed=0.0):
+        self.pid = pid
+        self.job_id = f"{pid}:{start}"
         limit = self.request.time_limit
         if limit:
-            self._limit_call = self._clock.callLater(limit, self._terminate, "timeout")
+            self._limit_call = self._clock.callLater(max(0.0, limit - elapsed), self._terminate, "timeout")
 
     def cancel(self):
         self._terminate("canceled")
 
     def _terminate(self, why):
-        if self._limit_call is not None and self._limit_call.active():
-            self._limit_call.cancel()
-        self._limit_call = None
+        self._cancel_limit()
         if self._why_killed is not None or self.result.called or self.pid is None:
             return
         self._why_killed = why
@@ -101,7 +187,7 @@ class LocalJob(ProcessProtocol):
 
     def _kill(self):
         self._kill_call = None
-        if _group_alive(self.pid):
+        if group_alive(self.pid):
             self.log.info(
                 "Task {task_id} outlived its grace period; sending SIGKILL to its group",
                 task_id=self.request.task_id,
@@ -110,12 +196,14 @@ class LocalJob(ProcessProtocol):
         if self._ended:
             self._finish()
 
-    def processEnded(self, reason):
-        self._ended = True
-        self._status = reason.value
+    def _cancel_limit(self):
         if self._limit_call is not None and self._limit_call.active():
             self._limit_call.cancel()
         self._limit_call = None
+
+    def _leader_ended(self):
+        self._ended = True
+        self._cancel_limit()
         if self._kill_call is not None:
             # The leader is gone; wait for the rest of its group to follow,
             # and SIGKILL it when the grace period is over.
@@ -124,32 +212,83 @@ class LocalJob(ProcessProtocol):
         self._finish()
 
     def _await_group(self):
+        self._await_call = None
         if self._kill_call is None:
             return  # _kill() has finished the job
-        if _group_alive(self.pid):
-            self._clock.callLater(0.05, self._await_group)
+        if group_alive(self.pid):
+            self._await_call = self._clock.callLater(0.05, self._await_group)
             return
         self._kill_call.cancel()
         self._kill_call = None
         self._finish()
 
     def _finish(self):
+        if self._await_call is not None and self._await_call.active():
+            self._await_call.cancel()
+        self._await_call = None
         if self.result.called:
             return
+        try:
+            recorded = jobscript.read_exit_code(self.request.directory)
+        except (ValueError, OSError):
+            recorded = None
         status = self._status
-        exit_code = getattr(status, "exitCode", None)
+        exit_code = recorded if recorded is not None else getattr(status, "exitCode", None)
         sig = getattr(status, "signal", None)
         if self._why_killed == "canceled":
             result = JobResult(exit_code, "canceled", canceled=True)
         elif self._why_killed == "timeout":
             result = JobResult(exit_code, f"time limit of {self.request.time_limit:g} s exceeded")
-        elif sig is not None:
+        elif recorded is None and sig is not None:
             result = JobResult(None, f"killed by signal {sig} ({_signal_name(sig)})")
+        elif recorded is None and status is None:
+            result = JobResult(None, "the task ended while the agent was away, leaving no exit status (killed?)")
         elif exit_code:
-            result = JobResult(exit_code, f"exit code {exit_code}")
+            result = JobResult(exit_code, describe_exit(exit_code))
         else:
             result = JobResult(0)
         self.result.callback(result)
+
+
+@implementer(IJob)
+class LocalJob(_LocalJobBase, ProcessProtocol):
+    """A task the agent started: its end is the wrapper's C{processEnded}."""
+
+    def connectionMade(self):
+        pid = self.transport.pid
+        self._started(pid, process_start(pid))
+
+    def processEnded(self, reason):
+        self._status = reason.value
+        self._leader_ended()
+
+
+@implementer(IJob)
+class ReattachedJob(_LocalJobBase):
+    """A task found again after a restart: its end is seen by polling."""
+
+    def __init__(self, request, clock, kill_grace, pid, start, elapsed):
+        super().__init__(request, clock, kill_grace)
+        self._started(pid, start, elapsed)
+
+    def _terminate(self, why):
+        super()._terminate(why)
+        self._watch_closely()
+
+    def _watch_closely(self):
+        # While it is being stopped, look for its end more often than the
+        # handler's poll does, so a cancel is reported promptly.
+        if not self.check():
+            self._await_call = self._clock.callLater(0.05, self._watch_closely)
+
+    def check(self):
+        """Called by the handler's poll; True once the job has ended."""
+        if self._ended:
+            return True
+        if process_start(self.pid) != int(self.job_id.split(":")[1]):
+            self._leader_ended()
+            return True
+        return False
 
 
 @implementer(ITaskHandler)
@@ -162,6 +301,8 @@ class LocalTaskHandler:
         self.slots = slots
         self.kill_grace = kill_grace
         self._environ = dict(os.environ if environ is None else environ)
+        self._watched = []  # ReattachedJobs
+        self._poll = None
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -181,15 +322,23 @@ class LocalTaskHandler:
         environment.update(request.environment)
         job = LocalJob(request, self._reactor, self.kill_grace)
         fds = []
+        cloexec = getattr(os, "O_CLOEXEC", 0)
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-            fds.append(os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+            state = os.path.join(request.directory, jobscript.STATE_DIR)
+            os.makedirs(state, exist_ok=True)
+            for stale in (jobscript.EXIT_CODE_FILE, PID_FILE):
+                try:
+                    os.unlink(os.path.join(request.directory, stale))
+                except FileNotFoundError:
+                    pass
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | cloexec
+            fds.append(os.open(os.devnull, os.O_RDONLY | cloexec))
             fds.append(os.open(os.path.join(request.directory, "stdout"), flags, 0o644))
             fds.append(os.open(os.path.join(request.directory, "stderr"), flags, 0o644))
             self._reactor.spawnProcess(
                 job,
                 SETSID,
-                [SETSID, "/bin/sh", "-c", _LAUNCH, "everest-task", request.directory, request.command],
+                [SETSID, "/bin/sh", "-c", _WRAPPER, MARK, request.directory, request.command],
                 env=environment,
                 childFDs={0: fds[0], 1: fds[1], 2: fds[2]},
             )
@@ -201,9 +350,93 @@ class LocalTaskHandler:
         return defer.succeed(job)
 
     def reattach(self, request, job_id):
-        return defer.fail(
-            JobLost("the agent restarted while the task ran; its outcome is unknown")
-        )
+        """
+        Find a task's process after a restart: by the pid and start time in
+        C{job_id}, or (when the job id never reached the disk) by the
+        wrapper's pid file or its command line.  A task that ended meanwhile
+        reports the exit status its wrapper wrote.
+        """
+        directory = request.directory
+        pid = start = None
+        if job_id:
+            pid_text, _, start_text = job_id.partition(":")
+            pid, start = int(pid_text), int(start_text) if start_text.isdigit() else None
+            if start is None or process_start(pid) != start:
+                pid = None  # ended (or the pid now belongs to another process)
+        else:
+            candidate = _read_pid(directory) or _find_wrapper(directory)
+            if candidate is not None and _is_wrapper(candidate, directory):
+                pid, start = candidate, process_start(candidate)
+        if pid is None:
+            return self._ended_while_away(request)
+        job = ReattachedJob(request, self._reactor, self.kill_grace, pid, start, _age(start))
+        self.log.info("Task {task_id} found again: pid {pid}", task_id=request.task_id, pid=pid)
+        self._watch(job)
+        return defer.succeed(job)
+
+    def _ended_while_away(self, request):
+        try:
+            exit_code = jobscript.read_exit_code(request.directory)
+        except (ValueError, OSError) as e:
+            return defer.fail(JobLost(f"the task's exit status file is damaged: {e}"))
+        if exit_code is None:
+            if not os.path.exists(os.path.join(request.directory, PID_FILE)):
+                return defer.fail(JobNeverStarted("the task was never started (the agent stopped first)"))
+            return defer.fail(
+                JobLost("the task ended while the agent was away, leaving no exit status (killed?)")
+            )
+        job = ReattachedJob(request, self._reactor, self.kill_grace, 0, 0, 0.0)
+        job._cancel_limit()
+        job._leader_ended()
+        return defer.succeed(job)
+
+    def _watch(self, job):
+        self._watched.append(job)
+        job.result.addBoth(self._unwatch, job)
+        if self._poll is None:
+            self._poll = self._reactor.callLater(POLL_INTERVAL, self._check_watched)
+
+    def _unwatch(self, result, job):
+        if job in self._watched:
+            self._watched.remove(job)
+        if not self._watched and self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        return result
+
+    def _check_watched(self):
+        self._poll = None
+        for job in list(self._watched):
+            job.check()
+        if self._watched and self._poll is None:
+            self._poll = self._reactor.callLater(POLL_INTERVAL, self._check_watched)
 
     def resource_info(self):
         return defer.succeed({})
+
+
+def _read_pid(directory):
+    try:
+        with open(os.path.join(directory, PID_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_wrapper(pid, directory):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return (b"\0" + MARK.encode() + b"\0" + os.fsencode(directory) + b"\0") in cmdline
+
+
+def _age(start_ticks):
+    """Seconds since a process started, from its start time in clock ticks."""
+    try:
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+        return 0.0
