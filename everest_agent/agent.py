@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from everest_agent import __version__, protocol
+from everest_agent.channel import TaskChannel
 from everest_agent.client import AgentClientFactory, ConnectionService
 from everest_agent.handlers import make_handler
 from everest_agent.journal import make_private_dir
@@ -65,6 +66,11 @@ class EverestAgent(MultiService):
             initial_delay=platform.reconnect_initial_delay, max_delay=platform.reconnect_max_delay,
             factor=platform.reconnect_factor, welcome_timeout=platform.welcome_timeout,
         )
+        self.channel = None
+        self._channel_port = None
+        if config.task_channel.enabled:
+            self.channel = TaskChannel(self.manager.is_running, self.sender.task_message)
+            self.manager.channel = self.channel
         self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
         self._lock = None
         # Started in this order, stopped in reverse: the connection goes first.
@@ -88,7 +94,7 @@ class EverestAgent(MultiService):
     def startService(self):
         agent = self.config.agent
         make_private_dir(agent.state_dir)
-        os.makedirs(agent.work_dir, exist_ok=True)
+        os.makedirs(agent.work_dir, mode=0o700, exist_ok=True)
         self._take_lock(agent.state_dir)
         self.outbox.load()
         self.registry.load()
@@ -99,9 +105,23 @@ class EverestAgent(MultiService):
             version=__version__, handler=self.handler.name, slots=agent.max_tasks,
             work_dir=agent.work_dir, pending=len(self.outbox),
         )
+        if self.channel is not None:
+            self._listen_channel()
         if os.geteuid() == 0:
             self.log.warn("Running as root: tasks run as root too; consider a dedicated user")
         super().startService()
+
+    def _listen_channel(self):
+        settings = self.config.task_channel
+        host, port = settings.listen
+        self._channel_port = self.reactor.listenTCP(port, self.channel, interface=host)
+        self.channel.port = self._channel_port.getHost().port
+        wildcard = host in ("0.0.0.0", "::", "")
+        self.channel.address = settings.address or (self.config.agent.hostname if wildcard else host)
+        self.log.info(
+            "Task channel listening on {host}:{port}, given to tasks as {address}",
+            host=host, port=self.channel.port, address=self.channel.address,
+        )
 
     def _take_lock(self, state_dir):
         fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -134,6 +154,9 @@ class EverestAgent(MultiService):
         for service in reversed(list(self)):
             await defer.maybeDeferred(service.stopService)
         self.monitor.lost()
+        if self._channel_port is not None:
+            await self._channel_port.stopListening()
+            self._channel_port = None
         await self.stager.close()
         if self._lock is not None:
             self.status.stopped()  # operations: before the lock goes

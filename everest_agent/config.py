@@ -93,6 +93,16 @@ def _words(value):
     return value.split()
 
 
+def _host_port(value):
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError("the port must be from 0 to 65535")
+    return host.strip("[]"), number
+
+
 def _choice(*choices):
     def parse(value):
         value = value.strip().lower()
@@ -165,6 +175,11 @@ SCHEMA = {
     },
     "handler": {
         "type": Key(_handler_type, "local", "Back end that runs tasks: local, slurm, torque or pbs."),
+    },
+    "task_channel": {
+        "enabled": Key(_bool, False, "Open the task channel: a TCP port through which running tasks exchange messages with the platform."),
+        "listen": Key(_host_port, ("127.0.0.1", 0), "Address and port to listen on (port 0: any free port). Batch handlers need an address the compute nodes can reach."),
+        "address": Key(_text, "", "Address given to tasks (EVEREST_AGENT_ADDRESS). Default: the listen address, or this machine's name when listening on all addresses."),
     },
     "security": {
         "allowed_commands": Key(_regex_lines, [], "Regular expressions, one per line; when given, a task command must match one as a whole."),

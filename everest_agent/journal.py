@@ -37,6 +37,8 @@ def fsync_directory(path):
 def make_private_dir(path):
     """Create C{path} (and parents) as a directory only its owner can use."""
     os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path
 
 

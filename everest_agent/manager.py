@@ -20,6 +20,28 @@ from everest_agent.protocol import ProtocolError, SpecError
 from everest_agent.worker import TaskWorker
 
 
+def _damage(record):
+    """What is wrong with a registry record of an unfinished task, if anything."""
+    if record.get("failure"):
+        return None
+    try:
+        record["spec"] = protocol.validate_spec(record.get("spec"))
+        if record.get("state") is not None and record.get("state") not in protocol.STATE_RANK:
+            return f"unknown state {record.get('state')!r}"
+        if record.get("phase", "new") not in ("new", "staged", "submitting", "submitted", "ended"):
+            return f"unknown phase {record.get('phase')!r}"
+        if record.get("phase") == "ended":
+            result = record.get("result") or {}
+            if set(result) != {"exit_code", "reason", "canceled"}:
+                return "its result is incomplete"
+        job = record.get("job")
+        if job is not None and not (isinstance(job, dict) and isinstance(job.get("id"), str)):
+            return "its job id is not a string"
+    except SpecError as e:
+        return f"its spec: {e}"
+    return None
+
+
 class SlotPool:
     """
     C{capacity} slots handed out first come, first served: a task waits
@@ -79,6 +101,7 @@ class TaskManager(Service):
         self._reported = collections.deque()  # finished and acknowledged, oldest first
         self.slot_listeners = []
         self.stopping = False  # set while the agent stops: tasks are recorded, not started
+        self.channel = None  # the TaskChannel, when enabled
         sender.add_ack_listener(self.acked)
 
     # -- start and stop -------------------------------------------------------
@@ -100,6 +123,12 @@ class TaskManager(Service):
                 continue
             self._unreported.add(task_id)
             resumed += 1
+            damage = _damage(record)
+            if damage:
+                # Never crash on, or block behind, a damaged record: the task
+                # fails with the reason and everything else goes on.
+                self.log.error("Task {task_id}: damaged state record ({why})", task_id=task_id, why=damage)
+                record["failure"] = f"the agent's record of this task is damaged: {damage}"
             self._start_worker(task_id, record)
         self._reported.extend(task_id for _, task_id in sorted(finished))
         self._awaiting_ack = collections.deque(sorted(self._awaiting_ack))
@@ -185,11 +214,19 @@ class TaskManager(Service):
         # A finished task: nothing to do.
 
     def deliver(self, task_id, text):
+        """A TASK_MESSAGE from the platform, for a task's channel."""
         if task_id not in self.registry:
             raise ProtocolError(protocol.E_UNKNOWN_TASK, f"message for unknown task {task_id}", task_id)
-        raise ProtocolError(
-            "unsupported", "the task channel is not enabled on this agent", task_id
-        )
+        if self.channel is None:
+            raise ProtocolError("no-task-channel", "the task channel is not enabled on this agent", task_id)
+        if task_id in self.workers:
+            self.channel.to_task(task_id, text)
+        else:
+            self.log.info("Dropping a message for finished task {task_id}", task_id=task_id)
+
+    def is_running(self, task_id):
+        """Whether a task may use the task channel: known and not finished."""
+        return task_id in self.workers
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -209,6 +246,8 @@ class TaskManager(Service):
     def terminal_reported(self, seq, task_id):
         """A task's terminal state is durably in the outbox as C{seq}."""
         self.workers.pop(task_id, None)
+        if self.channel is not None:
+            self.channel.task_finished(task_id)
         if seq is None:
             return
         self.registry.update(task_id, terminal_seq=seq)

@@ -104,6 +104,8 @@ class TaskWorker:
         spec = self.record["spec"]
         environment = dict(spec["environment"])
         environment["EVEREST_TASK_ID"] = self.task_id
+        if self.manager.channel is not None:
+            environment.update(self.manager.channel.environment(self.task_id))
         return JobRequest(
             task_id=self.task_id,
             directory=self.manager.task_dir(self.task_id),

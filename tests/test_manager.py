@@ -339,3 +339,25 @@ class SlotPoolTests(SynchronousTestCase):
         pool.release(2)
         self.successResultOf(small)
         self.assertEqual(pool.used, 1)
+
+
+class DamagedStateTests(SynchronousTestCase):
+    def test_damaged_records_fail_alone(self):
+        state_dir = self.mktemp()
+        os.makedirs(state_dir)
+        with open(os.path.join(state_dir, "tasks.jsonl"), "w") as f:
+            f.write('{"id":"good","spec":{"command":"true"},"state":"ACCEPTED","phase":"new"}\n')
+            f.write('{"id":"bad-spec","spec":{"command":5},"state":"ACCEPTED","phase":"new"}\n')
+            f.write('{"id":"bad-phase","spec":{"command":"true"},"state":"ACCEPTED","phase":"???"}\n')
+            f.write('{"id":"bad-job","spec":{"command":"true"},"state":"RUNNING","phase":"submitted","job":7}\n')
+            f.write('{"id":"torn","spec":{"comm')
+        with open(os.path.join(state_dir, "outbox.jsonl"), "w") as f:
+            f.write("garbage\n")
+        h = Harness(self, state_dir=state_dir)
+        h.pump()
+        self.assertIn("good", h.handler.jobs)
+        for task_id in ("bad-spec", "bad-phase", "bad-job"):
+            self.assertEqual(h.states(task_id), ["FAILED"], task_id)
+            self.assertIn("damaged", h.last(task_id)[3]["reason"])
+        self.assertNotIn("torn", h.registry)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
