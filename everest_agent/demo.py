@@ -25,6 +25,7 @@ from everest_agent import config as agent_config
 SCRIPT = b"""#!/bin/sh
 # One point of the sweep: the sum of i*i for i = 1 .. n*2000.
 n=$(cat params.txt)
+sleep 0.2   # stands for real work, so the sweep can be watched
 awk -v n="$n" 'BEGIN { s = 0; for (i = 1; i <= n * 2000; i++) s += i * i; printf "%d %.0f\\n", n, s }' > result.txt
 if [ "$n" -eq 13 ]; then
     echo "parameter 13 is unlucky: failing on purpose" >&2
