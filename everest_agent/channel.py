@@ -24,7 +24,10 @@ MAX_WAITING = 1000
 
 class TaskChannelProtocol(Int32StringReceiver):
     log = Logger()
-    MAX_LENGTH = 1024 * 1024
+    # A task's message travels on as a TASK_MESSAGE, which must fit in a
+    # 1 MiB WebSocket frame with its JSON quoting (up to 6 bytes a byte for
+    # control characters): larger frames from a task are refused.
+    MAX_LENGTH = 128 * 1024
     task_id = None
 
     def stringReceived(self, payload):

@@ -262,7 +262,8 @@ class TaskWorker:
             "outputs": list(outputs),
         }
         if state != protocol.DONE:
-            info["reason"] = result.reason or state.lower()
+            info["reason"] = _clip(result.reason or state.lower(), MAX_REASON)
+        _fit_outputs(info)
         if self.job is not None and self.job.batch:
             info["jobId"] = self.job.job_id
         level = self.log.info if state == protocol.DONE else self.log.warn
@@ -272,6 +273,31 @@ class TaskWorker:
             exit_code=result.exit_code,
         )
         await self.report(state, **info)
+
+
+#: A terminal report must fit in one frame (1 MiB) with room to spare.
+MAX_REASON = 4096
+MAX_OUTPUTS_JSON = 512 * 1024
+
+
+def _clip(text, limit):
+    return text if len(text) <= limit else text[: limit - 30] + f"... ({len(text) - limit + 30} more characters)"
+
+
+def _fit_outputs(info):
+    """Keep the outputs list of a terminal report under L{MAX_OUTPUTS_JSON}."""
+    outputs = info["outputs"]
+    size = sum(len(o["path"]) + 120 for o in outputs)
+    if size <= MAX_OUTPUTS_JSON:
+        return
+    kept, total = [], 0
+    for output in outputs:
+        total += len(output["path"]) + 120
+        if total > MAX_OUTPUTS_JSON:
+            break
+        kept.append(output)
+    info["outputs"] = kept
+    info["outputsOmitted"] = len(outputs) - len(kept)
 
 
 def _ran(job):

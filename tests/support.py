@@ -99,3 +99,71 @@ def as_deferred(coroutine_function):
     wrapper.__name__ = coroutine_function.__name__
     wrapper.__doc__ = coroutine_function.__doc__
     return wrapper
+
+
+def make_certificates(directory, hostname="localhost", with_ip=True):
+    """
+    A private CA and a server certificate it signed for C{hostname} (and
+    127.0.0.1), as PEM files in C{directory}.
+
+    @return: C{(ca_path, cert_path, key_path)}.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "everest-agent test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(hostname)] + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if with_ip else [])
+        ), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key")]
+    blobs = [
+        ca.public_bytes(serialization.Encoding.PEM),
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption()),
+    ]
+    for path, blob in zip(paths, blobs):
+        with open(path, "wb") as f:
+            f.write(blob)
+    return tuple(paths)
+
+
+async def start_tls_platform(test, certificate_for="localhost", **kwargs):
+    """
+    A platform serving wss:// and https:// on localhost, with a certificate
+    for C{certificate_for}; returns (platform, ca_path).
+    """
+    from everest_agent.platform.tap import load_tls
+
+    root = os.path.abspath(test.mktemp())
+    ca, cert, key = make_certificates(os.path.join(root, "tls"), certificate_for, with_ip=False)
+    kwargs.setdefault("files_dir", os.path.join(root, "files"))
+    platform = Platform({TOKEN: "agent"}, reactor, **kwargs)
+    port = await listen(platform, reactor, 0, tls=load_tls(cert, key))
+    test.addCleanup(platform.close)
+    number = port.getHost().port
+    platform.set_urls(f"wss://localhost:{number}{platform.ws_path}", f"https://localhost:{number}")
+    return platform, ca

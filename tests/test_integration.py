@@ -351,3 +351,46 @@ class RestartTests(TestCase):
         start_agent(self, ini=agent.config.path)
         record = await self.platform.wait_for(task_id)
         self.assertEqual(record.states, ["ACCEPTED", "RUNNING", "DONE"])
+
+
+class TLSTests(TestCase):
+    """wss:// and https:// with the certificate and host name verified."""
+
+    timeout = 30
+
+    async def test_verified_tls_end_to_end(self):
+        from tests.support import start_tls_platform
+
+        platform, ca = await start_tls_platform(self)
+        start_agent(self, platform, sections={"platform": {"ca_file": ca}})
+        await platform.wait_connected()
+        platform.put_file("in.txt", b"over tls\n")
+        record = await platform.wait_for(platform.submit({
+            "command": "cat in.txt",
+            "inputs": [{"path": "in.txt", "uri": platform.file_url("in.txt")}],
+            "outputs": [{"path": "stdout", "uri": platform.file_url("out.txt")}],
+        }))
+        self.assertEqual(record.state, "DONE", record.info)
+        self.assertTrue(platform.file_url("x").startswith("https://localhost:"))
+        self.assertEqual(platform.get_file("out.txt"), b"over tls\n")
+
+    async def test_untrusted_certificate_is_refused(self):
+        from tests.support import make_certificates, start_tls_platform
+
+        platform, ca = await start_tls_platform(self)
+        other_ca, _, _ = make_certificates(os.path.abspath(self.mktemp()))
+        agent = start_agent(self, platform, sections={"platform": {"ca_file": other_ca}})
+        await sleep(1.0)
+        self.assertFalse(platform.connected("agent"))
+        self.assertIsNone(platform.agent().hello)
+        self.assertGreaterEqual(agent.factory.retries, 1)
+
+    async def test_wrong_host_name_is_refused(self):
+        from tests.support import start_tls_platform
+
+        # A certificate from the trusted CA, but for another host name.
+        platform, ca = await start_tls_platform(self, certificate_for="everest.example.org")
+        agent = start_agent(self, platform, sections={"platform": {"ca_file": ca}})
+        await sleep(1.0)
+        self.assertFalse(platform.connected("agent"))
+        self.assertIsNone(platform.agent().hello)

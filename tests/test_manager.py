@@ -361,3 +361,25 @@ class DamagedStateTests(SynchronousTestCase):
             self.assertIn("damaged", h.last(task_id)[3]["reason"])
         self.assertNotIn("torn", h.registry)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class ReportSizeTests(SynchronousTestCase):
+    def test_terminal_report_fits_in_a_frame(self):
+        from everest_agent import protocol
+
+        h = Harness(self)
+        many = [{"path": f"out/file-{i:06d}.dat", "size": i, "sha256": "0" * 64} for i in range(20000)]
+        h.stager.stage_out = lambda task_dir, outputs: _succeed((many, ["x" * 100000]))
+        h.submit("t1", spec(outputs=[{"pattern": "out/*", "uri": "http://x/"}]))
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        message = h.last("t1")
+        self.assertEqual(message[2], "FAILED")
+        self.assertLess(len(protocol.encode(message)), protocol.MAX_FRAME_SIZE)
+        self.assertGreater(message[3]["outputsOmitted"], 0)
+        self.assertEqual(len(message[3]["outputs"]) + message[3]["outputsOmitted"], 20000)
+        self.assertLessEqual(len(message[3]["reason"]), 4096)
+
+
+async def _succeed(value):
+    return value
