@@ -129,12 +129,22 @@ fi
 
 # --- 4. daemons (both fork and write their pid files) -----------------------
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+stop() {    # stop PIDFILE: SIGTERM (slurmctld saves its state), wait up to 10 s
+    local pid
+    running "$1" || return 0
+    pid=$(cat "$1")
+    kill -TERM "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    die "$(basename "$1" .pid) (pid $pid) did not stop after SIGTERM"
+}
+if [ "$conf_changed" = yes ] && { running /run/slurmctld.pid || running /run/slurmd.pid; }; then
+    # A reconfigure would not rebind the daemons' ports; restart them.
+    echo "setup-slurm: slurm.conf changed; restarting the daemons" >&2
+    stop /run/slurmd.pid
+    stop /run/slurmctld.pid
+fi
 daemons_at=$(millis)
-if running /run/slurmctld.pid; then
-    if [ "$conf_changed" = yes ]; then
-        scontrol reconfigure || die "scontrol reconfigure failed; see $log_dir/slurmctld.log"
-    fi
-else
+if ! running /run/slurmctld.pid; then
     slurmctld || die "slurmctld did not start; see $log_dir/slurmctld.log"
 fi
 if ! running /run/slurmd.pid; then

@@ -137,6 +137,7 @@ class BatchJob:
         self.state = None
         self.cancel_requested = False
         self.cancel_sent = False
+        self.cancel_in_flight = False
         self.polls_without_exit_code = 0
 
     @property
@@ -296,6 +297,9 @@ class BatchTaskHandler(service.Service):
     def _submit(self, request):
         try:
             self.check_requirements(request.requirements)
+        except ValueError as e:
+            raise SubmitError(str(e)) from None
+        try:
             script = jobscript.write_job_script(request)
         except (ValueError, OSError) as e:
             raise SubmitError(f"cannot write the job script: {e}") from None
@@ -439,7 +443,10 @@ class BatchTaskHandler(service.Service):
                 self.log.warn("Cannot read the scheduler's state: {error}", error=str(f.value))
                 return {"error": str(f.value)}
 
-            self._info_pending = defer.maybeDeferred(self.query_resources).addCallbacks(done, failed)
+            pending = self._info_pending = defer.maybeDeferred(self.query_resources)
+            pending.addCallbacks(done, failed)
+            if self._info_pending is None:  # it answered at once
+                return defer.succeed(self._with_own_jobs(pending.result))
         result = defer.Deferred()
 
         def deliver(info):
@@ -517,7 +524,11 @@ class BatchTaskHandler(service.Service):
 
     async def _poll(self):
         # Cancels that did not get through are tried again first.
-        retry = [job for job in self.jobs.values() if job.cancel_requested and not job.cancel_sent]
+        retry = [
+            job
+            for job in self.jobs.values()
+            if job.cancel_requested and not job.cancel_sent and not job.cancel_in_flight
+        ]
         for job in retry:
             await self._send_cancel(job)
         ids = list(self.jobs)
@@ -662,7 +673,11 @@ class BatchTaskHandler(service.Service):
                 f"keeps no record of why (see {where})"
             )
         code = "" if status.exit_code is None else f", exit status {status.exit_code}"
-        return f"the job ended without recording an exit status (scheduler state {status.state}{code}; see {where})"
+        detail = f", {status.detail}" if status.detail else ""
+        return (
+            "the job ended without recording an exit status "
+            f"(scheduler state {status.state}{code}{detail}; see {where})"
+        )
 
     # ------------------------------------------------------------------
     # Cancel.
@@ -674,13 +689,14 @@ class BatchTaskHandler(service.Service):
         if not job.cancel_requested:
             self.log.info("Canceling job {job_id} (task {task_id})", job_id=job.job_id, task_id=job.task_id)
         job.cancel_requested = True
-        if job.job_id is None:
+        if job.job_id is None or job.cancel_in_flight or job.cancel_sent:
             return
         yield self._send_cancel(job)
 
     @defer.inlineCallbacks
     def _send_cancel(self, job):
         argv = self.cancel_argv([job.job_id])
+        job.cancel_in_flight = True
         try:
             out, err, code = yield self._run(argv, task_id=job.task_id, job_id=job.job_id)
         except CommandError as e:
@@ -691,6 +707,8 @@ class BatchTaskHandler(service.Service):
                 error=str(e),
             )
             return
+        finally:
+            job.cancel_in_flight = False
         if code == 0 or self.cancel_says_gone(out, err, code):
             job.cancel_sent = True
             self._schedule(0)

@@ -52,6 +52,9 @@ FAILED_STATES = {
     "SPECIAL_EXIT",
 }
 
+#: squeue reasons that say no more than the state they come with.
+_UNINFORMATIVE_REASONS = {"", "None", "(null)", "TimeLimit", "OutOfMemory", "DeadLine", "NonZeroExitCode"}
+
 #: squeue's output: id, state, reason, name (last: a name may hold "|").
 SQUEUE_FORMAT = "%i|%T|%r|%j"
 SACCT_FIELDS = "JobID,State,ExitCode,JobName"
@@ -72,7 +75,7 @@ def slurm_status(job_id, state, reason="", name=None, exit_code=None, detail=Non
     else:
         phase = UNKNOWN
     failure = base if base in FAILED_STATES else None
-    if detail is None and failure and reason and reason not in ("None", "(null)", base):
+    if detail is None and failure and reason and reason not in _UNINFORMATIVE_REASONS:
         detail = f"reason: {reason}"
     return JobStatus(job_id, phase, base, failure, detail, exit_code, name)
 
@@ -86,8 +89,8 @@ def parse_squeue(out):
         if not line.strip():
             continue
         parts = line.split("|", 3)
-        if len(parts) < 2:
-            continue
+        if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
+            raise ValueError(f"unexpected squeue line {line!r}")
         job_id, state = parts[0].strip(), parts[1].strip()
         reason = parts[2].strip() if len(parts) > 2 else ""
         name = parts[3] if len(parts) > 3 else None
@@ -285,7 +288,10 @@ class SlurmTaskHandler(BatchTaskHandler):
             if len(ids) == 1 and "invalid job id" in err.lower():
                 return {}  # the one job asked about is forgotten
             raise CommandError.from_exit(argv, code, err)
-        statuses = parse_squeue(out)
+        try:
+            statuses = parse_squeue(out)
+        except ValueError as e:
+            raise CommandError(argv, f"cannot parse squeue's output: {e}", code, err) from None
         return {job_id: statuses[job_id] for job_id in ids if job_id in statuses}
 
     @defer.inlineCallbacks
@@ -322,7 +328,10 @@ class SlurmTaskHandler(BatchTaskHandler):
         out, err, code = yield self._run(argv, task_id=request.task_id)
         if code != 0:
             raise CommandError.from_exit(argv, code, err)
-        found = [s for s in parse_squeue(out).values() if s.name == name]
+        try:
+            found = [s for s in parse_squeue(out).values() if s.name == name]
+        except ValueError as e:
+            raise CommandError(argv, f"cannot parse squeue's output: {e}", code, err) from None
         if found:
             return found
         # Not in the queue any more: maybe accounting remembers it.  The
