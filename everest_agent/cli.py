@@ -13,6 +13,10 @@ USAGE = f"""\
 usage: everest-agent COMMAND [options]
 
 commands:
+  check     check the configuration, directories, scheduler commands and a
+            real HELLO/WELCOME with the platform (--config FILE)
+  status    what the agent is doing: connection, tasks, unacknowledged
+            messages, recent failures (--config FILE, --json)
   demo      run a parameter sweep through a reference platform and an agent
             on this machine (loopback only)
   version   print the version ({__version__})
@@ -29,6 +33,14 @@ def main(argv=None):
         sys.stdout.write(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "check":
+        from everest_agent import check
+
+        return check.main(rest)
+    if command == "status":
+        from everest_agent import status
+
+        return status.main(rest)
     if command == "demo":
         from everest_agent import demo
 

@@ -23,7 +23,7 @@ from everest_agent.protocol import ProtocolError
 
 
 class AgentProtocolClient(WebSocketClientProtocol):
-    log = Logger()
+    agent_log = Logger()  # not 'log': Autobahn's own debug logging uses that name
 
     welcomed = False
     _welcome_timer = None
@@ -38,7 +38,7 @@ class AgentProtocolClient(WebSocketClientProtocol):
 
     def _no_welcome(self):
         self._welcome_timer = None
-        self.log.warn("No WELCOME within {timeout} s; reconnecting", timeout=self.factory.welcome_timeout)
+        self.agent_log.warn("No WELCOME within {timeout} s; reconnecting", timeout=self.factory.welcome_timeout)
         self.dropConnection(abort=True)
 
     def send(self, message):
@@ -48,7 +48,7 @@ class AgentProtocolClient(WebSocketClientProtocol):
 
     def onMessage(self, payload, isBinary):
         if isBinary:
-            self.log.warn("Binary frame from the platform; closing the connection")
+            self.agent_log.warn("Binary frame from the platform; closing the connection")
             # 1003 (unsupported data) is for the protocol layer to send;
             # Autobahn's sendClose only takes application codes.
             self._fail_connection(1003, "binary frames are not part of the protocol")
@@ -58,14 +58,14 @@ class AgentProtocolClient(WebSocketClientProtocol):
             if kind == protocol.WELCOME:
                 self._on_welcome(*args)
             elif not self.welcomed:
-                self.log.warn("Ignoring {kind} received before WELCOME", kind=kind)
+                self.agent_log.warn("Ignoring {kind} received before WELCOME", kind=kind)
             else:
                 self._dispatch[kind](*args)
         except ProtocolError as e:
             self.factory.agent.sender.error(e)
         except Exception:
             # A bug in handling one message must not take the session down.
-            self.log.failure("Unexpected error handling a platform message")
+            self.agent_log.failure("Unexpected error handling a platform message")
 
     def _on_welcome(self, info):
         if self.welcomed:
@@ -78,23 +78,24 @@ class AgentProtocolClient(WebSocketClientProtocol):
         self.factory.agent.welcomed(self, info)
 
     def onClose(self, wasClean, code, reason):
+        self.factory.agent.connection_closed(code, reason)
         if self._welcome_timer is not None:
             self._welcome_timer.cancel()
             self._welcome_timer = None
         if code in (protocol.CLOSE_INVALID_TOKEN, protocol.CLOSE_UNSUPPORTED_PROTOCOL):
-            self.log.error(
+            self.agent_log.error(
                 "The platform refused this agent ({code}: {why}); retrying at the "
                 "longest delay. Check [platform] token/token_file and the agent version.",
                 code=code, why=protocol.CLOSE_REASONS[code],
             )
             self.factory.back_off_fully()
         elif code in protocol.CLOSE_REASONS:
-            self.log.warn(
+            self.agent_log.warn(
                 "The platform closed the connection ({code}: {why})",
                 code=code, why=protocol.CLOSE_REASONS[code],
             )
         else:
-            self.log.info(
+            self.agent_log.info(
                 "Connection closed (code {code}, {reason})",
                 code=code, reason=reason or "no reason given",
             )
@@ -108,7 +109,7 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
     Autobahn client factory that reconnects with jittered exponential backoff.
     """
 
-    log = Logger()
+    agent_log = Logger()  # not 'log': Autobahn's own debug logging uses that name
     protocol = AgentProtocolClient
     noisy = False
 
@@ -140,7 +141,9 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
         return proto
 
     def welcomed(self):
-        self.resetDelay()
+        # resetDelay() also turns retrying back on: not after stopTrying().
+        if self.continueTrying:
+            self.resetDelay()
 
     def back_off_fully(self):
         """The next retries wait the longest delay (token or version refused)."""
@@ -151,7 +154,8 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
             self.current = None
 
     def clientConnectionFailed(self, connector, reason):
-        self.log.info("Cannot connect to {url}: {reason}", url=self.url, reason=reason.getErrorMessage())
+        self.agent_log.info("Cannot connect to {url}: {reason}", url=self.url, reason=reason.getErrorMessage())
+        self.agent.connection_failed(reason.getErrorMessage())
         self._retry(connector)
 
     def clientConnectionLost(self, connector, reason):
@@ -160,7 +164,7 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
     def _retry(self, connector):
         self.retry(connector)
         if self._callID is not None:
-            self.log.info(
+            self.agent_log.info(
                 "Reconnecting in {delay:.1f} s", delay=self._callID.getTime() - self.clock.seconds()
             )
 

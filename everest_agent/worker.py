@@ -54,7 +54,7 @@ class TaskWorker:
         self.state = state
         fields = {"state": state}
         if state in protocol.TERMINAL:
-            fields.update(finished=True, info=info)
+            fields.update(finished=True, info=info, finished_at=self.manager.wallclock())
         elif info:
             fields["info"] = info
         self.manager.registry.update(self.task_id, **fields)

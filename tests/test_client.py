@@ -54,6 +54,12 @@ class StubAgent:
     def connection_lost(self, connection):
         self.lost.append(connection)
 
+    def connection_closed(self, code, reason):
+        pass
+
+    def connection_failed(self, reason):
+        pass
+
 
 class FakeConnector:
     def __init__(self):

@@ -233,6 +233,8 @@ class BatchTaskHandler(service.Service):
         self._info = None  # (time, dict) of the last resource_info
         self._info_pending = None
         self.polls = 0
+        self.poll_failures = 0  # status queries that failed or timed out
+        self.last_poll_duration = None  # seconds the last poll took
 
     # ------------------------------------------------------------------
     # Construction from the configuration file.
@@ -508,10 +510,12 @@ class BatchTaskHandler(service.Service):
             self._timer.cancel()
         self._timer = None
         self._polling = defer.ensureDeferred(self._poll())
+        started = self.reactor.seconds()
 
         def over(result):
             self._polling = None
             self.polls += 1
+            self.last_poll_duration = self.reactor.seconds() - started
             again, self._poll_again = self._poll_again, False
             self._schedule(0 if again else self.poll_interval)
             return None
@@ -539,6 +543,7 @@ class BatchTaskHandler(service.Service):
             try:
                 statuses = await self.query(chunk)
             except CommandError as e:
+                self.poll_failures += 1
                 self.log.warn(
                     "Status query for {count} jobs failed; no change, trying again later: {error}",
                     count=len(chunk),

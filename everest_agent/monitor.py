@@ -1,0 +1,325 @@
+"""
+An optional local HTTP endpoint for monitoring: C{/healthz} and C{/metrics}.
+
+Off unless the configuration says C{[monitor] listen = 127.0.0.1:9108}.
+
+ - C{/healthz} answers 200 with a small JSON object while the agent runs
+   (C{connected}, unfinished tasks, unacknowledged messages).  The agent is
+   alive even while it is disconnected (it keeps retrying), so this is a
+   liveness check; alert on C{everest_agent_connected} for the connection.
+ - C{/metrics} is the Prometheus exposition, made by C{prometheus_client}
+   (the C{metrics} extra: C{pip install 'everest-agent[metrics]'}).  Without
+   it, C{/metrics} answers 501 and says so.
+
+Every figure is read from the agent's live objects when Prometheus scrapes
+(L{AgentCollector}), so nothing is counted on the hot paths.  The registry
+is the agent's own L{CollectorRegistry}, not the process-wide default one.
+
+The page is rendered in the reactor thread with
+C{prometheus_client.exposition.choose_encoder}: not with
+C{prometheus_client.twisted.MetricsResource}, a WSGI resource that would
+run the collector in a thread pool, reading the agent's state while the
+reactor thread changes it.
+"""
+
+import json
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from everest_agent import __version__, protocol
+
+try:
+    import prometheus_client
+    from prometheus_client import exposition
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+except ImportError:  # the optional "metrics" extra is not installed
+    prometheus_client = None
+
+NOT_INSTALLED = (
+    b"/metrics needs the Python package prometheus_client, which is not installed.\n"
+    b"Install it in the agent's environment (pip install 'everest-agent[metrics]') "
+    b"and restart the agent.\n"
+)
+
+#: Task states as labels; NEW is a task recorded but not yet ACCEPTED.
+TASK_STATES = ("NEW",) + protocol.STATES
+
+
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def handler_poll_figures(handler):
+    """
+    What a batch handler tells about its scheduler polls, if anything:
+    C{(polls, failures, last duration in seconds)}, each None when the
+    handler has no such attribute.  Read: C{poll_count} (or C{polls}),
+    C{poll_failures}, C{last_poll_duration}.
+    """
+    polls = _number(getattr(handler, "poll_count", None))
+    if polls is None:
+        polls = _number(getattr(handler, "polls", None))
+    return (
+        polls,
+        _number(getattr(handler, "poll_failures", None)),
+        _number(getattr(handler, "last_poll_duration", None)),
+    )
+
+
+class AgentCollector:
+    """A C{prometheus_client} collector reading an L{EverestAgent} at scrape time."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self):
+        agent = self.agent
+        manager = agent.manager
+        outbox = agent.outbox
+        status = getattr(agent, "status", None)
+        now = agent.wallclock()
+
+        info = InfoMetricFamily("everest_agent", "The agent's version and handler.")
+        info.add_metric([], {"version": __version__, "handler": agent.handler.name})
+        yield info
+
+        connected = GaugeMetricFamily("everest_agent_connected", "1 while a session with the platform is up (after WELCOME).")
+        connected.add_metric([], 1 if agent.sender.connected else 0)
+        yield connected
+
+        if status is not None:
+            connection = status.connection
+            if connection.get("since") is not None:
+                since = GaugeMetricFamily(
+                    "everest_agent_connection_state_since_seconds",
+                    "Unix time of the last change of the connection state (connected or not).",
+                )
+                since.add_metric([], connection["since"])
+                yield since
+            if status.data.get("started") is not None:
+                started = GaugeMetricFamily("everest_agent_start_time_seconds", "Unix time the agent started.")
+                started.add_metric([], status.data["started"])
+                yield started
+            connects = CounterMetricFamily("everest_agent_connects", "Sessions that reached WELCOME since the agent started.")
+            connects.add_metric([], connection["connects"])
+            yield connects
+            reconnects = CounterMetricFamily(
+                "everest_agent_reconnects", "Sessions after the first that reached WELCOME since the agent started."
+            )
+            reconnects.add_metric([], connection["reconnects"])
+            yield reconnects
+
+        counts = dict.fromkeys(TASK_STATES, 0)
+        for record in manager.registry.records.values():
+            state = record.get("state") or "NEW"
+            counts[state] = counts.get(state, 0) + 1
+        tasks = GaugeMetricFamily(
+            "everest_agent_tasks",
+            "Tasks the agent knows, by state (finished ones stay known for a while after their report is acknowledged).",
+            labels=["state"],
+        )
+        for state, count in counts.items():
+            tasks.add_metric([state], count)
+        yield tasks
+
+        pool = manager.pool
+        slots = GaugeMetricFamily("everest_agent_slots", "Slots (max_tasks).")
+        slots.add_metric([], pool.capacity)
+        yield slots
+        busy = GaugeMetricFamily("everest_agent_slots_busy", "Slots held by tasks.")
+        busy.add_metric([], pool.used)
+        yield busy
+        waiting = GaugeMetricFamily("everest_agent_tasks_waiting_for_slot", "Tasks waiting for free slots.")
+        waiting.add_metric([], pool.queued)
+        yield waiting
+
+        depth = GaugeMetricFamily("everest_agent_outbox_pending", "Reliable messages not yet acknowledged by the platform.")
+        depth.add_metric([], len(outbox))
+        yield depth
+        last = GaugeMetricFamily("everest_agent_outbox_last_seq", "Highest sequence number given to a reliable message.")
+        last.add_metric([], outbox.last_seq)
+        yield last
+        acked = GaugeMetricFamily("everest_agent_outbox_acked_seq", "Highest sequence number the platform acknowledged.")
+        acked.add_metric([], outbox.acked)
+        yield acked
+        oldest = outbox.oldest()
+        age = GaugeMetricFamily(
+            "everest_agent_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unacknowledged TASK_STATE (0 when nothing is pending).",
+        )
+        when = None
+        if oldest is not None:
+            message = oldest[1]
+            if isinstance(message, list) and len(message) > 3 and isinstance(message[3], dict):
+                when = _number(message[3].get("time"))
+        age.add_metric([], max(0.0, now - when) if when is not None else 0.0)
+        yield age
+
+        sent = CounterMetricFamily("everest_agent_messages_sent", "Messages sent to the platform (re-sends included).")
+        sent.add_metric([], _number(getattr(agent.sender, "sent", 0)) or 0)
+        yield sent
+        reports = CounterMetricFamily("everest_agent_resource_reports", "RESOURCE_STATE messages sent.")
+        reports.add_metric([], _number(getattr(agent.monitor, "sent", 0)) or 0)
+        yield reports
+
+        transferred = CounterMetricFamily(
+            "everest_agent_transfer_bytes",
+            "Bytes moved by file transfers: in = inputs downloaded, out = outputs uploaded. "
+            "Rates: rate(everest_agent_transfer_bytes_total[5m]).",
+            labels=["direction"],
+        )
+        stager = agent.stager
+        transferred.add_metric(["in"], _number(getattr(stager, "bytes_in", 0)) or 0)
+        transferred.add_metric(["out"], _number(getattr(stager, "bytes_out", 0)) or 0)
+        yield transferred
+
+        polls, failures, duration = handler_poll_figures(agent.handler)
+        if polls is not None:
+            family = CounterMetricFamily("everest_agent_scheduler_polls", "Scheduler status polls done.")
+            family.add_metric([], polls)
+            yield family
+        if failures is not None:
+            family = CounterMetricFamily(
+                "everest_agent_scheduler_poll_failures", "Scheduler status polls that failed (command error or timeout)."
+            )
+            family.add_metric([], failures)
+            yield family
+        if duration is not None:
+            family = GaugeMetricFamily("everest_agent_scheduler_last_poll_duration_seconds", "How long the last scheduler poll took.")
+            family.add_metric([], duration)
+            yield family
+
+
+def make_registry(agent, process=True):
+    """The agent's own L{CollectorRegistry}: its collector and, on Linux, the process's."""
+    registry = prometheus_client.CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+    if process:
+        prometheus_client.ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsPage(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, agent):
+        super().__init__()
+        self.agent = agent
+        self._registry = None
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            self._registry = make_registry(self.agent)
+        return self._registry
+
+    def render_GET(self, request):
+        if prometheus_client is None:
+            request.setResponseCode(501)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return NOT_INSTALLED
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encoder, content_type = exposition.choose_encoder(accept)
+        body = encoder(self.registry)
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        return body
+
+
+class HealthPage(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, agent):
+        super().__init__()
+        self.agent = agent
+
+    def render_GET(self, request):
+        agent = self.agent
+        status = getattr(agent, "status", None)
+        body = {
+            "status": "ok",
+            "version": __version__,
+            "connected": agent.sender.connected,
+            "since": status.connection.get("since") if status is not None else None,
+            "tasks": len(agent.manager.workers),
+            "outbox": len(agent.outbox),
+        }
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode() + b"\n"
+
+
+class IndexPage(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return f"everest-agent {__version__}: /healthz, /metrics\n".encode()
+
+
+def make_root(agent):
+    root = resource.Resource()
+    root.putChild(b"", IndexPage())
+    root.putChild(b"healthz", HealthPage(agent))
+    root.putChild(b"metrics", MetricsPage(agent))
+    return root
+
+
+class MonitorService(Service):
+    """
+    Serves L{make_root} on C{address} (C{(host, port)}) while the agent runs.
+
+    A port that cannot be bound is logged as an error and the agent runs on
+    without the endpoint: monitoring must not stop the tasks.
+
+    @ivar url: C{http://host:port} once listening, else None.
+    """
+
+    log = Logger()
+
+    def __init__(self, agent, address, reactor):
+        self.agent = agent
+        self.address = address
+        self.reactor = reactor
+        self.port = None
+        self.url = None
+
+    def startService(self):
+        super().startService()
+        host, port = self.address
+        site = server.Site(make_root(self.agent))
+        site.noisy = False
+        site.displayTracebacks = False
+        try:
+            self.port = self.reactor.listenTCP(port, site, interface=host)
+        except Exception as e:  # CannotListenError, bad address
+            self.log.error(
+                "Cannot serve the monitor endpoint on {host}:{port}: {error}; "
+                "running without it (fix [monitor] listen)",
+                host=host, port=port, error=e,
+            )
+            return
+        bound = self.port.getHost()
+        shown = f"[{bound.host}]" if ":" in bound.host else bound.host
+        self.url = f"http://{shown}:{bound.port}"
+        if prometheus_client is None:
+            self.log.warn(
+                "Monitor endpoint on {url}: /healthz only; /metrics needs prometheus_client "
+                "(pip install 'everest-agent[metrics]')",
+                url=self.url,
+            )
+        else:
+            self.log.info("Monitor endpoint on {url}/metrics and {url}/healthz", url=self.url)
+        status = getattr(self.agent, "status", None)
+        if status is not None:
+            status.data["monitor"] = self.url
+            status.write()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
