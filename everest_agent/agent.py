@@ -20,7 +20,7 @@ from everest_agent import __version__, protocol
 from everest_agent.channel import TaskChannel
 from everest_agent.client import AgentClientFactory, ConnectionService
 from everest_agent.handlers import make_handler
-from everest_agent.journal import make_private_dir
+from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
 from everest_agent.outbox import Outbox
 from everest_agent.registry import TaskRegistry
@@ -44,8 +44,10 @@ class EverestAgent(MultiService):
         agent = config.agent
         self.user_agent = f"everest-agent/{__version__}"
         self.handler = handler if handler is not None else make_handler(config, reactor)
-        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync)
-        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync)
+        # One commit group, outbox first: the registry is never ahead of it.
+        commits = CommitGroup(reactor)
+        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
+        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.sender = Sender(self.outbox, reactor, wallclock)
         self.stager = Stager(
             reactor, config.platform.url, config.platform.token,

@@ -133,6 +133,10 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
             maxMessagePayloadSize=protocol.MAX_FRAME_SIZE,
             openHandshakeTimeout=30,
             closeHandshakeTimeout=5,
+            # Close with a code (1009 for an oversized frame, 1003 for a
+            # binary one) instead of just dropping TCP; ERROR replies still
+            # queued are then delivered first.
+            failByDrop=False,
         )
 
     def buildProtocol(self, addr):

@@ -55,6 +55,8 @@ class Journal:
         self._queue = []  # encoded lines waiting for the next flush
         self._waiting = []  # their Deferreds
         self._flush_call = None
+        self._group = None  # the CommitGroup this journal commits with, if any
+        self._written = []  # Deferreds of records written but not yet announced
         self._file = None
         self.lines = 0  # records in the file, for deciding when to compact
         self.flushes = 0
@@ -102,39 +104,56 @@ class Journal:
         self._queue.append(_dumps(record).encode("utf-8") + b"\n")
         d = Deferred()
         self._waiting.append(d)
-        if self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self._flush)
+        self._schedule()
         return d
 
     def append_nowait(self, record):
         """Queue a record whose durability nobody waits for (it rides the next flush)."""
         self._queue.append(_dumps(record).encode("utf-8") + b"\n")
-        if self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self._flush)
+        self._schedule()
+
+    def _schedule(self, delay=0):
+        if self._group is not None:
+            self._group.schedule(delay)
+        elif self._flush_call is None:
+            self._flush_call = self._reactor.callLater(delay, self._flush)
 
     def _flush(self):
         self._flush_call = None
+        if self._write_queued():
+            self._fire()
+        else:
+            self._schedule(self.retry_delay)
+
+    def _write_queued(self):
+        """
+        Write (and fsync) what is queued.
+
+        @return: False if that failed; everything then stays queued, in
+            order, for the next try, and nothing is reported durable (or
+            sent) before it is.
+        """
         if not self._queue:
-            return
+            return True
         lines, self._queue = self._queue, []
-        waiting, self._waiting = self._waiting, []
         try:
             self._write(b"".join(lines))
         except OSError as e:
-            # Keep everything queued, in order, and try again later; nothing
-            # is reported as durable (or sent) before it is.
             self.log.error(
                 "Cannot write {path}: {error}; retrying in {delay} s",
                 path=self.path, error=e.strerror or str(e), delay=self.retry_delay,
             )
             self._queue[:0] = lines
-            self._waiting[:0] = waiting
-            if self._flush_call is None:
-                self._flush_call = self._reactor.callLater(self.retry_delay, self._flush)
-            return
+            return False
         self.lines += len(lines)
         self.flushes += 1
-        for d in waiting:
+        self._written, self._waiting = self._written + self._waiting, []
+        return True
+
+    def _fire(self):
+        """Tell everyone waiting that their records are on disk."""
+        written, self._written = self._written, []
+        for d in written:
             d.callback(None)
 
     def _write(self, data):
@@ -156,11 +175,15 @@ class Journal:
             raise
 
     def flush(self):
-        """Write what is queued now (used when stopping)."""
+        """Write what is queued now (with the rest of its group, in order)."""
+        if self._group is not None:
+            self._group.flush()
+            return
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        self._flush()
+        if self._write_queued():
+            self._fire()
 
     def rewrite(self, records):
         """
@@ -198,3 +221,45 @@ class Journal:
                 self._flush_call.cancel()
             self._flush_call = None
             self.close()
+
+
+class CommitGroup:
+    """
+    Journals that commit together: one flush per reactor turn writes each
+    member's queued records in the order the members were added, and only
+    then tells anyone their records are durable.
+
+    The agent puts its outbox first and its task registry second.  A state
+    change appends to both in the same turn, so after a crash the task
+    registry is never ahead of the outbox: a state it records is always
+    among the outbox's messages (sent, or to be sent), and a state in the
+    outbox that the registry missed is carried forward at the next start.
+    If a member's write fails (disk full), the members after it wait too,
+    and the whole group tries again later, in the same order.
+    """
+
+    def __init__(self, reactor, retry_delay=Journal.retry_delay):
+        self._reactor = reactor
+        self.retry_delay = retry_delay
+        self.journals = []
+        self._call = None
+
+    def add(self, journal):
+        journal._group = self
+        self.journals.append(journal)
+        return journal
+
+    def schedule(self, delay=0):
+        if self._call is None:
+            self._call = self._reactor.callLater(delay, self.flush)
+
+    def flush(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        for journal in self.journals:
+            if not journal._write_queued():
+                self.schedule(self.retry_delay)
+                return
+        for journal in self.journals:
+            journal._fire()

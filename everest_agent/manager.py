@@ -47,38 +47,58 @@ class SlotPool:
     C{capacity} slots handed out first come, first served: a task waits
     until the tasks ahead of it have their slots, so a big task is not
     starved by a stream of small ones.
+
+    Every operation is O(1) however many tasks wait: a canceled wait is
+    only marked, and dropped when it reaches the head of the line.
     """
 
     def __init__(self, capacity):
         self.capacity = capacity
         self.used = 0
-        self._waiting = collections.deque()  # (count, Deferred)
+        self._waiting = collections.deque()  # [count, Deferred or None once canceled]
+        self._queued = 0  # live entries in _waiting
 
     def acquire(self, count):
-        if not self._waiting and self.used + count <= self.capacity:
+        if not self._queued and self.used + count <= self.capacity:
             self.used += count
             return defer.succeed(count)
+        entry = [count, None]
 
         def cancel(d):
-            try:
-                self._waiting.remove((count, d))
-            except ValueError:
-                pass
+            if entry[1] is not None:
+                entry[1] = None
+                self._queued -= 1
+                self._grant()  # the tasks behind it may fit now
 
         d = defer.Deferred(cancel)
-        self._waiting.append((count, d))
+        entry[1] = d
+        self._waiting.append(entry)
+        self._queued += 1
         return d
 
     def release(self, count):
         self.used -= count
-        while self._waiting and self.used + self._waiting[0][0] <= self.capacity:
-            count, d = self._waiting.popleft()
+        self._grant()
+
+    def _grant(self):
+        waiting = self._waiting
+        while waiting:
+            entry = waiting[0]
+            count, d = entry
+            if d is None:
+                waiting.popleft()
+                continue
+            if self.used + count > self.capacity:
+                break
+            waiting.popleft()
+            entry[1] = None
+            self._queued -= 1
             self.used += count
             d.callback(count)
 
     @property
     def queued(self):
-        return len(self._waiting)
+        return self._queued
 
 
 class TaskManager(Service):
@@ -106,8 +126,56 @@ class TaskManager(Service):
 
     # -- start and stop -------------------------------------------------------
 
+    def _carry_forward(self):
+        """
+        Bring task records up to the states the outbox holds.  The outbox is
+        written before the registry (one commit group), so a crash between
+        the two writes leaves the outbox ahead, never behind: the state was
+        reported, and must not be reported again.
+        """
+        for message in self.sender.outbox.durable_pending():
+            if message[0] != protocol.TASK_STATE:
+                continue
+            task_id, state, info = message[1], message[2], message[3]
+            record = self.registry.get(task_id)
+            if record is None or not protocol.may_follow(record.get("state"), state):
+                continue
+            self.log.info(
+                "Task {task_id}: carrying its state {state} forward from the outbox",
+                task_id=task_id, state=state,
+            )
+            fields = {"state": state, "state_seq": info["seq"]}
+            if state in protocol.TERMINAL:
+                kept = {k: v for k, v in info.items() if k not in ("seq", "time")}
+                fields.update(finished=True, info=kept, terminal_seq=info["seq"])
+            self.registry.update(task_id, **fields)
+
+    def _resend_lost_terminals(self):
+        """
+        A finished record whose terminal report is neither acknowledged nor
+        in the outbox never reached the disk as a message (a record written
+        by an older version, or hand-damaged state: the commit group makes
+        it impossible otherwise): report it now, or the platform would wait
+        for it forever.
+        """
+        outbox = self.sender.outbox
+        pending = {message[3].get("seq") for message in outbox.durable_pending()
+                   if message[0] == protocol.TASK_STATE}
+        for task_id, record in self.registry.records.items():
+            if not record.get("finished"):
+                continue
+            seq = record.get("terminal_seq")
+            if seq is not None and (seq <= outbox.acked or seq in pending):
+                continue
+            self.log.warn("Task {task_id}: its {state} was never sent; sending it now",
+                          task_id=task_id, state=record.get("state"))
+            self.sender.task_state(task_id, record["state"], record.get("info") or {})
+            self.registry.update(task_id, terminal_seq=outbox.last_seq)
+
     def startService(self):
         super().startService()
+        self._carry_forward()
+        self._resend_lost_terminals()
         acked = self.sender.outbox.acked
         resumed = 0
         finished = []
@@ -159,7 +227,8 @@ class TaskManager(Service):
         except (SpecError, ValueError) as e:
             failure = str(e)
             spec = None
-        self.log.info("Task {task_id} submitted", task_id=task_id)
+        # One info line per task is enough at thousands of tasks a second: its end.
+        self.log.debug("Task {task_id} submitted", task_id=task_id)
         fields = {"state": None, "phase": "new", "created": self.wallclock()}
         if failure is not None:
             fields["failure"] = failure
@@ -185,6 +254,7 @@ class TaskManager(Service):
         self.log.info("Task {task_id} submitted again; re-sending its state {state}", task_id=task_id, state=state)
         d = self.sender.task_state(task_id, state, record.get("info") or {})
         if state in protocol.TERMINAL:
+            self.registry.update(task_id, terminal_seq=self.sender.outbox.last_seq)
             # The platform wants this report again: it must be acknowledged
             # anew before the task can be forgotten.
             self._unreported.add(task_id)
@@ -250,7 +320,6 @@ class TaskManager(Service):
             self.channel.task_finished(task_id)
         if seq is None:
             return
-        self.registry.update(task_id, terminal_seq=seq)
         if seq <= self.sender.outbox.acked:
             self._forget_later(task_id)
         else:

@@ -8,7 +8,8 @@ one reactor turn share one fsync).  An C{ACK} from the platform appends an
 ack record and drops every message it covers from memory.  When the file
 holds many more records than are still pending it is compacted: rewritten
 as one C{next} record (so C{seq} keeps growing across restarts, even with
-nothing pending) plus the pending messages.
+nothing pending), one C{ack} record (what the platform has), plus the
+pending messages.
 
 Records: C{{"seq": n, "msg": [...]}}, C{{"ack": n}}, C{{"next": n}}.
 """
@@ -23,8 +24,10 @@ class Outbox:
     #: Compact when the journal has this many more records than pending messages.
     compact_slack = 10000
 
-    def __init__(self, state_dir, reactor, fsync=True):
+    def __init__(self, state_dir, reactor, fsync=True, group=None):
         self._journal = Journal(os.path.join(state_dir, "outbox.jsonl"), reactor, fsync)
+        if group is not None:
+            group.add(self._journal)
         self._pending = OrderedDict()  # seq -> message, durable or not
         self.last_seq = 0  # highest seq ever given out
         self.acked = 0  # highest seq the platform acknowledged
@@ -107,7 +110,7 @@ class Outbox:
         return None
 
     def _compact(self):
-        records = [{"next": self.last_seq + 1}]
+        records = [{"next": self.last_seq + 1}, {"ack": self.acked}]
         records.extend({"seq": s, "msg": m} for s, m in self._pending.items())
         self._journal.rewrite(records)
 

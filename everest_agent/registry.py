@@ -13,30 +13,39 @@ import os
 from everest_agent.journal import Journal
 
 
+def merge_records(journal_records):
+    """
+    Task id -> merged record, from the journal's records in order.  An
+    update for a task whose first record was lost is ignored: the task
+    cannot be run without its spec.
+    """
+    records = {}
+    for record in journal_records:
+        task_id = record.get("id")
+        if not isinstance(task_id, str):
+            continue
+        if record.get("forget"):
+            records.pop(task_id, None)
+        elif task_id in records:
+            records[task_id].update(record)
+        elif "spec" in record:
+            records[task_id] = record
+    return records
+
+
 class TaskRegistry:
     compact_slack = 10000
 
-    def __init__(self, state_dir, reactor, fsync=True):
+    def __init__(self, state_dir, reactor, fsync=True, group=None):
         self._journal = Journal(os.path.join(state_dir, "tasks.jsonl"), reactor, fsync)
+        if group is not None:
+            group.add(self._journal)
         self.records = {}  # task id -> merged record
 
     def load(self):
-        records = {}
-        for record in self._journal.load():
-            task_id = record.get("id")
-            if not isinstance(task_id, str):
-                continue
-            if record.get("forget"):
-                records.pop(task_id, None)
-            elif task_id in records:
-                records[task_id].update(record)
-            elif "spec" in record:
-                records[task_id] = record
-            # An update for a task whose first record was lost is ignored:
-            # the task cannot be run without its spec.
-        self.records = records
+        self.records = merge_records(self._journal.load())
         self.compact()
-        return records
+        return self.records
 
     def __contains__(self, task_id):
         return task_id in self.records

@@ -3,17 +3,20 @@ Moving a task's files: inputs in before it runs, outputs out after.
 
 Streaming, in constant memory
     Downloads use treq with C{unbuffered=True}; the body goes to a protocol
-    (L{_BodyReceiver}) that only queues the chunks.  A worker thread writes
-    them (C{pwritev}, about 1 MiB at a time) to a temporary file and feeds
-    them to sha256 (both release the GIL), so receiving, writing and hashing
-    run in parallel.  When more than L{HIGH_WATER} bytes wait for the disk,
+    (L{_BodyReceiver}) that only queues the chunks (read 1 MiB at a time
+    from the socket, not Twisted's 64 KiB).  Worker threads write them
+    (C{pwrite}, about 1 MiB at a time) to a temporary file and, in a second
+    lane, feed them to sha256 (only when a C{sha256} is to be checked); both
+    release the GIL, so receiving, writing and hashing run in parallel.
+    When more than L{HIGH_WATER} bytes are not yet both written and hashed,
     the transport is paused until the backlog is back under L{LOW_WATER}:
-    a slow disk slows the download down instead of filling memory.  The file
-    is renamed into place only when it is complete and its size and sha256
-    are right.  Uploads stream from the file through L{_FileProducer}, which
-    reads ahead (and hashes) 1 MiB blocks in a worker thread and honours the
-    transport's pause/resume; the C{sha256} reported for an output is that of
-    the bytes sent.
+    a slow disk slows the download down instead of filling memory (about
+    10 MiB per download at most).  The file is renamed into place only
+    when it is complete and its size and sha256 are right.  Uploads stream
+    from the file through L{_FileProducer}, which reads (C{pread}) and
+    hashes 2 MiB blocks in a worker thread, at most L{PREFETCH} ahead of
+    the transport, and honours its pause/resume; the C{sha256} reported
+    for an output is that of the bytes sent.
 
 Watchdogs
     treq's C{timeout} stops at the response headers, so every exchange has
@@ -82,7 +85,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web import error as web_error
-from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -95,7 +98,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from everest_agent import paths
-from everest_agent.cache import ContentCache, parse_size, sha256_file  # noqa: F401 (parse_size re-exported)
+from everest_agent.cache import ContentCache, sha256_file
 from everest_agent.client import trust_root
 
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
@@ -105,12 +108,14 @@ _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 BATCH = 1 << 20
 MAX_IOV = 256
 #: A download's transport is paused above this many bytes not yet on disk...
-HIGH_WATER = 4 << 20
+HIGH_WATER = 8 << 20
 #: ...and resumed at or below this many.
-LOW_WATER = 1 << 20
+LOW_WATER = 4 << 20
 #: Uploads read the file in blocks of this size, at most L{PREFETCH} ahead.
-READ_SIZE = 1 << 20
+READ_SIZE = 2 << 20
 PREFETCH = 2
+#: Read size on a download's connection (Twisted's default is 64 KiB).
+RECV_SIZE = 1 << 20
 #: Bodies of responses we do not want are read up to this much, then dropped.
 DISCARD_LIMIT = 1 << 20
 
@@ -124,11 +129,14 @@ class StagingError(Exception):
 class _Failed(Exception):
     """One attempt (or all of them) failed; C{transient} ones are retried."""
 
-    def __init__(self, message, transient=False, retry_after=None):
+    def __init__(self, message, transient=False, retry_after=None, unreachable=False):
         super().__init__(message)
         self.message = message
-        self.transient = transient
+        self.transient = transient or unreachable
         self.retry_after = retry_after
+        # The server could not be reached at all (no answer, or a gateway
+        # saying its backend is down), as opposed to a server that answered.
+        self.unreachable = unreachable
 
 
 def origin(url):
@@ -152,13 +160,13 @@ def _shown(uri):
 # -- helpers that run in worker threads -----------------------------------------
 
 
-def _write_and_hash(fd, chunks, offset, digest):
-    """Write C{chunks} at C{offset} (all of them), then hash them, in order."""
+def _write_all(fd, chunks, offset):
+    """Write C{chunks} at C{offset}, all of them."""
     total = sum(len(c) for c in chunks)
     done = 0
     views = chunks
     while done < total:
-        n = os.pwritev(fd, views, offset + done)
+        n = os.pwritev(fd, views, offset + done) if len(views) > 1 else os.pwrite(fd, views[0], offset + done)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         done += n
@@ -172,9 +180,18 @@ def _write_and_hash(fd, chunks, offset, digest):
                 rest.append(memoryview(c)[skip:] if skip else c)
                 skip = 0
             views = rest
+    return total
+
+
+def _read_and_hash(fd, n, offset, digest):
+    data = os.pread(fd, n, offset)
+    digest.update(data)
+    return data
+
+
+def _hash_all(digest, chunks):
     for c in chunks:
         digest.update(c)
-    return total
 
 
 def _copy_file(source, target, mode):
@@ -209,9 +226,12 @@ class _Workers:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=size, name="everest-staging")
         self._trigger = None
+        self.stopped = False
 
     def run(self, f, *args):
         """Run C{f(*args)} in a thread; a Deferred fires with its result."""
+        if self.stopped:
+            return defer.fail(RuntimeError("the stager is closed"))
         if not self._pool.started:
             self._pool.start()
             self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
@@ -224,6 +244,7 @@ class _Workers:
         return d
 
     def stop(self):
+        self.stopped = True
         if self._trigger is not None:
             try:
                 self._reactor.removeSystemEventTrigger(self._trigger)
@@ -235,7 +256,10 @@ class _Workers:
 
 
 def _mirror(d):
-    """A new Deferred with C{d}'s result; cancelling it leaves C{d} alone."""
+    """
+    A new Deferred with C{d}'s result; cancelling it leaves C{d} alone.  The
+    result is handed over: C{d}'s own callbacks added later get None.
+    """
     m = Deferred()
 
     def fire(result):
@@ -244,7 +268,7 @@ def _mirror(d):
                 m.errback(result)
             else:
                 m.callback(result)
-        return result
+        return None
 
     d.addBoth(fire)
     return m
@@ -442,13 +466,20 @@ class _Shared:
         if d in self._waiters:
             self._waiters.remove(d)
         if not self._waiters and not self.finished:
+            # Forget it now: whoever comes next starts afresh instead of
+            # waiting for this one to finish cleaning up.
+            self._forget()
             self._d.cancel()
+
+    def _forget(self):
+        before, self.before = self.before, None
+        if before is not None:
+            before()
 
     def _done(self, result):
         self.finished = True
         self.result = result
-        if self.before is not None:
-            self.before()
+        self._forget()
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if isinstance(result, Failure):
@@ -465,21 +496,26 @@ class _Shared:
 
 class _FileWriter:
     """
-    Writes a download to a file and hashes it, in a worker thread.  The
-    reactor thread only queues chunks; one job at a time runs per file, so
-    writes and hash updates happen in order.
+    Writes a download to a file and hashes it, in worker threads.  The
+    reactor thread only queues chunks.  Writing and hashing are two lanes
+    that run side by side, each one job at a time and in order, so the file
+    and the hash see the bytes in the order they came.
     """
 
-    def __init__(self, fd, workers):
+    def __init__(self, fd, workers, hashing=True):
         self.fd = fd
         self._workers = workers
-        self.hash = hashlib.sha256()
-        self.written = 0  # on disk and hashed
-        self.queued = 0  # handed to write() (>= written)
+        self.hashing = hashing
+        self.hash = hashlib.sha256() if hashing else None
+        self.written = 0  # on disk
+        self.hashed = 0  # fed to the hash
+        self.queued = 0  # handed to write()
         self._batch = []
         self._batch_size = 0
-        self._jobs = deque()
-        self._busy = False
+        self._to_write = deque()
+        self._to_hash = deque()
+        self._writing = False
+        self._hashing = False
         self.error = None  # the OSError of a failed write
         self.on_drain = None
         self.on_error = None
@@ -488,7 +524,8 @@ class _FileWriter:
 
     @property
     def backlog(self):
-        return self.queued - self.written
+        """Bytes handed over but not yet both written and hashed."""
+        return self.queued - min(self.written, self.hashed)
 
     def write(self, data):
         self._batch.append(data)
@@ -496,63 +533,84 @@ class _FileWriter:
         self.queued += len(data)
         if self._batch_size >= BATCH or len(self._batch) >= MAX_IOV:
             self._flush()
+            self._next()
 
     def _flush(self):
-        if self._batch:
-            self._jobs.append((self._batch, self._batch_size))
-            self._batch = []
-            self._batch_size = 0
-        self._next()
+        if self._batch and self.error is None:
+            job = (self._batch, self._batch_size)
+            self._to_write.append(job)
+            if self.hashing:
+                self._to_hash.append(job)
+        self._batch = []
+        self._batch_size = 0
 
     def _next(self):
-        if self._busy:
-            return
-        if self._jobs and self.error is None:
-            batch, size = self._jobs.popleft()
-            self._busy = True
-            self._workers.run(_write_and_hash, self.fd, batch, self.written, self.hash).addBoth(self._done, size)
-            return
-        self._jobs.clear()
-        callbacks, self._idle = self._idle, []
-        for f in callbacks:
-            f()
+        if self.error is not None:
+            self._to_write.clear()
+            self._to_hash.clear()
+        if not self._writing and self._to_write:
+            batch, size = self._to_write.popleft()
+            self._writing = True
+            self._workers.run(_write_all, self.fd, batch, self.written).addBoth(self._wrote, size)
+        if not self._hashing and self._to_hash:
+            batch, size = self._to_hash.popleft()
+            self._hashing = True
+            self._workers.run(_hash_all, self.hash, batch).addBoth(self._hashed, size)
+        if not (self._writing or self._hashing or self._to_write or self._to_hash):
+            callbacks, self._idle = self._idle, []
+            for f in callbacks:
+                f()
 
-    def _done(self, result, size):
-        self._busy = False
+    def _wrote(self, result, size):
+        self._writing = False
         if isinstance(result, Failure):
-            self.error = result.value
-            self._jobs.clear()
-            self._batch = []
-            if self.on_error is not None:
-                self.on_error(self.error)
+            if self.error is None:
+                self.error = result.value
+                if self.on_error is not None:
+                    self.on_error(self.error)
         else:
             self.written += size
-            if self.on_drain is not None and self.backlog <= LOW_WATER:
-                self.on_drain()
+            if not self.hashing:
+                self.hashed = self.written
+            self._progress()
         self._next()
         return None
 
+    def _hashed(self, result, size):
+        self._hashing = False
+        if isinstance(result, Failure):  # not expected; treat like a write error
+            if self.error is None:
+                self.error = result.value
+                if self.on_error is not None:
+                    self.on_error(self.error)
+        else:
+            self.hashed += size
+            self._progress()
+        self._next()
+        return None
+
+    def _progress(self):
+        if self.on_drain is not None and self.backlog <= LOW_WATER:
+            self.on_drain()
+
     def _when_idle(self, f):
-        if self._batch and self.error is None:
-            self._jobs.append((self._batch, self._batch_size))
-        self._batch = []
-        self._batch_size = 0
+        self._flush()
         self._idle.append(f)
         self._next()
 
     def drain(self):
         """A Deferred that fires when everything written so far is on disk
-        (or the writer failed: see L{error})."""
+        and hashed (or the writer failed: see L{error})."""
         d = Deferred()
         self._when_idle(lambda: d.called or d.callback(None))
         return d
 
     async def reset(self):
         """Start the file over (the writer must be idle)."""
-        assert not self._busy and not self._jobs
+        assert not (self._writing or self._hashing or self._to_write or self._to_hash)
         await self._workers.run(os.ftruncate, self.fd, 0)
-        self.hash = hashlib.sha256()
-        self.written = self.queued = 0
+        self.hash = hashlib.sha256() if self.hashing else None
+        self.written = self.hashed = self.queued = 0
 
     def dispose(self, unlink=None):
         """
@@ -560,9 +618,8 @@ class _FileWriter:
         remove C{unlink}.  This happens even if the returned Deferred is
         cancelled.
         """
-        self._jobs.clear()
         self._batch = []
-        self.queued = self.written
+        self._batch_size = 0
         if self.error is None:
             self.error = CancelledError()
         d = Deferred()
@@ -717,8 +774,11 @@ class _RangeState:
 class _FileProducer:
     """
     Sends C{length} bytes of the file C{fd} as a request body.  Blocks of
-    L{READ_SIZE} are read (C{pread}) and hashed in a worker thread, at most
-    L{PREFETCH} ahead of the transport, which can pause and resume us.
+    L{READ_SIZE} are read (C{pread}) and hashed in a worker thread (both
+    release the GIL), at most L{PREFETCH} blocks ahead of the transport,
+    which can pause and resume us.  So the reading and hashing of one block
+    overlap the sending of the previous ones, and C{hash} is that of the
+    bytes sent.
     """
 
     def __init__(self, fd, length, workers, on_start=None, on_progress=None, on_sent=None):
@@ -741,6 +801,10 @@ class _FileProducer:
 
     def startProducing(self, consumer):
         self._consumer = consumer
+        # Let a whole block sit in the transport's buffer before it pauses us.
+        transport = getattr(consumer, "_consumer", None)
+        if transport is not None and hasattr(transport, "bufferSize"):
+            transport.bufferSize = READ_SIZE
         self._finished = Deferred()
         if self._on_start is not None:
             self._on_start()
@@ -764,14 +828,9 @@ class _FileProducer:
         if not self._reading and self._offset < self.length and len(self._ready) < PREFETCH:
             n = min(READ_SIZE, self.length - self._offset)
             self._reading = True
-            d = self._workers.run(self._read, self._offset, n)
+            d = self._workers.run(_read_and_hash, self._fd, n, self._offset, self.hash)
             self._offset += n
             d.addBoth(self._got, n)
-
-    def _read(self, offset, n):
-        data = os.pread(self._fd, n, offset)
-        self.hash.update(data)
-        return data
 
     def _got(self, result, n):
         self._reading = False
@@ -1006,8 +1065,20 @@ class Stager:
             if not self._reserved[dev]:
                 del self._reserved[dev]
 
+    def _waits_for(self, uri, failure):
+        """
+        Whether C{failure} does not count against the retries: the platform
+        itself cannot be reached (it is restarting, say).  The agent waits
+        for the platform anyway (its connection retries forever), and a task
+        whose files cannot reach the platform would not reach it as FAILED
+        either; so these transfers keep trying, at the longest delay, until
+        the platform is back or the task is cancelled.  A platform that
+        answers with an error still fails the transfer after the retries.
+        """
+        return failure.unreachable and same_origin(self._platform_url, uri)
+
     def _delay(self, failures, retry_after=None):
-        base = min(self._max_delay, self._initial_delay * 2 ** (failures - 1))
+        base = min(self._max_delay, self._initial_delay * 2 ** min(failures - 1, 40))
         delay = base * (0.5 + 0.5 * self._random.random())
         if retry_after is not None:
             delay = max(delay, min(retry_after, self._max_delay))
@@ -1018,19 +1089,22 @@ class Stager:
         Fetch C{uri} into the new file C{tmp}, with retries.  On success the
         file is complete and verified; on failure it is gone.
 
-        @return: C{(size, sha256 hex)}.
+        @return: C{(size, sha256 hex)}; the hash only when C{sha256} was
+            given (nothing else needs it).
         @raise _Failed: when it cannot be done.
         """
         writer = None
         state = _RangeState()
-        failures = attempts = best = 0
+        failures = counted = attempts = best = 0
         try:
             while True:
                 await self.limiter.acquire(key)
                 try:
                     if writer is None:
                         try:
-                            writer = _FileWriter(paths.create_exclusive(tmp, mode), self._workers)
+                            writer = _FileWriter(
+                                paths.create_exclusive(tmp, mode), self._workers, hashing=bool(sha256)
+                            )
                         except OSError as e:
                             raise _io_failure(e) from None
                         except paths.PathEscape as e:
@@ -1046,9 +1120,11 @@ class Stager:
                     self.limiter.release(key)
                 if writer.written > best:
                     best = writer.written
-                    failures = 0
+                    failures = counted = 0
                 failures += 1
-                if failures > self._retries:
+                if not self._waits_for(uri, failure):
+                    counted += 1
+                if counted > self._retries:
                     raise _Failed(f"{failure.message} (gave up after {attempts} attempts)")
                 delay = self._delay(failures, failure.retry_after)
                 self.log.info(
@@ -1056,7 +1132,8 @@ class Stager:
                     uri=_shown(uri), reason=failure.message, delay=delay,
                 )
                 await deferLater(self._clock, delay)
-            length, digest = writer.written, writer.hash.hexdigest()
+            length = writer.written
+            digest = writer.hash.hexdigest() if writer.hashing else None
             if size is not None and length != size:
                 raise _Failed(f"size mismatch: expected {size} bytes, got {length}")
             if sha256 and digest != sha256:
@@ -1080,8 +1157,8 @@ class Stager:
             await writer.reset()
             offset = 0
         exchange = _Exchange(self, "GET", uri, headers)
-        response = await exchange.start()
         try:
+            response = await exchange.start()
             code = response.code
             if offset and code == 206:
                 start, total = _content_range(response)
@@ -1116,6 +1193,7 @@ class Stager:
             else:
                 limit = None
             receiver = _BodyReceiver(writer, limit, exchange.watchdog, self._stall_timeout)
+            _tune(response)
             response.deliverBody(receiver)
             try:
                 complete = await receiver.done
@@ -1153,6 +1231,7 @@ class Stager:
             f"{method} {_shown(uri)} answered HTTP {code}{' ' + phrase if phrase else ''}",
             transient=code in TRANSIENT_STATUS,
             retry_after=retry_after,
+            unreachable=code in (502, 503, 504),
         )
 
     # -- the content cache ----------------------------------------------------
@@ -1367,7 +1446,7 @@ class Stager:
         what = f"output {rel!r}"
         key = task_dir
         f = None
-        failures = attempts = 0
+        failures = counted = attempts = 0
         try:
             while True:
                 await self.limiter.acquire(key)
@@ -1392,7 +1471,9 @@ class Stager:
                 finally:
                     self.limiter.release(key)
                 failures += 1
-                if failures > self._retries:
+                if not self._waits_for(uri, failure):
+                    counted += 1
+                if counted > self._retries:
                     return ("error", f"{what}: {failure.message} (gave up after {attempts} attempts)")
                 delay = self._delay(failures, failure.retry_after)
                 self.log.info(
@@ -1457,7 +1538,9 @@ class _Exchange:
 
     def _expire(self, message):
         if self._why is None:
-            self._why = _Failed(f"{self.method} {_shown(self.uri)}: {message}", transient=True)
+            # No answer at all (nothing or only part of a request body went
+            # out, or the answer never came): the server is not reachable.
+            self._why = _Failed(f"{self.method} {_shown(self.uri)}: {message}", unreachable=True)
             self._inner.cancel()
 
     def start(self, data=None):
@@ -1490,6 +1573,24 @@ class _Exchange:
 
         inner.addBoth(done)
         return outer
+
+
+def _tcp_transport(response):
+    """The TCP transport under a (treq-wrapped) response, or None."""
+    inner = getattr(response, "original", response)
+    proxy = getattr(inner, "_transport", None)
+    return getattr(proxy, "_producer", None)
+
+
+def _tune(response, size=None):
+    """
+    Read (and buffer writes) in bigger pieces on this connection: Twisted
+    reads 64 KiB at a time by default, which costs a trip through the HTTP
+    parser (and a GIL hand-over to the writer thread) per 64 KiB.
+    """
+    transport = _tcp_transport(response)
+    if transport is not None and hasattr(transport, "bufferSize"):
+        transport.bufferSize = size or RECV_SIZE
 
 
 def _content_range(response):
@@ -1525,7 +1626,9 @@ def _network_failure(exc, method, uri):
             return _Failed(message)
         if inner.__class__.__module__.startswith("OpenSSL") or isinstance(inner, net_error.SSLError):
             return _Failed(message)  # a certificate problem does not go away by itself
-    if isinstance(exc, (ResponseFailed, net_error.ConnectError, net_error.ConnectionClosed, net_error.DNSLookupError)):
+    if isinstance(exc, (ResponseNeverReceived, net_error.ConnectError, net_error.DNSLookupError)):
+        return _Failed(message, unreachable=True)
+    if isinstance(exc, (ResponseFailed, net_error.ConnectionClosed)):
         return _Failed(message, transient=True)
     if isinstance(exc, RequestTransmissionFailed):
         return _Failed(message, transient=True)

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from everest_agent import __version__, protocol
 from everest_agent.journal import Journal
+from everest_agent.registry import merge_records
 
 STATUS_FILE = "status.json"
 LOCK_FILE = "lock"
@@ -257,18 +258,7 @@ def _journal_records(path):
 
 def read_registry(state_dir):
     """Task records merged like L{TaskRegistry.load}, without compacting."""
-    records = {}
-    for record in _journal_records(os.path.join(state_dir, "tasks.jsonl")):
-        task_id = record.get("id")
-        if not isinstance(task_id, str):
-            continue
-        if record.get("forget"):
-            records.pop(task_id, None)
-        elif task_id in records:
-            records[task_id].update(record)
-        elif "spec" in record:
-            records[task_id] = record
-    return records
+    return merge_records(_journal_records(os.path.join(state_dir, "tasks.jsonl")))
 
 
 def read_outbox(state_dir):

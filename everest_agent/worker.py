@@ -52,13 +52,16 @@ class TaskWorker:
         if self.abandoned or not protocol.may_follow(self.state, state):
             return defer.succeed(None)
         self.state = state
-        fields = {"state": state}
+        # The message first, then the record, in the same commit group:
+        # after a crash the record is never ahead of the outbox.
+        d = self.manager.sender.task_state(self.task_id, state, info)
+        fields = {"state": state, "state_seq": self.manager.sender.outbox.last_seq}
         if state in protocol.TERMINAL:
-            fields.update(finished=True, info=info, finished_at=self.manager.wallclock())
+            fields.update(finished=True, info=info, finished_at=self.manager.wallclock(),
+                          terminal_seq=fields["state_seq"])
         elif info:
             fields["info"] = info
         self.manager.registry.update(self.task_id, **fields)
-        d = self.manager.sender.task_state(self.task_id, state, info)
         if state in protocol.TERMINAL:
             d.addCallback(self.manager.terminal_reported, self.task_id)
         return d
@@ -266,6 +269,10 @@ class TaskWorker:
         _fit_outputs(info)
         if self.job is not None and self.job.batch:
             info["jobId"] = self.job.job_id
+        else:
+            recorded = self.record.get("job")
+            if self.job is None and isinstance(recorded, dict) and recorded.get("batch"):
+                info["jobId"] = recorded.get("id")
         level = self.log.info if state == protocol.DONE else self.log.warn
         level(
             "Task {task_id} {state}{why}",

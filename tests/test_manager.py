@@ -383,3 +383,69 @@ class ReportSizeTests(SynchronousTestCase):
 
 async def _succeed(value):
     return value
+
+
+class CrashBetweenWritesTests(SynchronousTestCase):
+    """
+    The outbox and the registry are two files.  With both in one commit
+    group, outbox first, a crash between their writes can only leave the
+    outbox ahead; the next start carries its states forward.
+    """
+
+    def test_outbox_ahead_is_carried_forward(self):
+        from everest_agent.journal import CommitGroup
+
+        clock = Clock()
+        state_dir = self.mktemp()
+        os.makedirs(state_dir)
+        group = CommitGroup(clock)
+        outbox = Outbox(state_dir, clock, fsync=False, group=group)
+        registry = TaskRegistry(state_dir, clock, fsync=False, group=group)
+        outbox.load()
+        registry.load()
+        self.assertEqual([j.path for j in group.journals], [outbox._journal.path, registry._journal.path])
+        registry.create("t1", {"command": "true"}, state="RUNNING", phase="ended",
+                        result={"exit_code": 0, "reason": None, "canceled": False})
+        group.flush()
+        # A terminal report: the outbox write lands, the agent dies before
+        # the registry's.
+        outbox.put(lambda seq: ["TASK_STATE", "t1", "DONE", {"seq": seq, "time": 1.0, "exitCode": 0}])
+        registry.update("t1", state="DONE", finished=True)
+        outbox._journal._write_queued()
+        h = Harness(self, state_dir=state_dir)
+        h.pump()
+        record = h.registry.get("t1")
+        self.assertTrue(record["finished"])
+        self.assertEqual(record["terminal_seq"], 1)
+        # DONE is re-sent as it was (same seq), never reported again.
+        self.assertEqual(h.session.sent, [["TASK_STATE", "t1", "DONE", {"seq": 1, "time": 1.0, "exitCode": 0}]])
+        self.assertEqual(h.manager.hello_tasks(), ["t1"])
+
+    def test_group_writes_in_order_and_waits_on_failure(self):
+        from everest_agent import journal as journal_module
+        from everest_agent.journal import CommitGroup, Journal
+
+        clock = Clock()
+        base = self.mktemp()
+        os.makedirs(base)
+        group = CommitGroup(clock)
+        first = group.add(Journal(os.path.join(base, "first"), clock))
+        second = group.add(Journal(os.path.join(base, "second"), clock))
+        d2 = second.append({"b": 1})
+        d1 = first.append({"a": 1})
+        real = os.fsync
+        calls = []
+
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(28, "No space left on device")
+            return real(fd)
+
+        self.patch(journal_module.os, "fsync", fsync)
+        clock.advance(0)
+        # The first member failed: the second was not written either.
+        self.assertEqual(os.path.getsize(os.path.join(base, "second")) if os.path.exists(os.path.join(base, "second")) else 0, 0)
+        self.assertFalse(d1.called or d2.called)
+        clock.advance(group.retry_delay)
+        self.assertTrue(d1.called and d2.called)

@@ -197,3 +197,23 @@ class SenderTests(SynchronousTestCase):
         self.sender.ack(1)  # nothing new
         self.sender.ack(2)
         self.assertEqual(seen, [1, 2])
+
+
+class OutboxAckSurvivesCompactionTests(SynchronousTestCase):
+    def test_acked_survives_compaction(self):
+        clock = Clock()
+        state_dir = self.mktemp()
+        os.makedirs(state_dir)
+        box = Outbox(state_dir, clock, fsync=False)
+        box.load()
+        for _ in range(3):
+            box.put(lambda seq: ["X", seq])
+        clock.advance(0)
+        box.ack(2)
+        box.stop()
+        for _ in range(2):  # each load compacts
+            box = Outbox(state_dir, clock, fsync=False)
+            box.load()
+            self.assertEqual(box.acked, 2)
+            self.assertEqual(box.durable_pending(), [["X", 3]])
+            box.stop()

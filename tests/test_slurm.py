@@ -379,7 +379,22 @@ class SubmitTests(HandlerTestMixin, SynchronousTestCase):
 
 
 class PollTests(HandlerTestMixin, SynchronousTestCase):
+    def test_polls_are_timed_from_their_start(self):
+        """A slow poll does not stretch the interval between polls."""
+        self.submit("t0")
+        slow = self.run.programs["squeue"]
+
+        def takes_three_seconds(argv, stdin):
+            self.clock.advance(3)
+            return slow(argv, stdin)
+
+        self.run.programs["squeue"] = takes_three_seconds
+        self.poll()
+        (call,) = [c for c in self.clock.getDelayedCalls() if c.active()]
+        self.assertEqual(call.getTime() - self.clock.seconds(), 10 - 3)
+
     def test_one_timer_one_squeue_per_chunk(self):
+        self.handler.chunk_size = 300  # small chunks, to see several
         jobs = [self.submit(f"t{i}") for i in range(650)]
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         self.poll()
@@ -606,6 +621,7 @@ class PollTests(HandlerTestMixin, SynchronousTestCase):
         self.assertTrue(self.successResultOf(running.result).reason.startswith("TIMEOUT"))
 
     def test_one_chunk_failing_leaves_the_others(self):
+        self.handler.chunk_size = 300
         jobs = [self.submit(f"t{i}") for i in range(400)]
         for job in jobs:
             self.slurm.set(job.job_id, "COMPLETED", exit_code=0)

@@ -23,9 +23,18 @@ def main(argv=None):
         return 2
 
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    level = LogLevel.levelWithName(options["log-level"])
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(level)])]
+    )
     platform_service = tap.makeService(options, reactor)
     reactor.callWhenRunning(platform_service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", platform_service.stopService)

@@ -39,6 +39,8 @@ INCOMING = ".incoming"
 
 STATE_FILE_VERSION = 1
 
+_state_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
 
 class StateNotReached(Exception):
     """
@@ -176,6 +178,21 @@ class Task:
         d = self.as_dict()
         d.update(submitCount=self.submit_count, repeats=self.repeats)
         return d
+
+    _encoded = None  # (what it depends on, JSON bytes of to_json())
+
+    def encoded(self):
+        """
+        L{to_json} as compact JSON bytes, encoded again only if the task
+        changed since (its lists only grow), so a state file with thousands
+        of finished tasks is cheap to write again and again.
+        """
+        key = (self.state, len(self.history), len(self.messages), self.submitted,
+               self.cancel_requested, self.unknown, self.submit_count, self.repeats)
+        cached = self._encoded
+        if cached is None or cached[0] != key:
+            cached = self._encoded = (key, _state_dumps(self.to_json()).encode("utf-8"))
+        return cached[1]
 
     @classmethod
     def from_json(cls, d):
@@ -376,6 +393,13 @@ class Platform:
 
     ws_path = "/compute/agent/v1"
 
+    #: With a state file, every ACK waits for a save of the whole state; the
+    #: next ACK waits until this many times the last save's duration has
+    #: passed since it (none under a fake clock), so that saving takes at
+    #: most about a fifth of the time however big the state grows.  ACKs
+    #: only let the agent forget what it sent: tasks never wait for them.
+    ack_save_ratio = 4.0
+
     def __init__(self, tokens, reactor=None, heartbeat=30, hello_timeout=10.0,
                  files_dir=None, files_auth=True, state_file=None):
         if reactor is None:
@@ -414,6 +438,7 @@ class Platform:
         self._dirty = False
         self._save_call = None
         self._last_save = None
+        self._save_cost = 0.0  # seconds the last save took
         self._closers = []
         self._closed = False
         if self.files_dir:
@@ -480,7 +505,7 @@ class Platform:
             raise ValueError(f"task {task_id!r} exists already")
         task = Task(task_id, owner.name, spec)
         self.tasks[task_id] = task
-        log.info("task {task_id} submitted to agent {agent}", task_id=task_id, agent=owner.name)
+        log.debug("task {task_id} submitted to agent {agent}", task_id=task_id, agent=owner.name)
         if owner.session is not None:
             self._send_submit(owner.session, task)
         self._changed()
@@ -787,13 +812,25 @@ class Platform:
             self.save_state()
 
     def snapshot(self):
+        snapshot = self.snapshot_head()
+        snapshot["tasks"] = [task.to_json() for task in self.tasks.values()]
+        return snapshot
+
+    def _snapshot_bytes(self):
+        """L{snapshot} as compact JSON, with each task's part cached (L{Task.encoded})."""
+        snapshot = self.snapshot_head()
+        head = _state_dumps(snapshot).encode("utf-8")
+        tasks = b",".join([task.encoded() for task in self.tasks.values()])
+        return b"".join((head[:-1], b',"tasks":[', tasks, b"]}"))
+
+    def snapshot_head(self):
+        """Everything of L{snapshot} but its tasks."""
         return {
             "version": STATE_FILE_VERSION,
             "agents": {
                 name: {"lastSeq": a.last_seq, "resource": a.resource}
                 for name, a in self.agents.items()
             },
-            "tasks": [task.to_json() for task in self.tasks.values()],
             "variables": self.variables,
             "jobs": self._job_tasks,
         }
@@ -803,7 +840,8 @@ class Platform:
         Write the snapshot to C{state_file} atomically (temporary file,
         fsync, rename).
         """
-        data = json.dumps(self.snapshot(), separators=(",", ":")).encode("utf-8")
+        started = self.reactor.seconds()
+        data = self._snapshot_bytes()
         directory = os.path.dirname(os.path.abspath(self.state_file))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".platform-state-")
         try:
@@ -818,6 +856,7 @@ class Platform:
             raise
         self._dirty = False
         self._last_save = self.reactor.seconds()
+        self._save_cost = self._last_save - started
         if self._save_call is not None and self._save_call.active():
             self._save_call.cancel()
         self._save_call = None
@@ -1035,7 +1074,11 @@ class Platform:
         agent.ack_wanted = True
         if self._ack_paused or agent.session is None or agent._ack_call is not None:
             return
-        agent._ack_call = self.reactor.callLater(0, self._send_ack, agent)
+        delay = 0
+        if self.state_file and self._last_save is not None and self._save_cost:
+            delay = max(0.0, self._last_save + self.ack_save_ratio * self._save_cost
+                        - self.reactor.seconds())
+        agent._ack_call = self.reactor.callLater(delay, self._send_ack, agent)
 
     def _send_ack(self, agent):
         agent._ack_call = None

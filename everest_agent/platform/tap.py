@@ -16,6 +16,8 @@ from everest_agent.platform.server import listen
 
 log = Logger(namespace="everest_agent.platform")
 
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}\Z")
 
 
@@ -81,6 +83,7 @@ class Options(usage.Options):
         ["tls-cert", None, None, "PEM certificate (optionally followed by its chain): serve wss/https."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["public-url", None, None, "Base http(s) URL to publish (default: from the listening address)."],
+        ["log-level", None, "info", "Least important messages logged: debug, info, warn, error or critical."],
     ]
     optFlags = [
         ["no-files-auth", None, "Serve the file store without requiring an agent token."],
@@ -128,6 +131,8 @@ class Options(usage.Options):
         for key in ("hello-timeout", "ping-interval", "ping-timeout"):
             if self[key] <= 0:
                 raise usage.UsageError(f"--{key} must be positive")
+        if self["log-level"] not in LOG_LEVELS:
+            raise usage.UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["tls-cert"]:
@@ -186,9 +191,21 @@ class PlatformService(service.Service):
         return self.platform.close()
 
 
+def _logging_not_begun():
+    from twisted.logger import globalLogBeginner
+
+    return getattr(globalLogBeginner, "_temporaryObserver", None) is not None
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    if options.get("log-level") and _logging_not_begun():
+        # Under twistd, which installs its log observer after this: filter
+        # it (per-task lines are debug; at thousands a second they cost).
+        from everest_agent.tap import filter_log_level
+
+        filter_log_level(options["log-level"])
     files_dir = options["files-dir"]
     if not files_dir:
         files_dir = tempfile.mkdtemp(prefix="everest-platform-files-")

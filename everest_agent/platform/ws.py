@@ -47,6 +47,10 @@ class PlatformServerProtocol(WebSocketServerProtocol):
     # The connection interface used by Session.
 
     def platform_send(self, payload, binary):
+        if self.state != self.STATE_OPEN:
+            # Closing: the session hears of it from connectionLost; what it
+            # sends meanwhile (a delayed ACK, say) is dropped, as on a wire.
+            return
         self.sendMessage(payload, isBinary=binary)
 
     def platform_close(self, code, reason):

@@ -1,0 +1,367 @@
+"""
+A content-addressed cache of input files, shared by every task of one agent.
+
+Parameter sweeps send the same inputs to thousands of tasks.  An input that
+names its C{sha256} is fetched once into the cache and then hard-linked (or
+copied, across file systems) into each task directory that needs it.  Inputs
+without a C{sha256} are never cached: a URI alone says nothing about what the
+bytes will be next time, and HTTP revalidation would cost a round trip per
+task for little gain.
+
+Layout under the cache directory::
+
+    sha256/<hh>/<64 hex digits>      the content, mode 0444
+    sha256/<hh>/<64 hex digits>.x    the same content, executable (0555)
+    tmp/                             downloads in progress (emptied on open)
+
+where C{<hh>} is the first two hex digits.  The executable variant is a
+separate file (an inode has one mode); it is made by a local copy of the
+other variant, never by a second download.
+
+Entries are read-only, and so is every hard link to them in a task
+directory, so a task cannot change the bytes other tasks share by accident.
+A task running as root (or one that changes the mode back) still could; so
+an entry's size and modification time are recorded when its content was
+last verified, and an entry whose stamp changed, or that was found on disk
+when the cache was opened (after a restart or a crash), is hashed again
+before it is used.  A corrupt entry is dropped and fetched again.
+
+Eviction is least recently used, down to C{max_size} bytes.  The order
+survives restarts: each use sets the file's access time explicitly.  An
+entry is in use while a task is verifying it or linking/copying it into its
+directory (it is I{pinned}); a pinned entry is never evicted, so the cache
+may exceed its size for as long as that lasts.  Evicting an entry only
+removes the cache's own name for it: tasks that got it by hard link keep
+their file.  Content larger than C{max_size} is still shared by the tasks
+that ask for it at the same time, then dropped.
+
+One cache directory belongs to one agent (the agent's state directory lock
+makes sure of that); nothing here is safe against another process changing
+the directory behind its back, beyond the verification above.
+
+Everything here is synchronous and quick (stat, rename, unlink); hashing
+and copying are done by the caller, in a thread.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from collections import OrderedDict
+
+from twisted.logger import Logger
+
+_NAME = re.compile(r"[0-9a-f]{64}(\.x)?\Z")
+READ_ONLY = 0o444
+EXECUTABLE = 0o555
+
+
+def parse_size(value):
+    """
+    A byte count, with an optional binary suffix: C{"10G"}, C{"512M"},
+    C{"1.5T"}, C{"64KiB"}, C{"100 MB"}, C{"1000"}.  K, M, G, T and P are
+    powers of 1024.
+    """
+    match = re.match(r"\s*(\d+(?:\.\d*)?)\s*(?:([KMGTP])(?:I?B)?|B)?\s*\Z", str(value), re.IGNORECASE)
+    if not match:
+        raise ValueError("must be a size in bytes, optionally with a suffix K, M, G or T (powers of 1024)")
+    number, unit = match.groups()
+    factor = 1024 ** ("KMGTP".index(unit.upper()) + 1) if unit else 1
+    return int(float(number) * factor) if "." in number else int(number) * factor
+
+
+def sha256_file(path, block=1 << 20):
+    """
+    The size and sha256 (hex) of the file at C{path}.  Meant to run in a
+    thread: reading and hashing release the GIL.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            digest.update(view[:n])
+            size += n
+    return size, digest.hexdigest()
+
+
+class Entry:
+    """One file in the cache."""
+
+    __slots__ = (
+        "digest", "executable", "path", "size", "stamp", "verified", "pins", "transient", "gone",
+    )
+
+    def __init__(self, digest, executable, path, size, stamp, verified):
+        self.digest = digest
+        self.executable = executable
+        self.path = path
+        self.size = size
+        self.stamp = stamp  # (size, mtime_ns) when the content was last verified
+        self.verified = verified
+        self.pins = 0
+        self.transient = False  # larger than the whole cache: dropped when unpinned
+        self.gone = False  # removed from the cache
+
+    @property
+    def key(self):
+        return (self.digest, self.executable)
+
+    @property
+    def mode(self):
+        return EXECUTABLE if self.executable else READ_ONLY
+
+    def __repr__(self):
+        return f"<Entry {self.digest[:12]}{'.x' if self.executable else ''} {self.size}B pins={self.pins}>"
+
+
+def _stamp(st):
+    return (st.st_size, st.st_mtime_ns)
+
+
+class ContentCache:
+    """
+    The index of a cache directory, kept in memory.
+
+    @ivar total: bytes held by the (non-transient) entries.
+    """
+
+    log = Logger()
+
+    def __init__(self, directory, max_size, clock=time.time):
+        self.directory = os.path.abspath(directory)
+        self.max_size = max_size
+        self._clock = clock
+        self._entries = OrderedDict()  # key -> Entry, least recently used first
+        self.total = 0
+        self.evictions = 0
+        self._tmp = os.path.join(self.directory, "tmp")
+        self._store = os.path.join(self.directory, "sha256")
+
+    # -- opening ----------------------------------------------------------------
+
+    def open(self):
+        """
+        Create the directory if needed, empty C{tmp/} and index what is there
+        (unverified).  Then evict down to the size limit.
+
+        @raise OSError: if the directory cannot be created or read.
+        """
+        os.makedirs(self._tmp, mode=0o755, exist_ok=True)
+        os.makedirs(self._store, mode=0o755, exist_ok=True)
+        for name in os.listdir(self._tmp):
+            _remove(os.path.join(self._tmp, name))
+        found = []
+        for sub in os.listdir(self._store):
+            subdir = os.path.join(self._store, sub)
+            if not re.match(r"[0-9a-f]{2}\Z", sub) or not os.path.isdir(subdir):
+                continue
+            for name in os.listdir(subdir):
+                path = os.path.join(subdir, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not _NAME.match(name) or not name.startswith(sub) or not _isreg(st):
+                    self.log.warn("Removing stray file {path} from the cache", path=path)
+                    _remove(path)
+                    continue
+                digest = name[:64]
+                entry = Entry(digest, name.endswith(".x"), path, st.st_size, _stamp(st), verified=False)
+                found.append((st.st_atime_ns, entry))
+        found.sort(key=lambda pair: pair[0])
+        for _, entry in found:
+            self._entries[entry.key] = entry
+            self.total += entry.size
+        self._evict()
+        self.log.info(
+            "Content cache {directory}: {count} files, {total} bytes (limit {limit})",
+            directory=self.directory, count=len(self._entries), total=self.total, limit=self.max_size,
+        )
+
+    # -- looking up -------------------------------------------------------------
+
+    def path_for(self, digest, executable):
+        name = digest + (".x" if executable else "")
+        return os.path.join(self._store, digest[:2], name)
+
+    def get(self, digest, executable):
+        """The entry for this content and mode, or None."""
+        return self._entries.get((digest, executable))
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __contains__(self, key):
+        return key in self._entries
+
+    def entries(self):
+        """Every entry, least recently used first."""
+        return list(self._entries.values())
+
+    def check(self, entry):
+        """
+        Whether C{entry} can be used as it is.
+
+        @return: C{"ok"}; C{"verify"} if its content must be hashed again
+            (never verified by this process, or changed since); or
+            C{"missing"} if its file is gone (the entry is then dropped).
+        """
+        if entry.gone:
+            return "missing"
+        try:
+            st = os.lstat(entry.path)
+        except FileNotFoundError:
+            self.drop(entry, why="its file disappeared")
+            return "missing"
+        if not _isreg(st):
+            self.drop(entry, why="it is no longer a regular file")
+            return "missing"
+        if (st.st_mode & 0o7777) != entry.mode:
+            # Someone made it writable (or changed its run bit): put it back
+            # and look at the content again.
+            try:
+                os.chmod(entry.path, entry.mode)
+            except OSError:
+                self.drop(entry, why="its mode cannot be restored")
+                return "missing"
+            entry.verified = False
+        if not entry.verified or _stamp(st) != entry.stamp:
+            return "verify"
+        return "ok"
+
+    def mark_verified(self, entry, size, digest):
+        """
+        Record the result of hashing C{entry}'s file.
+
+        @return: True if the content is right; if not, the entry is dropped.
+        """
+        if entry.gone:
+            return False
+        if digest != entry.digest:
+            self.log.warn(
+                "Cache entry {path} is corrupt (sha256 {actual}); dropping it",
+                path=entry.path, actual=digest,
+            )
+            self.drop(entry, why="corrupt")
+            return False
+        try:
+            st = os.lstat(entry.path)
+        except OSError:
+            self.drop(entry, why="its file disappeared")
+            return False
+        if st.st_size != size:
+            # Changed while it was being hashed: look again next time.
+            return True
+        self.total += st.st_size - entry.size
+        entry.size = st.st_size
+        entry.stamp = _stamp(st)
+        entry.verified = True
+        return True
+
+    # -- using ------------------------------------------------------------------
+
+    def pin(self, entry):
+        entry.pins += 1
+
+    def unpin(self, entry):
+        entry.pins -= 1
+        assert entry.pins >= 0, entry
+        if entry.pins == 0:
+            if entry.transient:
+                self.drop(entry, why="larger than the cache")
+            else:
+                self._evict()
+
+    def touch(self, entry):
+        """Mark C{entry} as just used (in memory and in its access time)."""
+        if entry.gone:
+            return
+        self._entries.move_to_end(entry.key)
+        try:
+            st = os.lstat(entry.path)
+            now = int(self._clock() * 1e9)
+            os.utime(entry.path, ns=(now, st.st_mtime_ns), follow_symlinks=False)
+        except OSError:
+            pass
+
+    # -- adding and removing ----------------------------------------------------
+
+    def temporary(self, hint="part"):
+        """A fresh path in the cache's C{tmp/} directory (not created)."""
+        return os.path.join(self._tmp, f"{uuid.uuid4().hex}.{hint}")
+
+    def make_room(self, size):
+        """Evict unpinned entries so that C{size} more bytes fit, if they can."""
+        if size is not None and size <= self.max_size:
+            self._evict(extra=size)
+
+    def add(self, digest, executable, temporary, size):
+        """
+        Move the verified file C{temporary} into the cache and index it.  The
+        new entry is returned pinned once: the caller unpins it.
+        """
+        path = self.path_for(digest, executable)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.chmod(temporary, EXECUTABLE if executable else READ_ONLY)
+        st = os.lstat(temporary)
+        os.replace(temporary, path)
+        old = self._entries.pop((digest, executable), None)
+        if old is not None:
+            old.gone = True
+            if not old.transient:
+                self.total -= old.size
+        entry = Entry(digest, executable, path, st.st_size, _stamp(st), verified=True)
+        entry.pins = 1
+        self._entries[entry.key] = entry
+        if entry.size > self.max_size:
+            entry.transient = True
+        else:
+            self.total += entry.size
+            self._evict()
+        self.touch(entry)
+        return entry
+
+    def drop(self, entry, why="dropped"):
+        """Remove C{entry} (its file and its index record), pinned or not."""
+        if entry.gone:
+            return
+        entry.gone = True
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+            if not entry.transient:
+                self.total -= entry.size
+        _remove(entry.path)
+        self.log.debug("Cache entry {path} removed: {why}", path=entry.path, why=why)
+
+    def _evict(self, extra=0):
+        if self.total + extra <= self.max_size:
+            return
+        for entry in list(self._entries.values()):
+            if self.total + extra <= self.max_size:
+                break
+            if entry.pins or entry.transient:
+                continue
+            self.drop(entry, why="least recently used")
+            self.evictions += 1
+
+
+def _isreg(st):
+    return stat.S_ISREG(st.st_mode)
+
+
+def _remove(path):
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
