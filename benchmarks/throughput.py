@@ -265,9 +265,13 @@ async def run_tasks(platform, count, command="true"):
     ends = []
     done = defer.Deferred()
     states = {}
+    run_times = []
 
     def ended(t):
         states[t.state] = states.get(t.state, 0) + 1
+        run_time = (t.info or {}).get("runTime")
+        if isinstance(run_time, (int, float)):
+            run_times.append(run_time)
         ends.append(time.perf_counter())
         if len(ends) == count:
             done.callback(None)
@@ -277,7 +281,7 @@ async def run_tasks(platform, count, command="true"):
         task_id = platform.submit({"command": command})
         platform.wait_for(task_id).addCallback(ended)
     await done
-    return ends[-1] - start, states
+    return ends[-1] - start, states, run_times
 
 
 # -- 3. latency ------------------------------------------------------------------------
@@ -463,7 +467,7 @@ async def main(reactor, args):
     try:
         if "2" in only:
             cpu_agent, cpu_own = proc_cpu(agent.pid), own_cpu()
-            seconds, states = await run_tasks(platform, args.tasks)
+            seconds, states, run_times = await run_tasks(platform, args.tasks)
             rate = args.tasks / seconds
             cpu_agent, cpu_own = proc_cpu(agent.pid) - cpu_agent, own_cpu() - cpu_own
             out.record("end_to_end_per_s", rate)
@@ -477,6 +481,12 @@ async def main(reactor, args):
                      + out.goal(f">= {GOALS['ratio']}", ratio >= GOALS["ratio"]))
             out.line(f"   states {states}; CPU: agent {cpu_agent:.2f} s "
                      f"({cpu_agent / args.tasks * 1e6:,.0f} us/task), platform+benchmark {cpu_own:.2f} s")
+            slot_ms = slots * seconds / args.tasks * 1000
+            run_p50 = percentile(run_times, 50) * 1000
+            out.record("slot_cycle_ms", slot_ms)
+            out.record("run_time_p50_ms", run_p50)
+            out.line(f"   each slot was busy {slot_ms:.1f} ms per task; the task's process ran "
+                     f"(runTime, p50) {run_p50:.1f} ms of it")
 
         if "3" in only:
             running, finished, bad, skipped = await latency(reactor, platform, args.samples)

@@ -49,10 +49,7 @@ class EverestAgent(MultiService):
         self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.sender = Sender(self.outbox, reactor, wallclock)
-        self.stager = Stager(
-            reactor, config.platform.url, config.platform.token,
-            ca_file=config.platform.ca_file or None, timeout=config.transfer.timeout,
-        )
+        self.stager = Stager.from_config(config, reactor)
         self.manager = TaskManager(
             self.registry, self.sender, self.handler, self.stager, agent.work_dir, agent.max_tasks,
             allowed_commands=config.security.allowed_commands,

@@ -14,9 +14,11 @@ Streaming, in constant memory
     10 MiB per download at most).  The file is renamed into place only
     when it is complete and its size and sha256 are right.  Uploads stream
     from the file through L{_FileProducer}, which reads (C{pread}) and
-    hashes 2 MiB blocks in a worker thread, at most L{PREFETCH} ahead of
+    hashes 1 MiB blocks in a worker thread, at most L{PREFETCH} ahead of
     the transport, and honours its pause/resume; the C{sha256} reported
-    for an output is that of the bytes sent.
+    for an output is that of the bytes sent.  L{tune_malloc} (glibc) keeps
+    these 1 MiB buffers on malloc's heaps instead of an C{mmap}/C{munmap}
+    pair each, which otherwise costs as much CPU as the copying.
 
 Watchdogs
     treq's C{timeout} stops at the response headers, so every exchange has
@@ -32,8 +34,12 @@ Retries
     and is drawn from its upper half; a C{Retry-After} of a 429/503 is
     honoured up to C{retry_max_delay}).  C{retries} bounds the consecutive
     attempts that made no progress: an attempt that brought new bytes starts
-    the count again.  Any other HTTP status fails the task at once, with a
-    reason naming the file and the status.  An interrupted download resumes
+    the count again.  The platform's own file server being unreachable (no
+    connection, no answer, or a 502/503/504 from its gateway) does not count
+    either: the agent waits for its platform anyway, so those transfers go
+    on at C{retry_max_delay} until it is back (or the task is cancelled).
+    Any other HTTP status fails the task at once, with a reason naming the
+    file and the status.  An interrupted download resumes
     with C{Range: bytes=N-} (and C{If-Range} with the validator of the first
     response) when the server had said C{Accept-Ranges: bytes} and sent a
     C{Content-Length}; a C{200} answer to that starts over.
@@ -112,8 +118,8 @@ HIGH_WATER = 8 << 20
 #: ...and resumed at or below this many.
 LOW_WATER = 4 << 20
 #: Uploads read the file in blocks of this size, at most L{PREFETCH} ahead.
-READ_SIZE = 2 << 20
-PREFETCH = 2
+READ_SIZE = 1 << 20
+PREFETCH = 3
 #: Read size on a download's connection (Twisted's default is 64 KiB).
 RECV_SIZE = 1 << 20
 #: Bodies of responses we do not want are read up to this much, then dropped.
@@ -217,6 +223,37 @@ def _copy_file(source, target, mode):
 
 
 # -- machinery ------------------------------------------------------------------
+
+
+_malloc_tuned = False
+
+
+def tune_malloc(mmap_threshold=4 << 20, trim_threshold=32 << 20):
+    """
+    Make glibc's malloc serve transfer buffers (1-2 MiB each, thousands per
+    GiB) from its heaps instead of a fresh C{mmap} and C{munmap} for each:
+    glibc starts with a 128 KiB threshold and only raises it as big blocks
+    are freed, so a young process pays a page fault per 4 KiB and a TLB
+    shoot-down per buffer, which costs as much CPU as the copy itself.
+    Freed memory above C{trim_threshold} is still given back to the system.
+    Process-wide, once; a no-op where C{mallopt} is not glibc's.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] != "glibc":
+            return
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, ImportError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
 class _Workers:
@@ -877,6 +914,7 @@ class Stager:
     @param random: a L{random.Random} for the backoff jitter.
     @param cache_dir: the content cache's directory; None (or a
         C{cache_size} of 0) turns the cache off.
+    @param malloc_tuning: call L{tune_malloc} (process-wide, glibc only).
     """
 
     log = Logger()
@@ -885,8 +923,10 @@ class Stager:
         self, reactor, platform_url, token, ca_file=None, timeout=60.0, *,
         stall_timeout=60.0, retries=5, retry_initial_delay=1.0, retry_max_delay=60.0,
         max_concurrent=8, cache_dir=None, cache_size=0, clock=None, random=None,
-        context_factory=None,
+        context_factory=None, malloc_tuning=True,
     ):
+        if malloc_tuning:
+            tune_malloc()
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._random = random if random is not None else _random.Random()
