@@ -1666,11 +1666,12 @@ def _network_failure(exc, method, uri):
             return _Failed(message)
         if inner.__class__.__module__.startswith("OpenSSL") or isinstance(inner, net_error.SSLError):
             return _Failed(message)  # a certificate problem does not go away by itself
-    if isinstance(exc, (ResponseNeverReceived, net_error.ConnectError, net_error.DNSLookupError)):
+    # The server went away before it answered (it is going down, or its
+    # listener is gone): like no connection at all.
+    if isinstance(exc, (ResponseNeverReceived, RequestTransmissionFailed,
+                        net_error.ConnectError, net_error.DNSLookupError)):
         return _Failed(message, unreachable=True)
     if isinstance(exc, (ResponseFailed, net_error.ConnectionClosed)):
-        return _Failed(message, transient=True)
-    if isinstance(exc, RequestTransmissionFailed):
         return _Failed(message, transient=True)
     return _Failed(message)
 
