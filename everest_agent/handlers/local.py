@@ -271,6 +271,8 @@ class ReattachedJob(_LocalJobBase):
         super().__init__(request, clock, kill_grace)
         self._started(pid, start, elapsed)
 
+    _close_watch = None
+
     def _terminate(self, why):
         super()._terminate(why)
         self._watch_closely()
@@ -278,8 +280,15 @@ class ReattachedJob(_LocalJobBase):
     def _watch_closely(self):
         # While it is being stopped, look for its end more often than the
         # handler's poll does, so a cancel is reported promptly.
-        if not self.check():
-            self._await_call = self._clock.callLater(0.05, self._watch_closely)
+        self._close_watch = None
+        if not self.check() and not self.result.called:
+            self._close_watch = self._clock.callLater(0.05, self._watch_closely)
+
+    def _finish(self):
+        if self._close_watch is not None and self._close_watch.active():
+            self._close_watch.cancel()
+        self._close_watch = None
+        super()._finish()
 
     def check(self):
         """Called by the handler's poll; True once the job has ended."""
