@@ -168,20 +168,21 @@ def pbs_status(job_id, attrs, flavor):
     return JobStatus(job_id, UNKNOWN, state, name=name)
 
 
-def parse_qstat_text(text):
+def _parse_blocks(text, header):
     """
-    C{qstat -f} output (TORQUE, PBS Pro, SLURM's wrapper) ->
-    C{[(job_id, {attribute: value})]}.  Long values wrapped onto
-    continuation lines are joined.
+    C{qstat -f}-style text -> C{[(name, {attribute: value})]}: a block
+    starts at a line matching C{header} (its group 1 is the name); then
+    come C{attribute = value} lines, long values wrapped onto indented
+    continuation lines, which are joined.
     """
-    jobs = []
+    blocks = []
     attrs = None
     key = None
     for line in text.splitlines():
-        match = re.match(r"\s*Job Id:\s*(\S+)", line)
+        match = re.match(header, line)
         if match:
             attrs = {}
-            jobs.append((match.group(1), attrs))
+            blocks.append((match.group(1), attrs))
             key = None
             continue
         if attrs is None or not line.strip():
@@ -192,7 +193,15 @@ def parse_qstat_text(text):
             attrs[key] = match.group(2)
         elif key is not None and line[:1].isspace():
             attrs[key] += line.lstrip()
-    return jobs
+    return blocks
+
+
+def parse_qstat_text(text):
+    """
+    C{qstat -f} output (TORQUE, PBS Pro, SLURM's wrapper) ->
+    C{[(job_id, {attribute: value})]}.
+    """
+    return _parse_blocks(text, r"\s*Job Id:\s*(\S+)")
 
 
 def parse_qstat_xml(text):
@@ -283,24 +292,7 @@ def queue_info(name, attrs):
 
 def parse_queues_text(text):
     """C{qstat -Q -f} text -> C{{queue: attributes}}."""
-    queues = {}
-    attrs = None
-    key = None
-    for line in text.splitlines():
-        match = re.match(r"\s*Queue:\s*(\S+)", line)
-        if match:
-            attrs = queues[match.group(1)] = {}
-            key = None
-            continue
-        if attrs is None or not line.strip():
-            continue
-        match = re.match(r"\s+([A-Za-z_][\w.]*) = ?(.*)$", line)
-        if match:
-            key = match.group(1)
-            attrs[key] = match.group(2)
-        elif key is not None and line[:1].isspace():
-            attrs[key] += line.lstrip()
-    return queues
+    return dict(_parse_blocks(text, r"\s*Queue:\s*(\S+)"))
 
 
 def parse_queues_json(text):
