@@ -5,7 +5,7 @@ loopback, configured through a real agent.ini.
 
 import os
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 
 from everest_agent import config as agent_config
 from everest_agent.agent import EverestAgent
@@ -88,17 +88,6 @@ async def eventually(predicate, timeout=10.0, what="condition"):
             raise AssertionError(f"timed out waiting for {what}")
         await sleep(0.02)
         waited += 0.02
-
-
-def as_deferred(coroutine_function):
-    """Decorator: run an async test method as a Deferred-returning one."""
-
-    def wrapper(self, *args, **kwargs):
-        return defer.Deferred.fromCoroutine(coroutine_function(self, *args, **kwargs))
-
-    wrapper.__name__ = coroutine_function.__name__
-    wrapper.__doc__ = coroutine_function.__doc__
-    return wrapper
 
 
 def make_certificates(directory, hostname="localhost", with_ip=True):

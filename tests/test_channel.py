@@ -7,7 +7,6 @@ import os
 import struct
 import sys
 
-from twisted.internet import reactor
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 

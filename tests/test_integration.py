@@ -36,7 +36,7 @@ class IntegrationTests(TestCase):
         self.assertEqual(self.platform.duplicates, 0)
 
     async def test_happy_path_with_files(self):
-        agent = await self.connect()
+        await self.connect()
         script = b"#!/bin/sh\ncat params.txt > result.txt\necho \"n=$(cat params.txt)\" >> result.txt\nmkdir -p out\necho a > out/x.dat\necho b > 'out/y z.dat'\n"
         self.platform.put_file("j1/run.sh", script)
         spec = {
@@ -123,7 +123,7 @@ class IntegrationTests(TestCase):
         self.assertEqual(record.info["reason"], "time limit of 0.5 s exceeded")
 
     async def test_duplicate_submit(self):
-        agent = await self.connect()
+        await self.connect()
         marker = os.path.abspath(self.mktemp())
         spec = {"command": f"echo run >> {marker}"}
         task_id = self.platform.submit(spec, task_id="dup-1-0")
@@ -286,7 +286,7 @@ class IntegrationTests(TestCase):
         self.assertFalse(self.platform.connected("agent"))
 
     async def test_binary_frame_closes_and_agent_reconnects(self):
-        agent = await self.connect()
+        await self.connect()
         first = self.platform.agent().session
         self.platform.send_raw("agent", b"\x00\x01", binary=True)
         await eventually(lambda: self.platform.agent().session not in (None, first), what="a new session")
@@ -390,7 +390,7 @@ class TLSTests(TestCase):
 
         # A certificate from the trusted CA, but for another host name.
         platform, ca = await start_tls_platform(self, certificate_for="everest.example.org")
-        agent = start_agent(self, platform, sections={"platform": {"ca_file": ca}})
+        start_agent(self, platform, sections={"platform": {"ca_file": ca}})
         await sleep(1.0)
         self.assertFalse(platform.connected("agent"))
         self.assertIsNone(platform.agent().hello)

@@ -3,8 +3,6 @@ The whole agent on a real single-node SLURM, against the reference
 platform: the states a batch task goes through, its files, its cancel.
 """
 
-import os
-
 from twisted.trial.unittest import TestCase
 
 from tests.support import eventually, start_agent, start_platform
