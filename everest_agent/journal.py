@@ -58,6 +58,7 @@ class Journal:
         self._group = None  # the CommitGroup this journal commits with, if any
         self._written = []  # Deferreds of records written but not yet announced
         self._file = None
+        self.failing = False  # the last write failed; records wait queued
         self.lines = 0  # records in the file, for deciding when to compact
         self.flushes = 0
 
@@ -116,14 +117,7 @@ class Journal:
         if self._group is not None:
             self._group.schedule(delay)
         elif self._flush_call is None:
-            self._flush_call = self._reactor.callLater(delay, self._flush)
-
-    def _flush(self):
-        self._flush_call = None
-        if self._write_queued():
-            self._fire()
-        else:
-            self._schedule(self.retry_delay)
+            self._flush_call = self._reactor.callLater(delay, self.flush)
 
     def _write_queued(self):
         """
@@ -144,7 +138,9 @@ class Journal:
                 path=self.path, error=e.strerror or str(e), delay=self.retry_delay,
             )
             self._queue[:0] = lines
+            self.failing = True
             return False
+        self.failing = False
         self.lines += len(lines)
         self.flushes += 1
         self._written, self._waiting = self._written + self._waiting, []
@@ -184,28 +180,63 @@ class Journal:
         self._flush_call = None
         if self._write_queued():
             self._fire()
+        else:
+            self._schedule(self.retry_delay)
 
     def rewrite(self, records):
         """
         Atomically replace the journal with C{records} (compaction).
 
-        Anything still queued is written first, so no append is lost.
+        C{records} are encoded first, then anything queued is written (with
+        the rest of its commit group, in order), so no append is lost and a
+        compacted registry is never ahead of the outbox.  Records appended
+        while that flush tells its waiters they are durable (a callback
+        reporting the next state) are not part of the snapshot; they stay
+        queued and go into the new file at the next flush.
+
+        @raise OSError: if the disk refuses the writes; the old file is
+            left as it was.
         """
+        data = b"".join(_dumps(r).encode("utf-8") + b"\n" for r in records)
         self.flush()
-        if self._queue:
+        if self.failing:
             raise OSError("cannot compact while writes are failing")
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"".join(_dumps(r).encode("utf-8") + b"\n" for r in records))
-            f.flush()
-            if self._fsync:
-                os.fsync(f.fileno())
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         self.close()
         os.replace(tmp, self.path)
         if self._fsync:
             fsync_directory(os.path.dirname(self.path) or ".")
         self.lines = len(records)
+
+    def compact(self, records):
+        """
+        L{rewrite}, for compaction that can wait: if the disk refuses, log
+        it and go on with the old file (the next compaction tries again).
+
+        @return: True if the journal was rewritten.
+        """
+        try:
+            self.rewrite(records)
+        except OSError as e:
+            self.log.warn(
+                "Cannot compact {path} now: {error}",
+                path=self.path, error=e.strerror or str(e),
+            )
+            return False
+        return True
 
     def close(self):
         if self._file is not None:

@@ -112,7 +112,7 @@ class Outbox:
     def _compact(self):
         records = [{"next": self.last_seq + 1}, {"ack": self.acked}]
         records.extend({"seq": s, "msg": m} for s, m in self._pending.items())
-        self._journal.rewrite(records)
+        self._journal.compact(records)
 
     def stop(self):
         self._journal.stop()

@@ -78,7 +78,7 @@ class TaskRegistry:
         for record in self.records.values():
             if record.get("finished"):
                 record["spec"] = None  # a finished task is never run again
-        self._journal.rewrite(list(self.records.values()))
+        self._journal.compact(list(self.records.values()))
 
     def stop(self):
         self._journal.stop()

@@ -7,7 +7,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from everest_agent.journal import Journal
+from everest_agent.journal import CommitGroup, Journal
 from everest_agent.outbox import Outbox
 from everest_agent.sender import Sender
 from everest_agent.testing import FakeSession
@@ -77,6 +77,80 @@ class JournalTests(SynchronousTestCase):
             Journal(self.path, self.clock).load(), [{"compacted": 1}, {"after": 1}]
         )
         self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+
+
+    def test_rewrite_keeps_records_appended_by_waiters(self):
+        """
+        The flush before a compaction fires its waiters, and a waiter may
+        append at once (the next state of a task): that record is not an
+        error, and it lands after the compacted records.
+        """
+        journal = Journal(self.path, self.clock)
+        d = journal.append({"first": 1})
+        d.addCallback(lambda _: journal.append({"next": 1}))
+        journal.rewrite([{"compacted": 1}])
+        journal.stop()
+        self.assertEqual(
+            Journal(self.path, self.clock).load(), [{"compacted": 1}, {"next": 1}]
+        )
+
+    def test_compacted_member_never_ahead_of_earlier_member(self):
+        """
+        A compaction snapshots its records before the group flush, so a
+        change a waiter makes during that flush (whose record in the first
+        journal is only queued) is not in the compacted second journal.
+        """
+        group = CommitGroup(self.clock)
+        first = group.add(Journal(self.path, self.clock))
+        second = group.add(Journal(self.mktemp(), self.clock))
+        record = {"state": "RUNNING"}
+
+        def next_state(_):
+            record["state"] = "DONE"
+            first.append({"report": "DONE"})
+
+        first.append({"report": "RUNNING"}).addCallback(next_state)
+        second.rewrite([record])
+        self.assertEqual(Journal(first.path, self.clock).load(), [{"report": "RUNNING"}])
+        self.assertEqual(Journal(second.path, self.clock).load(), [{"state": "RUNNING"}])
+
+    def test_compaction_waits_while_the_disk_is_full(self):
+        """
+        An ACK that triggers compaction while writes fail does not raise:
+        compaction waits, and every record is written once the disk has room.
+        """
+        from everest_agent import journal as journal_module
+
+        box = Outbox(os.path.dirname(self.path) or ".", self.clock)
+        box.load()
+        box.compact_slack = 0
+        full = [False]
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if full[0]:
+                raise OSError(28, "No space left on device")
+            return real_fsync(fd)
+
+        self.patch(journal_module.os, "fsync", fsync)
+        for _ in range(3):
+            box.put(lambda seq: ["X", seq])
+        self.clock.advance(0)
+        full[0] = True
+        box.put(lambda seq: ["X", seq])
+        self.clock.advance(0)
+        box.ack(3)
+        self.assertEqual(box.durable_seq, 3)
+        full[0] = False
+        self.clock.advance(box._journal.retry_delay)
+        self.assertEqual(box.durable_seq, 4)
+        box.put(lambda seq: ["X", seq])
+        box.stop()
+        reloaded = Outbox(os.path.dirname(self.path) or ".", self.clock)
+        reloaded.load()
+        self.assertEqual((reloaded.acked, reloaded.last_seq), (3, 5))
+        self.assertEqual(reloaded.durable_pending(), [["X", 4], ["X", 5]])
+        self.flushLoggedErrors()
 
 
 class OutboxTests(SynchronousTestCase):
