@@ -98,10 +98,34 @@ def proc_status(pid):
 
 
 def proc_cpu(pid):
-    """CPU seconds (user + system) of a process itself, not its children."""
+    """
+    CPU seconds of a process: C{(user, system, children)}, the last being
+    the children it has reaped (for the agent: its tasks' wrappers).
+    """
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    user, system, child_user, child_system = (int(x) / CLOCK_TICKS for x in fields[11:15])
+    return user, system, child_user + child_system
+
+
+#: Task directories go to a tmpfs by default (see --work-dir).
+DEFAULT_WORK_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def filesystem(path):
+    """The type of the file system holding C{path} (from /proc/self/mounts), e.g. ext4 or tmpfs."""
+    path = os.path.realpath(path)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[1].replace("\\040", " ")
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                    best, kind = mount, fields[2]
+    except OSError:
+        pass
+    return kind
 
 
 def own_cpu():
@@ -189,10 +213,10 @@ async def spawn_baseline(reactor, count, concurrency):
 
 
 class AgentProcess:
-    def __init__(self, reactor, root, url, slots, profile=None, extra_ini=""):
+    def __init__(self, reactor, root, url, slots, profile=None, extra_ini="", work_root=None):
         self.reactor = reactor
         self.root = root
-        self.work_dir = os.path.join(root, "agent", "tasks")
+        self.work_dir = os.path.join(work_root or root, "agent", "tasks")
         self.state_dir = os.path.join(root, "agent", "state")
         self.log_file = os.path.join(root, "agent.log")
         token_file = write_private(os.path.join(root, "token"), TOKEN + "\n")
@@ -430,6 +454,7 @@ async def main(reactor, args):
     only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5"}
     slots = args.slots
     root = tempfile.mkdtemp(prefix="everest-bench-", dir=args.dir)
+    work_root = tempfile.mkdtemp(prefix="everest-bench-tasks-", dir=args.work_dir) if args.work_dir else root
     log_file = open(os.path.join(root, "platform.log"), "w")
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(log_file),
@@ -439,7 +464,9 @@ async def main(reactor, args):
 
     out.line(f"everest-agent throughput benchmark: nproc {os.cpu_count()}, slots (max_tasks) {slots}, "
              f"Python {sys.version.split()[0]}, reactor {reactor.__class__.__name__}")
-    out.line(f"work files in {root}")
+    out.line(f"work files (state directory, fsync on) in {root} ({filesystem(root)})")
+    out.line(f"task directories in {work_root} ({filesystem(work_root)})")
+    out.record("task_dir_filesystem", filesystem(work_root))
     out.record("nproc", os.cpu_count())
     out.record("slots", slots)
     baseline = None
@@ -458,7 +485,8 @@ async def main(reactor, args):
                             files_dir=os.path.join(root, "platform-files"),
                             state_file=os.path.join(root, "platform-state.json") if args.platform_state else None)
         await listen(platform, reactor, 0)
-        agent = AgentProcess(reactor, root, platform.ws_url, slots, profile=args.agent_profile)
+        agent = AgentProcess(reactor, root, platform.ws_url, slots, profile=args.agent_profile,
+                             work_root=work_root)
         agent.start()
         await platform.wait_connected()
         out.line(f"   agent pid {agent.pid} connected to {platform.ws_url}")
@@ -466,10 +494,13 @@ async def main(reactor, args):
 
     try:
         if "2" in only:
-            cpu_agent, cpu_own = proc_cpu(agent.pid), own_cpu()
+            (user0, system0, tasks0), cpu_own = proc_cpu(agent.pid), own_cpu()
             seconds, states, run_times = await run_tasks(platform, args.tasks)
             rate = args.tasks / seconds
-            cpu_agent, cpu_own = proc_cpu(agent.pid) - cpu_agent, own_cpu() - cpu_own
+            user1, system1, tasks1 = proc_cpu(agent.pid)
+            cpu_own = own_cpu() - cpu_own
+            cpu_user, cpu_system = user1 - user0, system1 - system0
+            cpu_agent = cpu_user + cpu_system
             out.record("end_to_end_per_s", rate)
             out.record("end_to_end_states", states)
             out.record("end_to_end_agent_cpu_s", cpu_agent)
@@ -480,7 +511,9 @@ async def main(reactor, args):
                      f"{rate:,.0f} tasks/s; ratio to 1: {ratio:.2f}"
                      + out.goal(f">= {GOALS['ratio']}", ratio >= GOALS["ratio"]))
             out.line(f"   states {states}; CPU: agent {cpu_agent:.2f} s "
-                     f"({cpu_agent / args.tasks * 1e6:,.0f} us/task), platform+benchmark {cpu_own:.2f} s")
+                     f"({cpu_agent / args.tasks * 1e6:,.0f} us/task: user {cpu_user / args.tasks * 1e6:,.0f}, "
+                     f"system {cpu_system / args.tasks * 1e6:,.0f}); tasks {(tasks1 - tasks0) / args.tasks * 1e6:,.0f} us/task; "
+                     f"platform+benchmark {cpu_own:.2f} s")
             slot_ms = slots * seconds / args.tasks * 1000
             run_p50 = percentile(run_times, 50) * 1000
             out.record("slot_cycle_ms", slot_ms)
@@ -557,9 +590,10 @@ async def main(reactor, args):
         out.line(f"results written to {args.json}")
     log_file.close()
     if args.keep:
-        out.line(f"kept {root}")
+        out.line(f"kept {root}" + (f" and {work_root}" if work_root != root else ""))
     else:
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(work_root, ignore_errors=True)
     if out.results.get("problem") or out.results.get("violations") or out.results.get("agent_log_errors"):
         raise SystemExit(1)
 
@@ -581,6 +615,11 @@ def parse_args(argv=None):
     parser.add_argument("--agent-profile", metavar="FILE",
                         help="run the agent under cProfile (twistd --profile) and save the stats in FILE")
     parser.add_argument("--dir", help="where to make the temporary directory (default: $TMPDIR)")
+    parser.add_argument(
+        "--work-dir", default=DEFAULT_WORK_DIR,
+        help="where the agent's task directories go (default: %(default)s, a tmpfs when the machine has "
+             "one, so that items 1-2 compare spawning with spawning, not with the file system's inode "
+             "allocator; pass --work-dir '' to keep them beside the state directory)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, state)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args(argv)

@@ -157,12 +157,12 @@ async def check_handler(config, reactor, env, timeout):
     if kind == "local":
         from everest_agent.handlers import local
 
-        missing = [p for p in ("/bin/sh", local.SETSID) if not os.access(p, os.X_OK)]
-        if missing:
-            return Result("handler", False, f"local: {', '.join(missing)} missing",
-                          "install util-linux (setsid) and a POSIX shell")
-        return Result("handler", True, f"local: /bin/sh and {local.SETSID} present, "
-                                       f"{config.agent.max_tasks} slots")
+        if not os.access(local.SHELL, os.X_OK):
+            return Result("handler", False, f"local: {local.SHELL} missing", "install a POSIX shell")
+        if not hasattr(os, "posix_spawn"):
+            return Result("handler", False, "local: this Python has no os.posix_spawn",
+                          "run the agent with CPython 3.10 or later on Linux")
+        return Result("handler", True, f"local: {local.SHELL} present, {config.agent.max_tasks} slots")
     cls = namedAny(HANDLERS[kind])
     commands = dict(cls.default_commands)
     missing = sorted({program for role, program in commands.items()

@@ -93,6 +93,13 @@ class ITaskHandler(Interface):
     """
 
     name = Attribute("Short name sent in HELLO: local, slurm, torque, pbs.")
+    durable_jobs = Attribute(
+        "True when a job can outlive this machine (a batch job runs on other "
+        "nodes): the agent then waits until the 'submitting' record is on disk "
+        "(fsync) before submit().  False for local processes, which a machine "
+        "crash ends too: the record written to the file is enough, since a "
+        "killed agent leaves it in the page cache."
+    )
 
     def slots_needed(requirements):
         """

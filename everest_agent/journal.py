@@ -11,6 +11,12 @@ C{write} and a single C{fsync}, then fires all their Deferreds at once.  So
 a thousand tasks reporting in the same turn cost one fsync, not a thousand,
 and each caller still learns exactly when its own record is on disk.
 
+L{Journal.write_ahead} (or L{CommitGroup.write_ahead}) writes what is
+queued at once, without fsync, for a record that must be in the file (so a
+killed agent leaves it behind) before the caller acts, but need not
+survive a machine crash; its fsync and its Deferreds come with the next
+regular flush.
+
 A crash can leave a torn last line; L{Journal.load} skips any line that is
 not a complete JSON object (and logs it), so a damaged journal never stops
 the agent.  L{Journal.rewrite} replaces the file atomically (write a
@@ -56,7 +62,12 @@ class Journal:
         self._waiting = []  # their Deferreds
         self._flush_call = None
         self._group = None  # the CommitGroup this journal commits with, if any
-        self._written = []  # Deferreds of records written but not yet announced
+        self._written = []  # Deferreds of records on disk but not yet announced
+        # Written ahead, not yet fsynced: their Deferreds, their lines (put
+        # back in the queue if the fsync fails) and where they start.
+        self._unsynced = []
+        self._unsynced_lines = []
+        self._unsynced_offset = None
         self._file = None
         self.failing = False  # the last write failed; records wait queued
         self.lines = 0  # records in the file, for deciding when to compact
@@ -119,32 +130,61 @@ class Journal:
         elif self._flush_call is None:
             self._flush_call = self._reactor.callLater(delay, self.flush)
 
-    def _write_queued(self):
+    def _write_queued(self, sync=True):
         """
-        Write (and fsync) what is queued.
+        Write what is queued, and (if C{sync}) fsync everything written.
 
         @return: False if that failed; everything then stays queued, in
             order, for the next try, and nothing is reported durable (or
             sent) before it is.
         """
-        if not self._queue:
-            return True
-        lines, self._queue = self._queue, []
-        try:
-            self._write(b"".join(lines))
-        except OSError as e:
-            self.log.error(
-                "Cannot write {path}: {error}; retrying in {delay} s",
-                path=self.path, error=e.strerror or str(e), delay=self.retry_delay,
-            )
-            self._queue[:0] = lines
-            self.failing = True
-            return False
+        if self._queue:
+            lines, self._queue = self._queue, []
+            try:
+                offset = self._append(b"".join(lines))
+            except OSError as e:
+                self._queue[:0] = lines
+                return self._failed(e)
+            if self._unsynced_offset is None:
+                self._unsynced_offset = offset
+            self._unsynced_lines += lines
+            self._unsynced += self._waiting
+            self._waiting = []
+        if sync and self._unsynced_lines:
+            try:
+                if self._fsync:
+                    os.fsync(self._file.fileno())
+            except OSError as e:
+                # Take the unsynced writes back so the retry does not duplicate them.
+                self._truncate(self._unsynced_offset)
+                self._queue[:0] = self._unsynced_lines
+                self._waiting[:0] = self._unsynced
+                self._unsynced, self._unsynced_lines, self._unsynced_offset = [], [], None
+                return self._failed(e)
+            self.lines += len(self._unsynced_lines)
+            self.flushes += 1
+            self._written += self._unsynced
+            self._unsynced, self._unsynced_lines, self._unsynced_offset = [], [], None
         self.failing = False
-        self.lines += len(lines)
-        self.flushes += 1
-        self._written, self._waiting = self._written + self._waiting, []
         return True
+
+    def _failed(self, error):
+        self.log.error(
+            "Cannot write {path}: {error}; retrying in {delay} s",
+            path=self.path, error=error.strerror or str(error), delay=self.retry_delay,
+        )
+        self.failing = True
+        return False
+
+    def write_ahead(self):
+        """
+        Write what is queued now, without waiting for fsync (see the module
+        docstring).  Its fsync and Deferreds come with the next flush.
+        """
+        if self._group is not None:
+            self._group.write_ahead()
+        elif not self._write_queued(sync=False):
+            self._schedule(self.retry_delay)
 
     def _fire(self):
         """Tell everyone waiting that their records are on disk."""
@@ -152,7 +192,8 @@ class Journal:
         for d in written:
             d.callback(None)
 
-    def _write(self, data):
+    def _append(self, data):
+        """Write C{data} at the end of the file; @return: where it starts."""
         f = self._open()
         offset = os.fstat(f.fileno()).st_size
         try:
@@ -160,15 +201,16 @@ class Journal:
             while view:
                 written = f.write(view)
                 view = view[written:]
-            if self._fsync:
-                os.fsync(f.fileno())
         except OSError:
-            # Take back a partial write so the retry does not duplicate it.
-            try:
-                os.ftruncate(f.fileno(), offset)
-            except OSError:
-                pass
+            self._truncate(offset)  # a partial write is taken back
             raise
+        return offset
+
+    def _truncate(self, offset):
+        try:
+            os.ftruncate(self._file.fileno(), offset)
+        except OSError:
+            pass
 
     def flush(self):
         """Write what is queued now (with the rest of its group, in order)."""
@@ -283,6 +325,13 @@ class CommitGroup:
     def schedule(self, delay=0):
         if self._call is None:
             self._call = self._reactor.callLater(delay, self.flush)
+
+    def write_ahead(self):
+        """Write every member's queue now, in order, without fsync."""
+        for journal in self.journals:
+            if not journal._write_queued(sync=False):
+                self.schedule(self.retry_delay)
+                return
 
     def flush(self):
         if self._call is not None and self._call.active():

@@ -50,11 +50,19 @@ class SlotPool:
 
     Every operation is O(1) however many tasks wait: a canceled wait is
     only marked, and dropped when it reaches the head of the line.
+
+    With a C{clock}, slots given back are handed on at the end of the
+    reactor turn (one timed call for every release of that turn), not in
+    the middle of it: the platform's commands that arrived with the event
+    that freed them (a batch of cancels) are all handled before a queued
+    task starts in their place.
     """
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, clock=None):
         self.capacity = capacity
         self.used = 0
+        self._clock = clock
+        self._grant_call = None
         self._waiting = collections.deque()  # [count, Deferred or None once canceled]
         self._queued = 0  # live entries in _waiting
 
@@ -78,9 +86,13 @@ class SlotPool:
 
     def release(self, count):
         self.used -= count
-        self._grant()
+        if self._clock is None:
+            self._grant()
+        elif self._grant_call is None and self._queued:
+            self._grant_call = self._clock.callLater(0, self._grant)
 
     def _grant(self):
+        self._grant_call = None
         waiting = self._waiting
         while waiting:
             entry = waiting[0]
@@ -100,6 +112,11 @@ class SlotPool:
     def queued(self):
         return self._queued
 
+    def stop(self):
+        if self._grant_call is not None and self._grant_call.active():
+            self._grant_call.cancel()
+        self._grant_call = None
+
 
 class TaskManager(Service):
     log = Logger()
@@ -111,7 +128,7 @@ class TaskManager(Service):
         self.handler = handler
         self.stager = stager
         self.work_dir = work_dir
-        self.pool = SlotPool(slots)
+        self.pool = SlotPool(slots, clock=sender.clock)
         self.allowed_commands = list(allowed_commands)
         self.keep_finished = keep_finished
         self.wallclock = wallclock
@@ -210,6 +227,7 @@ class TaskManager(Service):
         # next start takes them up from there.
         for worker in list(self.workers.values()):
             worker.abandon()
+        self.pool.stop()
         self.registry.stop()
 
     # -- platform commands ----------------------------------------------------

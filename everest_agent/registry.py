@@ -65,6 +65,10 @@ class TaskRegistry:
         fields["id"] = task_id
         return self._journal.append(fields)
 
+    def write_ahead(self):
+        """Put what is queued in the file now (with its commit group), fsync later."""
+        self._journal.write_ahead()
+
     def forget(self, task_id):
         if self.records.pop(task_id, None) is not None:
             self._journal.append_nowait({"id": task_id, "forget": True})

@@ -49,6 +49,7 @@ class FakeTaskHandler:
     """
 
     name = "fake"
+    durable_jobs = True
 
     def __init__(self, batch=False, fail_submit=None, hold_submit=False):
         self.batch = batch

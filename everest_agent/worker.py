@@ -7,11 +7,20 @@ state directory resumes the task where it was and never runs it twice:
 
   - C{new}: nothing has happened; inputs are (re)fetched.
   - C{staged}: inputs are in place; waiting for a slot.
-  - C{submitting}: written (and on disk) before the handler is asked to
-    start the job.  A restart in this phase asks the handler to find the
-    job instead of starting another one.
-  - C{submitted}: the handler's job id is on disk.
-  - C{ended}: the job's result is on disk; outputs are (re)sent.
+  - C{submitting}: on disk before the handler is asked to start the job.
+    A restart in this phase asks the handler to find the job instead of
+    starting another one.  For jobs that end with this machine (local
+    processes, L{ITaskHandler.durable_jobs} false), written to the file
+    before the job starts is enough: a killed agent leaves it in the page
+    cache, and a machine crash ends the job too.
+  - C{submitted}: the handler's job id is recorded.
+  - C{ended}: the job's result is recorded; outputs are (re)sent.
+
+Only what a restart needs waits for the disk: the task's own record
+(before C{ACCEPTED}, which waits for it anyway) and C{submitting} for a
+batch handler.  Everything else rides the next group commit, and a task's
+slots are given back the moment its job ends, so the next queued task
+starts in the same reactor turn.
 """
 
 import os
@@ -138,23 +147,23 @@ class TaskWorker:
                 phase = "staged"
             if phase == "staged":
                 await self._acquire_slots()
-                # On disk before the job exists: a restart from here looks for
-                # the job instead of starting a second one.
-                await self._step(registry.update(self.task_id, phase="submitting"))
-                self.job = await self.manager.handler.submit(self._request())
-                await registry.update(self.task_id, phase="submitted", job=self._job_record())
+                handler = self.manager.handler
+                # Recorded before the job exists: a restart from here looks
+                # for the job instead of starting a second one.
+                submitting = registry.update(self.task_id, phase="submitting")
+                if handler.durable_jobs:
+                    await self._step(submitting)
+                else:
+                    registry.write_ahead()
+                self.job = await handler.submit(self._request())
+                registry.update(self.task_id, phase="submitted", job=self._job_record())
                 phase = "submitted"
             elif phase in ("submitting", "submitted"):
                 await self._acquire_slots(report=False)
                 job = self.record.get("job") or {}
-                request = self._request()
-                try:
-                    self.job = await self.manager.handler.reattach(request, job.get("id"))
-                except JobNeverStarted:
-                    self.log.info("Task {task_id} was never started; starting it now", task_id=self.task_id)
-                    self.job = await self.manager.handler.submit(request)
+                self.job = await self._find_or_submit(job.get("id"))
                 if job.get("id") != self.job.job_id:
-                    await registry.update(self.task_id, phase="submitted", job=self._job_record())
+                    registry.update(self.task_id, phase="submitted", job=self._job_record())
                 phase = "submitted"
             if phase == "submitted":
                 result = await self._run()
@@ -177,6 +186,15 @@ class TaskWorker:
             self.manager.release(self)
         await self._stage_out_and_finish(result)
 
+    async def _find_or_submit(self, job_id):
+        """After a restart: find the job a previous agent started, or start it."""
+        request = self._request()
+        try:
+            return await self.manager.handler.reattach(request, job_id)
+        except JobNeverStarted:
+            self.log.info("Task {task_id} was never started; starting it now", task_id=self.task_id)
+            return await self.manager.handler.submit(request)
+
     async def _stage_in(self):
         inputs = self.record["spec"]["inputs"]
         directory = self.manager.task_dir(self.task_id)
@@ -194,7 +212,7 @@ class TaskWorker:
         self.slots = self.manager.handler.slots_needed(self.record["spec"]["resourceRequirements"])
         d = self.manager.pool.acquire(self.slots)
         if not d.called and report:
-            await self.report(protocol.QUEUED)
+            self.report(protocol.QUEUED)
         await self._step(d)
         self.holding = self.slots
         self.manager.slots_changed()
@@ -210,16 +228,17 @@ class TaskWorker:
         if self.cancel_requested:
             job.cancel()
         if job.batch:
-            await self.report(protocol.QUEUED, **self._job_info())
+            self.report(protocol.QUEUED, **self._job_info())
         clock = self.manager.wallclock
         ran = await self._step(_ran(job))
         started = clock()
         if ran:
-            await self.report(protocol.RUNNING, **self._job_info())
+            self.report(protocol.RUNNING, **self._job_info())
         result = await self._step(job.result)
+        self.manager.release(self)
         times = self.record.setdefault("times", {})
         times["runTime"] = round(clock() - started, 6)
-        await self.manager.registry.update(
+        self.manager.registry.update(
             self.task_id,
             phase="ended",
             times=times,

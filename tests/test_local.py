@@ -43,6 +43,28 @@ class LocalHandlerTests(TestCase):
         self.assertEqual(self.read("stderr"), "oops\n")
 
     @defer.inlineCallbacks
+    def test_clean_start_descriptors_and_signals(self):
+        """
+        A task gets standard input, output and error and nothing else (not
+        a descriptor the agent inherited), and every signal at its default
+        action although Python ignores SIGPIPE.
+        """
+        self.assertEqual(signal.getsignal(signal.SIGPIPE), signal.SIG_IGN)
+        leaked = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, leaked)
+        os.set_inheritable(leaked, True)
+        job = yield self.handler.submit(
+            self.request("sh -c 'ls /proc/$$/fd; grep SigIgn /proc/$$/status'")
+        )
+        result = yield job.result
+        self.assertTrue(result.succeeded)
+        fds, ignored = self.read("stdout").rsplit("\n", 2)[:2]
+        self.assertEqual(fds, "0\n1\n2")
+        # Bits 0-30 are signals 1-31 (SIGPIPE is bit 12); higher ones are
+        # glibc's own real-time signals, which a program cannot change.
+        self.assertEqual(int(ignored.split()[1], 16) & 0x7FFFFFFF, 0, ignored)
+
+    @defer.inlineCallbacks
     def test_exit_code(self):
         job = yield self.handler.submit(self.request("exit 7"))
         result = yield job.result
@@ -81,7 +103,7 @@ class LocalHandlerTests(TestCase):
 
     @defer.inlineCallbacks
     def test_killed_by_signal(self):
-        job = yield self.handler.submit(self.request("kill -SEGV $$"))
+        job = yield self.handler.submit(self.request("sh -c 'kill -SEGV $$'"))
         result = yield job.result
         code = 128 + int(signal.SIGSEGV)
         self.assertEqual(result.exit_code, code)

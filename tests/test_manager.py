@@ -196,6 +196,36 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual(h.manager.counts(), (1, 0))
         self.assertNotIn("small", h.handler.jobs)
 
+    def test_slot_freed_by_a_cancel_waits_for_the_rest_of_the_batch(self):
+        """
+        Cancels that arrive together (after a reconnect) are all handled
+        before a queued task starts in the slot the first one freed.
+        """
+        h = Harness(self, slots=1)
+        h.handler.durable_jobs = False  # like local processes: started without waiting for the disk
+        h.submit("running", spec())
+        h.submit("queued", spec())
+        self.assertEqual(h.states("queued"), ["ACCEPTED", "QUEUED"])
+        h.manager.cancel("running")  # its job ends at once, freeing the slot
+        h.manager.cancel("queued")  # same reactor turn
+        h.pump()
+        self.assertEqual(h.states("running")[-1], "CANCELED")
+        self.assertEqual(h.states("queued"), ["ACCEPTED", "QUEUED", "CANCELED"])
+        self.assertNotIn("queued", h.handler.jobs)
+
+    def test_freed_slot_goes_to_the_next_task_without_waiting_for_the_disk(self):
+        """A finished job hands its slot on at the end of its turn, with no commit to wait for first."""
+        h = Harness(self, slots=1)
+        h.handler.durable_jobs = False
+        h.submit("first", spec())
+        h.submit("second", spec())
+        h.handler.jobs["first"].finish(0)
+        self.assertNotIn("second", h.handler.jobs)  # not in the middle of the turn
+        h.clock.advance(0)  # the end of the turn
+        self.assertIn("second", h.handler.jobs)
+        h.pump()
+        self.assertEqual(h.states("first")[-1], "DONE")
+
     def test_allow_list(self):
         import re
 

@@ -153,6 +153,68 @@ class JournalTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
 
+    def test_write_ahead_is_in_the_file_before_the_flush(self):
+        """
+        write_ahead puts what is queued in the file at once (what a killed
+        agent leaves behind); its waiters hear only after the fsync.
+        """
+        journal = Journal(self.path, self.clock)
+        d = journal.append({"submitting": 1})
+        journal.write_ahead()
+        self.assertEqual(Journal(self.path, self.clock).load(), [{"submitting": 1}])
+        self.assertFalse(d.called)
+        journal.append({"next": 1})
+        self.clock.advance(0)
+        self.assertTrue(d.called)
+        self.assertEqual(journal.flushes, 1)
+        self.assertEqual(Journal(self.path, self.clock).load(), [{"submitting": 1}, {"next": 1}])
+
+    def test_fsync_failure_after_write_ahead_takes_it_back(self):
+        from everest_agent import journal as journal_module
+
+        journal = Journal(self.path, self.clock)
+        real_fsync = os.fsync
+        calls = []
+
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(28, "No space left on device")
+            return real_fsync(fd)
+
+        self.patch(journal_module.os, "fsync", fsync)
+        first = journal.append({"a": 1})
+        journal.write_ahead()
+        second = journal.append({"b": 2})
+        self.clock.advance(0)  # the fsync fails: both are taken back, in order
+        self.assertEqual(os.path.getsize(self.path), 0)
+        self.assertFalse(first.called or second.called)
+        self.clock.advance(journal.retry_delay)
+        self.assertTrue(first.called and second.called)
+        journal.stop()
+        self.assertEqual(Journal(self.path, self.clock).load(), [{"a": 1}, {"b": 2}])
+        self.flushLoggedErrors()
+
+    def test_group_write_ahead_keeps_member_order(self):
+        group = CommitGroup(self.clock)
+        first = group.add(Journal(self.path, self.clock))
+        second = group.add(Journal(self.mktemp(), self.clock))
+        second.append({"registry": 1})
+        first.append({"outbox": 1})
+        order = []
+        real_append = Journal._append
+
+        def spy(journal, data):
+            order.append(journal)
+            return real_append(journal, data)
+
+        self.patch(Journal, "_append", spy)
+        second.write_ahead()
+        self.assertEqual(order, [first, second])
+        self.clock.advance(0)
+        self.assertEqual(Journal(second.path, self.clock).load(), [{"registry": 1}])
+
+
 class OutboxTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()

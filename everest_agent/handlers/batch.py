@@ -177,6 +177,7 @@ class BatchTaskHandler(service.Service):
     """
 
     name = None
+    durable_jobs = True  # jobs run on other nodes and outlive this one
     default_commands = {}
     # One squeue costs ~45 ms plus ~0.03 ms an id: big chunks are cheap, and
     # 1000 ids stay far below the kernel's limit on one argument.

@@ -2,37 +2,47 @@
 Running tasks as processes on this machine.
 
 Each task runs detached from the agent, in a session (and process group) of
-its own, through a small shell wrapper started by C{setsid}::
+its own, through a small shell wrapper::
 
-    setsid /bin/sh -c WRAPPER everest-task TASK_DIR COMMAND
+    /bin/sh -c WRAPPER everest-task TASK_DIR COMMAND
 
-The wrapper C{cd}s to the task directory, records its pid in
-C{.everest/pid}, runs C{/bin/sh -c COMMAND} with standard output and error
-going to the files C{stdout} and C{stderr} (handed over as file
-descriptors: their bytes never pass through the agent), and as its last act
-writes the command's exit status to C{.everest/exitcode}.
+started with C{posix_spawn} and C{POSIX_SPAWN_SETSID}, standard input from
+C{/dev/null} and standard output and error opened by the spawn itself onto
+the files C{stdout} and C{stderr} (their bytes never pass through the
+agent).  The wrapper C{cd}s to the task directory, records its pid in
+C{.everest/pid}, runs COMMAND in a subshell (a fork of the wrapper, not a
+second shell to load: the wrapper's C{$1}/C{$2} are cleared first), and as
+its last act writes the command's exit status to C{.everest/exitcode} and
+exits with it.  One C{exec} per task, as cheap as C{sh -c COMMAND} alone.
+
+The agent is the wrapper's parent and learns its end from Twisted's own
+SIGCHLD handling (L{twisted.internet.process.registerReapProcessHandler}),
+with the exit status in hand, without reading any file.
 
 So a task outlives the agent: after a restart, L{LocalTaskHandler.reattach}
 finds the process again by the pid and start time recorded in its job id
 (C{"<pid>:<start ticks>"}; the start time tells a reused pid from the
 task's own), watches it until it ends, and reads the real exit status from
-the file.  A cancel or an exceeded C{timeLimit} sends SIGTERM to the whole
-process group, then SIGKILL after C{kill_grace} seconds if anything in the
-group is still alive.
+the file.  The directory C{.everest} is made just before the spawn, so an
+agent that stopped before recording that it started a job can tell (by
+that directory, the pid file or the wrapper's command line) whether it did
+(which is also why the agent need not wait for the disk before a
+spawn: see L{ITaskHandler.durable_jobs}).  A cancel or an exceeded C{timeLimit}
+sends SIGTERM to the whole process group, then SIGKILL after C{kill_grace}
+seconds if anything in the group is still alive.
 """
 
 import os
 import signal
 
-from twisted.internet import defer
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import defer, process
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from everest_agent import jobscript
 from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobNeverStarted, JobResult
 
-SETSID = "/usr/bin/setsid"
+SHELL = "/bin/sh"
 PID_FILE = os.path.join(jobscript.STATE_DIR, "pid")
 #: Marks the wrapper in a process listing: argv is [sh, -c, WRAPPER, MARK, dir, command].
 MARK = "everest-task"
@@ -42,7 +52,7 @@ MARK = "everest-task"
 _WRAPPER = (
     'cd -- "$1" || exit 126; '
     f'echo $$ > {PID_FILE}; '
-    '/bin/sh -c "$2" </dev/null; '
+    '(c=$2; set --; eval "$c"); '
     "s=$?; "
     f'echo "$s" > {jobscript.EXIT_CODE_FILE}; '
     'exit "$s"'
@@ -99,22 +109,27 @@ def _signal_group(pid, sig):
         pass
 
 
-def process_start(pid):
+def process_start(pid, zombie=False):
     """
     When process C{pid} started, in clock ticks since boot (field 22 of
-    C{/proc/<pid>/stat}), or None if there is no such process.
+    C{/proc/<pid>/stat}), or None if there is no such process (or it is a
+    zombie, which has ended, unless C{zombie} is true: the agent's own
+    child is a zombie until the agent reaps it).
     """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
     fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] == b"Z":
-        return None  # a zombie has ended
+    if fields[0] == b"Z" and not zombie:
+        return None
     return int(fields[19])
 
 
@@ -160,7 +175,7 @@ class _LocalJobBase:
         self._limit_call = None
         self._kill_call = None
         self._ended = False
-        self._status = None  # how the wrapper ended, when the agent saw it
+        self._status = None  # (exit code, signal) of the wrapper, when the agent saw it end
         self._await_call = None
 
     def _started(self, pid, start, elapsed=0.0):
@@ -228,13 +243,18 @@ class _LocalJobBase:
         self._await_call = None
         if self.result.called:
             return
-        try:
-            recorded = jobscript.read_exit_code(self.request.directory)
-        except (ValueError, OSError):
-            recorded = None
         status = self._status
-        exit_code = recorded if recorded is not None else getattr(status, "exitCode", None)
-        sig = getattr(status, "signal", None)
+        if status is not None and status[0] is not None:
+            # The wrapper exits with the status it recorded (or 126 when it
+            # could not enter the directory, and then recorded nothing).
+            recorded = status[0]
+        else:
+            try:
+                recorded = jobscript.read_exit_code(self.request.directory)
+            except (ValueError, OSError):
+                recorded = None
+        exit_code = recorded
+        sig = status[1] if status is not None else None
         if self._why_killed == "canceled":
             result = JobResult(exit_code, "canceled", canceled=True)
         elif self._why_killed == "timeout":
@@ -251,15 +271,32 @@ class _LocalJobBase:
 
 
 @implementer(IJob)
-class LocalJob(_LocalJobBase, ProcessProtocol):
-    """A task the agent started: its end is the wrapper's C{processEnded}."""
+class LocalJob(_LocalJobBase):
+    """
+    A task the agent started: its end is reaped by Twisted's SIGCHLD
+    handling, which calls L{reapProcess} (and L{processEnded} at once if
+    the wrapper has already ended when it is registered).
+    """
 
-    def connectionMade(self):
-        pid = self.transport.pid
-        self._started(pid, process_start(pid))
+    def watch(self, pid):
+        self._started(pid, process_start(pid, zombie=True))
+        process.registerReapProcessHandler(pid, self)
 
-    def processEnded(self, reason):
-        self._status = reason.value
+    def reapProcess(self):
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, None  # reaped by someone else: status unknown
+        if pid:
+            process.unregisterReapProcessHandler(pid, self)
+            self.processEnded(status)
+
+    def processEnded(self, status):
+        if status is not None:
+            if os.WIFSIGNALED(status):
+                self._status = (None, os.WTERMSIG(status))
+            else:
+                self._status = (os.waitstatus_to_exitcode(status), None)
         self._leader_ended()
 
 
@@ -304,6 +341,8 @@ class ReattachedJob(_LocalJobBase):
 class LocalTaskHandler:
     log = Logger()
     name = "local"
+    #: Tasks end with this machine (see L{ITaskHandler.durable_jobs}).
+    durable_jobs = False
 
     def __init__(self, reactor, slots, kill_grace=10.0, environ=None):
         self._reactor = reactor
@@ -312,6 +351,7 @@ class LocalTaskHandler:
         self._environ = dict(os.environ if environ is None else environ)
         self._watched = []  # ReattachedJobs
         self._poll = None
+        self._fds_checked = False
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -329,33 +369,35 @@ class LocalTaskHandler:
     def submit(self, request):
         environment = dict(self._environ)
         environment.update(request.environment)
+        directory = request.directory
         job = LocalJob(request, self._reactor, self.kill_grace)
-        fds = []
-        cloexec = getattr(os, "O_CLOEXEC", 0)
         try:
-            state = os.path.join(request.directory, jobscript.STATE_DIR)
-            os.makedirs(state, exist_ok=True)
-            for stale in (jobscript.EXIT_CODE_FILE, PID_FILE):
-                try:
-                    os.unlink(os.path.join(request.directory, stale))
-                except FileNotFoundError:
-                    pass
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | cloexec
-            fds.append(os.open(os.devnull, os.O_RDONLY | cloexec))
-            fds.append(os.open(os.path.join(request.directory, "stdout"), flags, 0o644))
-            fds.append(os.open(os.path.join(request.directory, "stderr"), flags, 0o644))
-            self._reactor.spawnProcess(
-                job,
-                SETSID,
-                [SETSID, "/bin/sh", "-c", _WRAPPER, MARK, request.directory, request.command],
-                env=environment,
-                childFDs={0: fds[0], 1: fds[1], 2: fds[2]},
+            if not self._fds_checked:
+                _close_inherited_fds()
+                self._fds_checked = True
+            try:
+                os.mkdir(os.path.join(directory, jobscript.STATE_DIR))
+            except FileExistsError:
+                for stale in (jobscript.EXIT_CODE_FILE, PID_FILE):
+                    try:
+                        os.unlink(os.path.join(directory, stale))
+                    except FileNotFoundError:
+                        pass
+            pid = os.posix_spawn(
+                SHELL,
+                [SHELL, "-c", _WRAPPER, MARK, directory, request.command],
+                environment,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.path.join(directory, "stdout"), _CREATE, 0o644),
+                    (os.POSIX_SPAWN_OPEN, 2, os.path.join(directory, "stderr"), _CREATE, 0o644),
+                ],
+                setsid=True,
+                setsigdef=_DEFAULT_SIGNALS,
             )
-        except OSError as e:
-            return defer.fail(RuntimeError(f"cannot start the task: {e.strerror or e}"))
-        finally:
-            for fd in fds:
-                os.close(fd)
+        except (OSError, ValueError) as e:
+            return defer.fail(RuntimeError(f"cannot start the task: {getattr(e, 'strerror', None) or e}"))
+        job.watch(pid)
         return defer.succeed(job)
 
     def reattach(self, request, job_id):
@@ -372,6 +414,9 @@ class LocalTaskHandler:
             pid, start = int(pid_text), int(start_text) if start_text.isdigit() else None
             if start is None or process_start(pid) != start:
                 pid = None  # ended (or the pid now belongs to another process)
+        elif not os.path.isdir(os.path.join(directory, jobscript.STATE_DIR)):
+            # Made just before every spawn: without it, nothing was started.
+            return defer.fail(JobNeverStarted("the task was never started (the agent stopped first)"))
         else:
             candidate = _read_pid(directory) or _find_wrapper(directory)
             if candidate is not None and _is_wrapper(candidate, directory):
@@ -422,6 +467,35 @@ class LocalTaskHandler:
 
     def resource_info(self):
         return defer.succeed({})
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+#: Every signal a task starts with at its default action, whatever the agent
+#: does with it (Python ignores SIGPIPE, nohup SIGHUP): posix_spawn resets
+#: them in the child; handlers are reset by exec anyway.
+_DEFAULT_SIGNALS = frozenset(
+    sig for sig in signal.valid_signals()
+    if 0 < sig < signal.NSIG and sig not in (signal.SIGKILL, signal.SIGSTOP)
+)
+
+
+def _close_inherited_fds():
+    """
+    Mark every descriptor the agent inherited (from systemd, a shell, a test
+    harness) close-on-exec, so tasks get only their three.  Descriptors the
+    agent opens itself are close-on-exec already (PEP 446), so this is done
+    once, before the first spawn, instead of listing descriptors per task.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+            except OSError:
+                pass
 
 
 def _read_pid(directory):
