@@ -65,6 +65,16 @@ class LocalHandlerTests(TestCase):
         self.assertEqual(int(ignored.split()[1], 16) & 0x7FFFFFFF, 0, ignored)
 
     @defer.inlineCallbacks
+    def test_end_found_even_without_sigchld(self):
+        """If SIGCHLD never reaches the handler, its safety poll still sees the end, with the status."""
+        from twisted.internet import process
+
+        job = yield self.handler.submit(self.request("sleep 0.2; exit 9"))
+        process.unregisterReapProcessHandler(job.pid, job)  # as if the signal were lost
+        result = yield job.result
+        self.assertEqual(result.exit_code, 9)
+
+    @defer.inlineCallbacks
     def test_exit_code(self):
         job = yield self.handler.submit(self.request("exit 7"))
         result = yield job.result
@@ -169,8 +179,9 @@ class ReattachTests(TestCase):
     @defer.inlineCallbacks
     def test_running_task_found_by_id(self):
         go = os.path.join(self.dir, "go")
-        request = self.request(f"while [ ! -e {go} ]; do sleep 0.02; done; exit 4")
+        request = self.request(f"echo started; while [ ! -e {go} ]; do sleep 0.02; done; exit 4")
         original = yield self.first.submit(request)
+        yield _wait_for_file(os.path.join(self.dir, "stdout"))  # a restart takes longer than an exec
         job = yield self.second.reattach(request, original.job_id)
         verifyObject(IJob, job)
         self.assertEqual(job.job_id, original.job_id)
@@ -190,28 +201,64 @@ class ReattachTests(TestCase):
         self.assertEqual(result.exit_code, 3)
 
     @defer.inlineCallbacks
+    def test_older_job_ids_with_a_start_time(self):
+        """Job ids recorded as "<pid>:<start ticks>" are still honoured, start time included."""
+        from everest_agent.handlers.local import process_start
+
+        go = os.path.join(self.dir, "go")
+        request = self.request(f"echo started; while [ ! -e {go} ]; do sleep 0.02; done; exit 5")
+        original = yield self.first.submit(request)
+        yield _wait_for_file(os.path.join(self.dir, "stdout"))
+        start = process_start(original.pid)
+        # Another start time: another process, so this task's wrapper is gone
+        # (and left no exit status).
+        yield self.assertFailure(self.second.reattach(request, f"{original.pid}:{start + 1}"), JobLost)
+        job = yield self.second.reattach(request, f"{original.pid}:{start}")
+        self.assertEqual(job.pid, original.pid)
+        self.assertFalse(job.result.called)
+        open(go, "w").close()
+        result = yield job.result
+        self.assertEqual(result.exit_code, 5)
+        yield original.result
+
+    @defer.inlineCallbacks
     def test_reused_pid_is_not_taken_for_the_task(self):
         request = self.request("exit 0")
         original = yield self.first.submit(request)
         yield original.result
-        pid, start = original.job_id.split(":")
-        # Our own pid, alive, but with another start time: a reused pid.
-        job = yield self.second.reattach(request, f"{os.getpid()}:{int(start) + 1}")
+        # Our own pid: alive, but not this task's wrapper (a reused pid).
+        job = yield self.second.reattach(request, str(os.getpid()))
         result = yield job.result
         self.assertEqual(result.exit_code, 0)
         self.assertNotEqual(job.pid, os.getpid())
 
     @defer.inlineCallbacks
-    def test_found_by_pid_file_when_id_was_not_recorded(self):
+    def test_found_by_command_line_when_id_was_not_recorded(self):
         go = os.path.join(self.dir, "go")
-        request = self.request(f"while [ ! -e {go} ]; do sleep 0.02; done")
+        request = self.request(f"echo started; while [ ! -e {go} ]; do sleep 0.02; done")
         original = yield self.first.submit(request)
-        yield _wait_for_file(os.path.join(self.dir, ".everest", "pid"))
+        yield _wait_for_file(os.path.join(self.dir, "stdout"))
         job = yield self.second.reattach(request, None)
         self.assertEqual(job.pid, original.pid)
         open(go, "w").close()
         result = yield job.result
         self.assertTrue(result.succeeded)
+        yield original.result
+
+    @defer.inlineCallbacks
+    def test_the_subshell_is_not_taken_for_the_wrapper(self):
+        """The command's subshell has the wrapper's command line, but it is not the task's leader."""
+        from everest_agent.handlers.local import _find_wrapper, _is_wrapper
+
+        request = self.request("echo started; sleep 60")
+        original = yield self.first.submit(request)
+        yield _wait_for_file(os.path.join(self.dir, "stdout"))
+        with open(f"/proc/{original.pid}/task/{original.pid}/children") as f:
+            (subshell,) = (int(pid) for pid in f.read().split())
+        self.assertTrue(_is_wrapper(original.pid, self.dir))
+        self.assertFalse(_is_wrapper(subshell, self.dir))
+        self.assertEqual(_find_wrapper(self.dir), original.pid)
+        original.cancel()
         yield original.result
 
     def test_never_started(self):
@@ -220,18 +267,30 @@ class ReattachTests(TestCase):
         return self.assertFailure(self.second.reattach(self.request("true"), None), JobNeverStarted)
 
     @defer.inlineCallbacks
-    def test_killed_while_away_is_lost(self):
-        request = self.request("sleep 60")
+    def test_started_then_killed_before_its_id_was_recorded_is_lost(self):
+        """Once the spawn's marker is there, a task without a wrapper or an exit status is lost, not restarted."""
+        request = self.request("echo started; sleep 60")
         original = yield self.first.submit(request)
-        yield _wait_for_file(os.path.join(self.dir, ".everest", "pid"))
+        yield _wait_for_file(os.path.join(self.dir, "stdout"))
+        os.killpg(original.pid, signal.SIGKILL)
+        yield original.result
+        yield self.assertFailure(self.second.reattach(request, None), JobLost)
+        self.assertFalse(self.flushLoggedErrors())
+
+    @defer.inlineCallbacks
+    def test_killed_while_away_is_lost(self):
+        request = self.request("echo started; sleep 60")
+        original = yield self.first.submit(request)
+        yield _wait_for_file(os.path.join(self.dir, "stdout"))
         os.killpg(original.pid, signal.SIGKILL)
         yield original.result
         yield self.assertFailure(self.second.reattach(request, original.job_id), JobLost)
 
     @defer.inlineCallbacks
     def test_cancel_reattached(self):
-        request = self.request("sleep 60 & sleep 60 & wait")
+        request = self.request("sleep 60 & sleep 60 & echo started; wait")
         original = yield self.first.submit(request)
+        yield _wait_for_file(os.path.join(self.dir, "stdout"))
         job = yield self.second.reattach(request, original.job_id)
         job.cancel()
         result = yield job.result

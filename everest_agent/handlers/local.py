@@ -9,25 +9,26 @@ its own, through a small shell wrapper::
 started with C{posix_spawn} and C{POSIX_SPAWN_SETSID}, standard input from
 C{/dev/null} and standard output and error opened by the spawn itself onto
 the files C{stdout} and C{stderr} (their bytes never pass through the
-agent).  The wrapper C{cd}s to the task directory, records its pid in
-C{.everest/pid}, runs COMMAND in a subshell (a fork of the wrapper, not a
-second shell to load: the wrapper's C{$1}/C{$2} are cleared first), and as
-its last act writes the command's exit status to C{.everest/exitcode} and
-exits with it.  One C{exec} per task, as cheap as C{sh -c COMMAND} alone.
+agent).  The wrapper C{cd}s to the task directory, runs COMMAND in a
+subshell (a fork of the wrapper, not a second shell to load: the wrapper's
+C{$1}/C{$2} are cleared first), and as its last act writes the command's
+exit status to C{.everest/exitcode} and exits with it.  One C{exec} and one
+file per task beyond C{sh -c COMMAND} alone.
 
 The agent is the wrapper's parent and learns its end from Twisted's own
 SIGCHLD handling (L{twisted.internet.process.registerReapProcessHandler}),
 with the exit status in hand, without reading any file.
 
 So a task outlives the agent: after a restart, L{LocalTaskHandler.reattach}
-finds the process again by the pid and start time recorded in its job id
-(C{"<pid>:<start ticks>"}; the start time tells a reused pid from the
-task's own), watches it until it ends, and reads the real exit status from
-the file.  The directory C{.everest} is made just before the spawn, so an
-agent that stopped before recording that it started a job can tell (by
-that directory, the pid file or the wrapper's command line) whether it did
-(which is also why the agent need not wait for the disk before a
-spawn: see L{ITaskHandler.durable_jobs}).  A cancel or an exceeded C{timeLimit}
+finds the process again by the pid recorded as its job id (its command line,
+which names the task directory, tells the task's wrapper from an unrelated
+process that got the same pid), watches it until it ends, and reads the
+real exit status from the file.  The directory C{.everest} is made just
+before the spawn, so an agent that stopped before recording the job id can
+tell whether it started the job: no directory, no job; else the wrapper's
+command line finds it running, or its exit-code file tells how it ended
+(which is also why the agent need not wait for the disk before a spawn: see
+L{ITaskHandler.durable_jobs}).  A cancel or an exceeded C{timeLimit}
 sends SIGTERM to the whole process group, then SIGKILL after C{kill_grace}
 seconds if anything in the group is still alive.
 """
@@ -43,7 +44,6 @@ from everest_agent import jobscript
 from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobNeverStarted, JobResult
 
 SHELL = "/bin/sh"
-PID_FILE = os.path.join(jobscript.STATE_DIR, "pid")
 #: Marks the wrapper in a process listing: argv is [sh, -c, WRAPPER, MARK, dir, command].
 MARK = "everest-task"
 
@@ -51,7 +51,6 @@ MARK = "everest-task"
 # between the command's end and its status reaching the disk.
 _WRAPPER = (
     'cd -- "$1" || exit 126; '
-    f'echo $$ > {PID_FILE}; '
     '(c=$2; set --; eval "$c"); '
     "s=$?; "
     f'echo "$s" > {jobscript.EXIT_CODE_FILE}; '
@@ -61,6 +60,9 @@ _WRAPPER = (
 #: Seconds between checks on tasks found again after a restart (they are
 #: not the agent's children, so their end cannot be waited for).
 POLL_INTERVAL = 0.5
+#: Seconds between the checks on the agent's own children that back up
+#: SIGCHLD (see L{LocalTaskHandler._reap_children}).
+REAP_INTERVAL = 1.0
 
 
 def _signal_name(number):
@@ -135,16 +137,8 @@ def process_start(pid, zombie=False):
 
 def _find_wrapper(directory):
     """The pid of a live wrapper running in C{directory}, searched in /proc."""
-    wanted = b"\0" + MARK.encode() + b"\0" + os.fsencode(directory) + b"\0"
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if wanted in cmdline:
+        if name.isdigit() and _is_wrapper(int(name), directory):
             return int(name)
     return None
 
@@ -178,9 +172,9 @@ class _LocalJobBase:
         self._status = None  # (exit code, signal) of the wrapper, when the agent saw it end
         self._await_call = None
 
-    def _started(self, pid, start, elapsed=0.0):
+    def _started(self, pid, elapsed=0.0):
         self.pid = pid
-        self.job_id = f"{pid}:{start}"
+        self.job_id = str(pid)
         limit = self.request.time_limit
         if limit:
             self._limit_call = self._clock.callLater(max(0.0, limit - elapsed), self._terminate, "timeout")
@@ -279,17 +273,26 @@ class LocalJob(_LocalJobBase):
     """
 
     def watch(self, pid):
-        self._started(pid, process_start(pid, zombie=True))
+        self._started(pid)
         process.registerReapProcessHandler(pid, self)
 
     def reapProcess(self):
+        """
+        Reap the wrapper if it has ended.  @return: True if it had (so the
+        handler's safety poll can tell when it, not SIGCHLD, saw an end).
+        """
+        if self._ended:
+            return False
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             pid, status = self.pid, None  # reaped by someone else: status unknown
-        if pid:
+        if not pid:
+            return False
+        if process.reapProcessHandlers.get(pid) is self:
             process.unregisterReapProcessHandler(pid, self)
-            self.processEnded(status)
+        self.processEnded(status)
+        return True
 
     def processEnded(self, status):
         if status is not None:
@@ -306,7 +309,8 @@ class ReattachedJob(_LocalJobBase):
 
     def __init__(self, request, clock, kill_grace, pid, start, elapsed):
         super().__init__(request, clock, kill_grace)
-        self._started(pid, start, elapsed)
+        self._start = start  # tells the wrapper from a later process with its pid
+        self._started(pid, elapsed)
 
     _close_watch = None
 
@@ -331,7 +335,7 @@ class ReattachedJob(_LocalJobBase):
         """Called by the handler's poll; True once the job has ended."""
         if self._ended:
             return True
-        if process_start(self.pid) != int(self.job_id.split(":")[1]):
+        if process_start(self.pid) != self._start:
             self._leader_ended()
             return True
         return False
@@ -352,6 +356,8 @@ class LocalTaskHandler:
         self._watched = []  # ReattachedJobs
         self._poll = None
         self._fds_checked = False
+        self._children = set()  # LocalJobs still running
+        self._reap_call = None
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -378,11 +384,10 @@ class LocalTaskHandler:
             try:
                 os.mkdir(os.path.join(directory, jobscript.STATE_DIR))
             except FileExistsError:
-                for stale in (jobscript.EXIT_CODE_FILE, PID_FILE):
-                    try:
-                        os.unlink(os.path.join(directory, stale))
-                    except FileNotFoundError:
-                        pass
+                try:
+                    os.unlink(os.path.join(directory, jobscript.EXIT_CODE_FILE))  # a stale one
+                except FileNotFoundError:
+                    pass
             pid = os.posix_spawn(
                 SHELL,
                 [SHELL, "-c", _WRAPPER, MARK, directory, request.command],
@@ -398,27 +403,58 @@ class LocalTaskHandler:
         except (OSError, ValueError) as e:
             return defer.fail(RuntimeError(f"cannot start the task: {getattr(e, 'strerror', None) or e}"))
         job.watch(pid)
+        if not job.result.called:
+            self._children.add(job)
+            job.result.addBoth(self._child_ended, job)
+            if self._reap_call is None:
+                self._reap_call = self._reactor.callLater(REAP_INTERVAL, self._reap_children)
         return defer.succeed(job)
+
+    def _child_ended(self, result, job):
+        self._children.discard(job)
+        if not self._children and self._reap_call is not None:
+            self._reap_call.cancel()
+            self._reap_call = None
+        return result
+
+    def _reap_children(self):
+        """
+        A safety net under SIGCHLD: a wrapper's end is noticed within
+        L{REAP_INTERVAL} even if its signal was lost (a reactor restarted
+        without its SIGCHLD handling, another library's handler).
+        """
+        self._reap_call = None
+        for job in list(self._children):
+            if job.reapProcess():
+                self.log.warn("Task {task_id}: its end was found by polling, not by SIGCHLD",
+                              task_id=job.request.task_id)
+        if self._children:
+            self._reap_call = self._reactor.callLater(REAP_INTERVAL, self._reap_children)
 
     def reattach(self, request, job_id):
         """
-        Find a task's process after a restart: by the pid and start time in
-        C{job_id}, or (when the job id never reached the disk) by the
-        wrapper's pid file or its command line.  A task that ended meanwhile
-        reports the exit status its wrapper wrote.
+        Find a task's process after a restart: by the pid in C{job_id}, or
+        (when the job id never reached the disk) by the wrapper's command
+        line; either way only a live process whose command line
+        is this task's wrapper counts.  A task that ended meanwhile reports
+        the exit status its wrapper wrote.
         """
         directory = request.directory
         pid = start = None
         if job_id:
+            # "<pid>", or "<pid>:<start ticks>" as older versions recorded it.
             pid_text, _, start_text = job_id.partition(":")
-            pid, start = int(pid_text), int(start_text) if start_text.isdigit() else None
-            if start is None or process_start(pid) != start:
+            if not pid_text.isdigit():
+                return defer.fail(JobLost(f"the task's recorded job id {job_id!r} is not a pid"))
+            pid = int(pid_text)
+            start = process_start(pid)
+            if start is None or not _is_wrapper(pid, directory) or start_text not in ("", str(start)):
                 pid = None  # ended (or the pid now belongs to another process)
         elif not os.path.isdir(os.path.join(directory, jobscript.STATE_DIR)):
             # Made just before every spawn: without it, nothing was started.
             return defer.fail(JobNeverStarted("the task was never started (the agent stopped first)"))
         else:
-            candidate = _read_pid(directory) or _find_wrapper(directory)
+            candidate = _find_wrapper(directory)
             if candidate is not None and _is_wrapper(candidate, directory):
                 pid, start = candidate, process_start(candidate)
         if pid is None:
@@ -434,8 +470,6 @@ class LocalTaskHandler:
         except (ValueError, OSError) as e:
             return defer.fail(JobLost(f"the task's exit status file is damaged: {e}"))
         if exit_code is None:
-            if not os.path.exists(os.path.join(request.directory, PID_FILE)):
-                return defer.fail(JobNeverStarted("the task was never started (the agent stopped first)"))
             return defer.fail(
                 JobLost("the task ended while the agent was away, leaving no exit status (killed?)")
             )
@@ -498,21 +532,27 @@ def _close_inherited_fds():
                 pass
 
 
-def _read_pid(directory):
-    try:
-        with open(os.path.join(directory, PID_FILE)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def _is_wrapper(pid, directory):
+    """
+    Whether C{pid} is the live wrapper of the task in C{directory}: its
+    command line names the task directory, and it leads its process group
+    (the subshell that runs the command is a fork of the wrapper, with the
+    same command line, but not a group leader).
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
     except OSError:
         return False
-    return (b"\0" + MARK.encode() + b"\0" + os.fsencode(directory) + b"\0") in cmdline
+    if (b"\0" + MARK.encode() + b"\0" + os.fsencode(directory) + b"\0") not in cmdline:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return fields[0] != b"Z" and int(fields[2]) == pid
 
 
 def _age(start_ticks):
