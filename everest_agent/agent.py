@@ -13,8 +13,9 @@ import os
 import time
 
 from twisted.application.service import IService, MultiService
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from everest_agent import __version__, protocol
 from everest_agent.channel import TaskChannel
@@ -44,8 +45,14 @@ class EverestAgent(MultiService):
         agent = config.agent
         self.user_agent = f"everest-agent/{__version__}"
         self.handler = handler if handler is not None else make_handler(config, reactor)
-        # One commit group, outbox first: the registry is never ahead of it.
-        commits = CommitGroup(reactor)
+        # One commit group, outbox first.  Its fsyncs run in a thread of
+        # their own, so the reactor goes on meanwhile (see journal.py).
+        self._fsync_pool = None
+        sync_in_thread = None
+        if fsync:
+            self._fsync_pool = ThreadPool(minthreads=1, maxthreads=1, name="everest-fsync")
+            sync_in_thread = lambda f: threads.deferToThreadPool(reactor, self._fsync_pool, f)  # noqa: E731
+        commits = CommitGroup(reactor, sync_in_thread=sync_in_thread)
         self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.sender = Sender(self.outbox, reactor, wallclock)
@@ -95,6 +102,11 @@ class EverestAgent(MultiService):
         make_private_dir(agent.state_dir)
         os.makedirs(agent.work_dir, mode=0o700, exist_ok=True)
         self._take_lock(agent.state_dir)
+        if self._fsync_pool is not None:
+            self._fsync_pool.start()
+            # Whatever happens to the graceful stop, the thread must not keep
+            # the process alive.
+            self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fsync_pool)
         self.outbox.load()
         self.registry.load()
         self.status.starting(handler=self.handler.name, slots=agent.max_tasks)  # operations
@@ -157,6 +169,7 @@ class EverestAgent(MultiService):
             await self._channel_port.stopListening()
             self._channel_port = None
         await self.stager.close()
+        self._stop_fsync_pool()  # the journals have synced everything themselves
         if self._lock is not None:
             self.status.stopped()  # operations: before the lock goes
             os.close(self._lock)
@@ -165,6 +178,10 @@ class EverestAgent(MultiService):
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
+
+    def _stop_fsync_pool(self):
+        if self._fsync_pool is not None and self._fsync_pool.started:
+            self._fsync_pool.stop()
 
     # -- what the connection asks of the agent ------------------------------------
 

@@ -11,6 +11,14 @@ C{write} and a single C{fsync}, then fires all their Deferreds at once.  So
 a thousand tasks reporting in the same turn cost one fsync, not a thousand,
 and each caller still learns exactly when its own record is on disk.
 
+With C{sync_in_thread} (the agent's setting), a L{CommitGroup} writes in
+the reactor thread but leaves the fsync to another thread, one at a time:
+while it runs the reactor goes on, the records of the next turns are
+written behind it, and the next fsync covers all of them at once.  Their
+Deferreds fire, in order, in the reactor thread when it is done.  If an
+fsync fails, what it covered and everything written after it is cut off
+the file and queued again, in order.
+
 L{Journal.write_ahead} (or L{CommitGroup.write_ahead}) writes what is
 queued at once, without fsync, for a record that must be in the file (so a
 killed agent leaves it behind) before the caller acts, but need not
@@ -27,6 +35,7 @@ import json
 import os
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -176,6 +185,29 @@ class Journal:
         self.failing = True
         return False
 
+    def _take_unsynced(self):
+        """Hand what is written but not fsynced to an fsync about to run."""
+        taken = (self._unsynced_offset, self._unsynced_lines, self._unsynced)
+        self._unsynced, self._unsynced_lines, self._unsynced_offset = [], [], None
+        return taken
+
+    def _synced(self, taken):
+        _, lines, waiting = taken
+        self.lines += len(lines)
+        self.flushes += 1
+        self._written += waiting
+        self.failing = False
+
+    def _sync_failed(self, taken, error):
+        """Cut off what the failed fsync covered and all written since; queue it again, in order."""
+        offset, lines, waiting = taken
+        if self._file is not None:
+            self._truncate(offset)
+        self._queue[:0] = lines + self._unsynced_lines
+        self._waiting[:0] = waiting + self._unsynced
+        self._unsynced, self._unsynced_lines, self._unsynced_offset = [], [], None
+        self._failed(error)
+
     def write_ahead(self):
         """
         Write what is queued now, without waiting for fsync (see the module
@@ -240,7 +272,10 @@ class Journal:
             left as it was.
         """
         data = b"".join(_dumps(r).encode("utf-8") + b"\n" for r in records)
-        self.flush()
+        if self._group is not None:
+            self._group.sync_now()
+        else:
+            self.flush()
         if self.failing:
             raise OSError("cannot compact while writes are failing")
         tmp = self.path + ".tmp"
@@ -286,9 +321,12 @@ class Journal:
             self._file = None
 
     def stop(self):
-        """Flush what is queued and close the file."""
+        """Flush what is queued (fsync included, at once) and close the file."""
         try:
-            self.flush()
+            if self._group is not None:
+                self._group.sync_now()
+            else:
+                self.flush()
         finally:
             if self._flush_call is not None and self._flush_call.active():
                 self._flush_call.cancel()
@@ -311,16 +349,29 @@ class CommitGroup:
     and the whole group tries again later, in the same order.
     """
 
-    def __init__(self, reactor, retry_delay=Journal.retry_delay):
+    def __init__(self, reactor, retry_delay=Journal.retry_delay, sync_in_thread=None):
+        """
+        @param sync_in_thread: None to fsync in the reactor thread, or a
+            callable taking a function and returning a Deferred of its
+            result run in another thread (the agent passes
+            C{deferToThreadPool} with a pool of one thread).
+        """
         self._reactor = reactor
         self.retry_delay = retry_delay
         self.journals = []
         self._call = None
+        self._sync_in_thread = sync_in_thread
+        self._in_flight = None  # [(journal, taken)] of the fsync running in the other thread
+        self._generation = 0  # bumped when sync_now overtakes an fsync in flight
 
     def add(self, journal):
         journal._group = self
         self.journals.append(journal)
         return journal
+
+    @property
+    def syncing(self):
+        return self._in_flight is not None
 
     def schedule(self, delay=0):
         if self._call is None:
@@ -337,9 +388,74 @@ class CommitGroup:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        threaded = self._sync_in_thread is not None
         for journal in self.journals:
-            if not journal._write_queued():
+            if not journal._write_queued(sync=not threaded):
                 self.schedule(self.retry_delay)
                 return
+        if threaded and self._in_flight is None:
+            self._start_sync()
+        self._fire()
+
+    def _fire(self):
         for journal in self.journals:
             journal._fire()
+
+    def _start_sync(self):
+        batch = [(j, j._take_unsynced()) for j in self.journals if j._unsynced_lines]
+        if not batch:
+            return
+        self._in_flight = batch
+        generation = self._generation
+        fds = [(j._file.fileno(), j._fsync) for j, _ in batch]
+
+        def fsync_all():
+            for fd, really in fds:
+                if really:
+                    os.fsync(fd)
+
+        self._sync_in_thread(fsync_all).addBoth(self._sync_done, batch, generation)
+
+    def _sync_done(self, result, batch, generation):
+        if generation != self._generation:
+            return  # sync_now did it (and this thread's fsync may have hit a closed file)
+        self._in_flight = None
+        if isinstance(result, Failure):
+            error = result.value if isinstance(result.value, OSError) else OSError(str(result.value))
+            for journal, taken in batch:
+                journal._sync_failed(taken, error)
+            self.schedule(self.retry_delay)
+            return
+        for journal, taken in batch:
+            journal._synced(taken)
+        self._fire()
+        if any(j._unsynced_lines or j._queue for j in self.journals):
+            self.schedule()
+
+    def sync_now(self):
+        """
+        Write and fsync everything, in this thread, now (before a compaction
+        and when the agent stops), overtaking an fsync in flight.
+
+        @return: False if a write or an fsync failed (all stays queued).
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        batch, self._in_flight = self._in_flight or [], None
+        self._generation += 1
+        ok = True
+        for journal, taken in batch:
+            # Put what the overtaken fsync covered back in front, as unsynced.
+            offset, lines, waiting = taken
+            journal._unsynced_offset = offset
+            journal._unsynced_lines[:0] = lines
+            journal._unsynced[:0] = waiting
+        for journal in self.journals:
+            if ok and not journal._write_queued(sync=True):
+                ok = False
+        if not ok:
+            self.schedule(self.retry_delay)
+            return False
+        self._fire()
+        return True

@@ -215,6 +215,114 @@ class JournalTests(SynchronousTestCase):
         self.assertEqual(Journal(second.path, self.clock).load(), [{"registry": 1}])
 
 
+class FakeSyncThread:
+    """Stands for the fsync thread: runs nothing until the test says so."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, function):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred()
+        self.calls.append((function, d))
+        return d
+
+    def finish(self, fail=None):
+        from twisted.python.failure import Failure
+
+        function, d = self.calls.pop(0)
+        if fail is None:
+            try:
+                result = function()
+            except Exception:
+                fail = Failure()
+        if fail is not None:
+            d.errback(fail)
+        else:
+            d.callback(result)
+
+
+class ThreadedSyncTests(SynchronousTestCase):
+    """A commit group whose fsyncs run in another thread, one at a time."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.thread = FakeSyncThread()
+        self.group = CommitGroup(self.clock, sync_in_thread=self.thread)
+        self.outbox = self.group.add(Journal(self.mktemp(), self.clock))
+        self.registry = self.group.add(Journal(self.mktemp(), self.clock))
+
+    def load(self, journal):
+        return Journal(journal.path, self.clock).load()
+
+    def test_written_at_once_durable_after_the_thread(self):
+        first = self.outbox.append({"m": 1})
+        record = self.registry.append({"r": 1})
+        self.clock.advance(0)
+        self.assertEqual((self.load(self.outbox), self.load(self.registry)), ([{"m": 1}], [{"r": 1}]))
+        self.assertFalse(first.called or record.called)
+        self.assertEqual(len(self.thread.calls), 1)
+        self.thread.finish()
+        self.assertTrue(first.called and record.called)
+
+    def test_one_fsync_in_flight_the_next_covers_the_rest(self):
+        fired = []
+        self.outbox.append({"m": 1}).addCallback(lambda _: fired.append(1))
+        self.clock.advance(0)
+        for n in (2, 3):
+            self.outbox.append({"m": n}).addCallback(lambda _, n=n: fired.append(n))
+            self.clock.advance(0)
+        self.assertEqual(len(self.thread.calls), 1)  # 2 and 3 are written, waiting
+        self.assertEqual(len(self.load(self.outbox)), 3)
+        self.thread.finish()
+        self.assertEqual(fired, [1])
+        self.clock.advance(0)
+        self.assertEqual(len(self.thread.calls), 1)
+        self.thread.finish()
+        self.assertEqual(fired, [1, 2, 3])
+        self.assertEqual(self.outbox.flushes, 2)
+
+    def test_failed_fsync_cuts_off_and_retries_in_order(self):
+        from twisted.python.failure import Failure
+
+        first = self.outbox.append({"m": 1})
+        self.clock.advance(0)
+        second = self.outbox.append({"m": 2})  # written behind the failing fsync
+        self.clock.advance(0)
+        self.thread.finish(Failure(OSError(28, "No space left on device")))
+        self.assertEqual(self.load(self.outbox), [])
+        self.assertFalse(first.called or second.called)
+        self.clock.advance(self.group.retry_delay)
+        self.thread.finish()
+        self.assertTrue(first.called and second.called)
+        self.assertEqual(self.load(self.outbox), [{"m": 1}, {"m": 2}])
+        self.flushLoggedErrors()
+
+    def test_stop_overtakes_the_fsync_in_flight(self):
+        fired = []
+        self.outbox.append({"m": 1}).addCallback(lambda _: fired.append(1))
+        self.clock.advance(0)
+        self.outbox.append({"m": 2}).addCallback(lambda _: fired.append(2))
+        self.outbox.stop()
+        self.registry.stop()
+        self.assertEqual(fired, [1, 2])
+        self.thread.finish()  # the overtaken fsync ends later: nothing happens twice
+        self.assertEqual(fired, [1, 2])
+        self.assertEqual(self.load(self.outbox), [{"m": 1}, {"m": 2}])
+
+    def test_compaction_during_an_fsync_in_flight(self):
+        waited = self.outbox.append({"m": 1})
+        self.clock.advance(0)
+        self.outbox.rewrite([{"compacted": 1}])
+        self.assertTrue(waited.called)
+        self.thread.finish()
+        self.outbox.append({"m": 2})
+        self.clock.advance(0)
+        self.thread.finish()
+        self.assertEqual(self.load(self.outbox), [{"compacted": 1}, {"m": 2}])
+
+
 class OutboxTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
