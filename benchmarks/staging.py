@@ -4,6 +4,7 @@ Staging throughput and memory against a real nginx on loopback.
 
     python benchmarks/staging.py [--runs 3] [--dir DIR] [--size-mib 1024]
                                  [--shared-mib 200] [--tasks 500]
+                                 [--only download,upload,share] [--json FILE]
 
 Prints, in one run:
 
@@ -16,7 +17,9 @@ Prints, in one run:
  4. 500 tasks sharing one 200 MiB input: the bytes nginx sent for it,
     counted from its access log (goal: exactly 200 MiB, once).
 
-Goals: both ratios >= 0.8, RSS growth < 64 MiB, item 4 exact.
+Goals: both ratios >= 0.8, RSS growth < 64 MiB, item 4 exact.  --only runs
+some of the parts (download: 1 and its memory; upload: 2 and its memory;
+share: 4), and judges only those.
 
 nginx (Debian package nginx-light, installed with apt-get if missing and we
 are root) runs from a temporary configuration, on 127.0.0.1 only, with
@@ -30,6 +33,10 @@ For reference it also downloads without sha256 and size (nothing to hash).
 Each figure is the median of --runs (agent and curl alternating, each run
 in a fresh process); the CPU seconds per GiB (all threads) are printed too,
 as they depend much less on other work on the machine than the speeds.
+
+To compare two versions of the agent on the same machine, run this once per
+version, interleaved, with EVEREST_BENCH_AGENT_ROOT set to the directory
+holding the other version's everest_agent package (default: this tree).
 """
 
 import argparse
@@ -86,7 +93,7 @@ http {{
 
 def child(argv):
     """Run one staging job; talk to the parent over stdin/stdout."""
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.environ.get("EVEREST_BENCH_AGENT_ROOT") or ROOT)
     from twisted.internet import defer, reactor
 
     from everest_agent.staging import Stager
@@ -338,7 +345,14 @@ def main():
     parser.add_argument("--shared-mib", type=int, default=200, help="size of the shared input")
     parser.add_argument("--tasks", type=int, default=500, help="tasks sharing the input")
     parser.add_argument("--keep", action="store_true", help="keep the directory")
+    parser.add_argument("--only", default="download,upload,share",
+                        help="parts to run, comma-separated: download, upload, share (default: all)")
+    parser.add_argument("--json", help="write the figures to this file")
     options = parser.parse_args()
+    options.only = {part.strip() for part in options.only.split(",") if part.strip()}
+    unknown = options.only - {"download", "upload", "share"}
+    if unknown or not options.only:
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown)) or '(none given)'}")
 
     size = options.size_mib * MiB
     shared_size = options.shared_mib * MiB
@@ -373,11 +387,12 @@ def main():
         if not options.keep:
             shutil.rmtree(root, ignore_errors=True)
     print_report(report, options)
-    ok = (
-        report["download"]["ratio"] >= 0.8 and report["upload"]["ratio"] >= 0.8
-        and report["download"]["rss_growth"] < 64 * MiB and report["upload"]["rss_growth"] < 64 * MiB
-        and report["share"]["exact"]
-    )
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump(report, f, indent=1)
+    ok = all(report[part]["ratio"] >= 0.8 and report[part]["rss_growth"] < 64 * MiB
+             for part in ("download", "upload") if part in report)
+    ok = ok and ("share" not in report or report["share"]["exact"])
     print("\nAll goals met." if ok else "\nSome goals NOT met.")
     return 0 if ok else 1
 
@@ -388,8 +403,18 @@ def run_all(options, root, base, size, big_sha, shared_size, shared_sha):
     # Warm up: the served file into the page cache, nginx's worker, curl.
     curl_download(url, "/dev/null")
 
-    # 1. downloads: the agent verifying sha256 and size (through its content
-    # cache), the agent with neither (nothing to hash), and curl.
+    if "download" in options.only:
+        report["download"] = run_downloads(options, root, url, size, big_sha)
+    if "upload" in options.only:
+        report["upload"] = run_uploads(options, root, base, size, big_sha)
+    if "share" in options.only:
+        report["share"] = run_share(options, root, base, shared_size, shared_sha)
+    return report
+
+
+def run_downloads(options, root, url, size, big_sha):
+    """1. downloads: the agent verifying sha256 and size (through its content
+    cache), the agent with neither (nothing to hash), and curl."""
     rows = {"agent": Row(), "plain": Row(), "curl": Row()}
     for i in range(options.runs):
         for name in ("agent", "plain"):
@@ -409,9 +434,11 @@ def run_all(options, root, base, size, big_sha, shared_size, shared_sha):
         print(f"  download run {i + 1}: agent {rows['agent'].last():.0f} MB/s (unverified "
               f"{rows['plain'].last():.0f}), curl {rows['curl'].last():.0f} MB/s; agent RSS "
               f"{rows['agent'].idles[-1] / MiB:.1f} -> {rows['agent'].peaks[-1] / MiB:.1f} MiB", flush=True)
-    report["download"] = summary(rows["agent"], rows["curl"], rows["plain"])
+    return summary(rows["agent"], rows["curl"], rows["plain"])
 
-    # 2. uploads
+
+def run_uploads(options, root, base, size, big_sha):
+    """2. uploads: the agent (computing the sha256 it reports) and curl -T."""
     task = os.path.join(root, "agent", "uptask")
     os.makedirs(task)
     os.link(os.path.join(root, "www", "big.bin"), os.path.join(task, "out.bin"))
@@ -433,9 +460,11 @@ def run_all(options, root, base, size, big_sha, shared_size, shared_sha):
         os.unlink(os.path.join(root, "www", target.lstrip("/")))
         print(f"  upload run {i + 1}: agent {rows['agent'].last():.0f} MB/s, curl {rows['curl'].last():.0f} MB/s; "
               f"agent RSS {rows['agent'].idles[-1] / MiB:.1f} -> {rows['agent'].peaks[-1] / MiB:.1f} MiB", flush=True)
-    report["upload"] = summary(rows["agent"], rows["curl"])
+    return summary(rows["agent"], rows["curl"])
 
-    # 4. many tasks, one input
+
+def run_share(options, root, base, shared_size, shared_sha):
+    """4. many tasks, one input."""
     settle()
     before = len(access_log(root))
     work = os.path.join(root, "agent", "share")
@@ -444,12 +473,11 @@ def run_all(options, root, base, size, big_sha, shared_size, shared_sha):
     assert result["ok"], result
     entries = [e for e in access_log(root)[before:] if e[1] == "/shared.bin"]
     sent = sum(e[3] for e in entries)
-    report["share"] = {
+    return {
         "tasks": options.tasks, "requests": len(entries), "bytes": sent, "expected": shared_size,
         "exact": sent == shared_size and len(entries) == 1, "seconds": result["seconds"],
         "inodes": result["inodes"], "rss_growth": result["peak_rss"] - result["idle_rss"],
     }
-    return report
 
 
 class Row:
@@ -484,32 +512,38 @@ def summary(agent, curl, plain=None):
 
 
 def print_report(report, options):
-    d, u, s = report["download"], report["upload"], report["share"]
+    d, u, s = report.get("download"), report.get("upload"), report.get("share")
     runs = lambda xs: ", ".join(f"{x:.0f}" for x in xs)  # noqa: E731
     load = os.getloadavg()
     print()
     print(f"Load average during the run: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs "
           "(other work on the machine lowers every figure).")
-    print(f"1. Download {options.size_mib} MiB (median of {options.runs}; CPU seconds per GiB, all threads):")
-    print(f"     agent {d['agent']:7.0f} MB/s  cpu {d['agent_cpu']:4.2f} s  [{runs(d['agent_runs'])}]  "
-          "(verifies sha256 and size)")
-    print(f"     curl  {d['curl']:7.0f} MB/s  cpu {d['curl_cpu']:4.2f} s  [{runs(d['curl_runs'])}]")
-    print(f"     ratio {d['ratio']:7.2f}        (goal >= 0.8; best run against best run: {d['best_ratio']:.2f})")
-    print(f"     (agent without sha256/size, nothing to hash: {d['plain']:.0f} MB/s, cpu {d['plain_cpu']:.2f} s, "
-          f"ratio {d['plain'] / d['curl']:.2f}  [{runs(d['plain_runs'])}])")
-    print(f"2. Upload {options.size_mib} MiB (median of {options.runs}):")
-    print(f"     agent {u['agent']:7.0f} MB/s  cpu {u['agent_cpu']:4.2f} s  [{runs(u['agent_runs'])}]  "
-          "(computes the sha256 it reports)")
-    print(f"     curl  {u['curl']:7.0f} MB/s  cpu {u['curl_cpu']:4.2f} s  [{runs(u['curl_runs'])}]")
-    print(f"     ratio {u['ratio']:7.2f}        (goal >= 0.8; best run against best run: {u['best_ratio']:.2f})")
-    print("3. Agent memory (child process; VmHWM after a reset, and VmRSS sampled every 20 ms):")
-    for name, r in (("download", d), ("upload", u)):
-        print(f"     {name:8s} idle {r['idle_rss'] / MiB:6.1f} MiB, peak {r['peak_rss'] / MiB:6.1f} MiB, "
-              f"growth {r['rss_growth'] / MiB:5.1f} MiB (goal < 64)")
-    print(f"4. {s['tasks']} tasks sharing a {options.shared_mib} MiB input: nginx sent {s['bytes']} bytes "
-          f"in {s['requests']} request(s), expected {s['expected']} once: {'EXACT' if s['exact'] else 'NOT EXACT'}")
-    print(f"     all staged in {s['seconds']:.1f} s; {s['inodes']} inode(s) among the tasks' copies; "
-          f"RSS growth {s['rss_growth'] / MiB:.1f} MiB")
+    if d is not None:
+        print(f"1. Download {options.size_mib} MiB (median of {options.runs}; CPU seconds per GiB, all threads):")
+        print(f"     agent {d['agent']:7.0f} MB/s  cpu {d['agent_cpu']:4.2f} s  [{runs(d['agent_runs'])}]  "
+              "(verifies sha256 and size)")
+        print(f"     curl  {d['curl']:7.0f} MB/s  cpu {d['curl_cpu']:4.2f} s  [{runs(d['curl_runs'])}]")
+        print(f"     ratio {d['ratio']:7.2f}        (goal >= 0.8; best run against best run: {d['best_ratio']:.2f})")
+        print(f"     (agent without sha256/size, nothing to hash: {d['plain']:.0f} MB/s, cpu {d['plain_cpu']:.2f} s, "
+              f"ratio {d['plain'] / d['curl']:.2f}  [{runs(d['plain_runs'])}])")
+    if u is not None:
+        print(f"2. Upload {options.size_mib} MiB (median of {options.runs}; CPU seconds per GiB, all threads):")
+        print(f"     agent {u['agent']:7.0f} MB/s  cpu {u['agent_cpu']:4.2f} s  [{runs(u['agent_runs'])}]  "
+              "(computes the sha256 it reports)")
+        print(f"     curl  {u['curl']:7.0f} MB/s  cpu {u['curl_cpu']:4.2f} s  [{runs(u['curl_runs'])}]")
+        print(f"     ratio {u['ratio']:7.2f}        (goal >= 0.8; best run against best run: {u['best_ratio']:.2f})")
+    if d is not None or u is not None:
+        print("3. Agent memory (child process; VmHWM after a reset, and VmRSS sampled every 20 ms):")
+        for name, r in (("download", d), ("upload", u)):
+            if r is not None:
+                print(f"     {name:8s} idle {r['idle_rss'] / MiB:6.1f} MiB, peak {r['peak_rss'] / MiB:6.1f} MiB, "
+                      f"growth {r['rss_growth'] / MiB:5.1f} MiB (goal < 64)")
+    if s is not None:
+        print(f"4. {s['tasks']} tasks sharing a {options.shared_mib} MiB input: nginx sent {s['bytes']} bytes "
+              f"in {s['requests']} request(s), expected {s['expected']} once: "
+              f"{'EXACT' if s['exact'] else 'NOT EXACT'}")
+        print(f"     all staged in {s['seconds']:.1f} s; {s['inodes']} inode(s) among the tasks' copies; "
+              f"RSS growth {s['rss_growth'] / MiB:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ Streaming, in constant memory
     from the file through L{_FileProducer}, which reads (C{pread}) and
     hashes 1 MiB blocks in a worker thread, at most L{PREFETCH} ahead of
     the transport, and honours its pause/resume; the C{sha256} reported
-    for an output is that of the bytes sent.  L{tune_malloc} (glibc) keeps
-    these 1 MiB buffers on malloc's heaps instead of an C{mmap}/C{munmap}
-    pair each, which otherwise costs as much CPU as the copying.
+    for an output is that of the bytes sent.  Each block is handed to
+    C{send()} whole, from the very C{bytes} object that was read and
+    hashed, with no copy in between (L{_tune_for_upload}).  L{tune_malloc}
+    (glibc) keeps these 1 MiB buffers on malloc's heaps instead of an
+    C{mmap}/C{munmap} pair each, which otherwise costs as much CPU as the
+    copying.
 
 Watchdogs
     treq's C{timeout} stops at the response headers, so every exchange has
@@ -84,6 +87,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from treq.client import HTTPClient
 from twisted.internet import defer, error as net_error
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -838,10 +842,7 @@ class _FileProducer:
 
     def startProducing(self, consumer):
         self._consumer = consumer
-        # Let a whole block sit in the transport's buffer before it pauses us.
-        transport = getattr(consumer, "_consumer", None)
-        if transport is not None and hasattr(transport, "bufferSize"):
-            transport.bufferSize = READ_SIZE
+        _tune_for_upload(getattr(consumer, "_consumer", None))
         self._finished = Deferred()
         if self._on_start is not None:
             self._on_start()
@@ -899,6 +900,37 @@ class _FileProducer:
     def stopProducing(self):
         self._stopped = True
         self._ready.clear()
+
+
+def _tune_for_upload(transport):
+    """
+    Make a TCP transport send an upload's blocks of L{READ_SIZE} the way they
+    come, without copying them or slicing them up:
+
+     - it pauses the producer as soon as it holds one block (its
+       C{bufferSize} is just below one), and resumes it only once it has
+       sent everything; so each block lands in an empty buffer and is sent
+       from the very C{bytes} object that was read and hashed.  With room
+       for two, Twisted joins the two into one new string before sending
+       them: one more copy of both.  The socket's own buffer (several MiB
+       on Linux) keeps the connection busy while the next block is handed
+       over;
+     - it hands a whole block to C{send()} at once instead of 128 KiB
+       (C{SEND_LIMIT}, a guard meant for Windows) per turn of the reactor:
+       eight times fewer turns, system calls and wake-ups of the receiver.
+       When the kernel takes only part of a block, Twisted copies what is
+       left before each further try; but then the network, not the CPU, is
+       the limit.
+
+    Both stay on the connection when it goes back to the pool; they suit
+    any later request (a download sets its own C{bufferSize}).  Anything
+    but a socket's own transport (TLS, for one, wraps it in a protocol,
+    and writes its records to it) is left alone.
+    """
+    if not isinstance(transport, FileDescriptor):
+        return
+    transport.bufferSize = READ_SIZE - 1
+    transport.SEND_LIMIT = READ_SIZE
 
 
 # -- the stager -----------------------------------------------------------------

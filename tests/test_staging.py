@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from urllib.parse import unquote
 
 from twisted.internet import defer, reactor
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -1021,7 +1022,8 @@ class StagingTests(TestCase):
 
     async def test_upload_reports_size_and_sha256(self):
         task = self.task_dir()
-        data = payload(3 << 20)
+        # Several blocks, the last one short.
+        data = payload(3 * staging.READ_SIZE + 12345)
         with open(os.path.join(task, "big"), "wb") as f:
             f.write(data)
         open(os.path.join(task, "empty"), "wb").close()
@@ -1038,6 +1040,28 @@ class StagingTests(TestCase):
         self.assertEqual(self.server.uploads["/up/big"], data)
         self.assertEqual(self.server.uploads["/up/empty"], b"")
         self.assertEqual(stager.bytes_out, len(data))
+
+    async def test_upload_tunes_its_tcp_transport(self):
+        # The body goes through Twisted's own TCP transport, tuned to send
+        # whole blocks (see UploadProducerTests for what that buys).
+        seen = []
+        original = staging._tune_for_upload
+
+        def spy(transport):
+            seen.append(transport)
+            original(transport)
+
+        self.patch(staging, "_tune_for_upload", spy)
+        task = self.task_dir()
+        data = payload(2 * staging.READ_SIZE + 1)
+        with open(os.path.join(task, "out"), "wb") as f:
+            f.write(data)
+        uploaded, errors = await self.stager().stage_out(task, [{"path": "out", "uri": self.base + "/up/out"}])
+        self.assertEqual((errors, uploaded), ([], [{"path": "out", "size": len(data), "sha256": sha(data)}]))
+        self.assertEqual(self.server.uploads["/up/out"], data)
+        self.assertEqual(len(seen), 1)
+        self.assertIsInstance(seen[0], FileDescriptor)
+        self.assertEqual((seen[0].bufferSize, seen[0].SEND_LIMIT), (staging.READ_SIZE - 1, staging.READ_SIZE))
 
     async def test_upload_500_then_success(self):
         task = self.task_dir()
@@ -1348,3 +1372,157 @@ class BackpressureTests(SynchronousTestCase):
         done = writer.dispose(unlink=path)
         self.successResultOf(done)
         self.assertFalse(os.path.exists(path))
+
+
+class FakeReactor:
+    def __init__(self):
+        self.writers = set()
+
+    def addWriter(self, descriptor):
+        self.writers.add(descriptor)
+
+    def removeWriter(self, descriptor):
+        self.writers.discard(descriptor)
+
+    def addReader(self, descriptor):
+        pass
+
+    def removeReader(self, descriptor):
+        pass
+
+
+class FakeSocket(FileDescriptor):
+    """
+    Twisted's own buffering, pausing and resuming (L{FileDescriptor}) over a
+    "kernel" that takes at most C{room} bytes per send (None: all it is
+    offered, up to C{SEND_LIMIT} as Twisted's TCP transport does).
+    """
+
+    def __init__(self):
+        super().__init__(FakeReactor())
+        self.connected = 1
+        self.room = None
+        self.offered = []  # what each send was given (the objects themselves)
+        self.received = []
+
+    def writeSomeData(self, data):
+        self.offered.append(data)
+        limited = memoryview(data)[: self.SEND_LIMIT]
+        n = len(limited) if self.room is None else min(self.room, len(limited))
+        self.received.append(bytes(limited[:n]))
+        return n
+
+    def writable(self):
+        return self in self.reactor.writers
+
+
+class LengthConsumer:
+    """Stands for twisted.web's consumer of a request body."""
+
+    def __init__(self, transport):
+        self._consumer = transport
+
+    def write(self, data):
+        self._consumer.write(data)
+
+
+class UploadProducerTests(SynchronousTestCase):
+    """L{staging._FileProducer} feeding Twisted's transport buffering."""
+
+    def start(self, data):
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(data)
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        self.reads = []
+        workers = FakeWorkers()
+        original = workers.run
+
+        def run(f, *args):
+            d = original(f, *args)
+            d.addCallback(lambda block: self.reads.append(block) or block)
+            return d
+
+        workers.run = run
+        producer = staging._FileProducer(fd, len(data), workers)
+        socket_ = FakeSocket()
+        socket_.registerProducer(producer, True)
+        done = producer.startProducing(LengthConsumer(socket_))
+        return producer, workers, socket_, done
+
+    def run_until(self, workers, socket_, done):
+        for _ in range(100000):
+            if done.called and not socket_.writable():
+                return
+            if socket_.writable():
+                socket_.doWrite()
+            elif workers.jobs:
+                workers.step()
+            else:
+                self.fail("the upload is stuck")
+        self.fail("the upload does not end")
+
+    def test_whole_blocks_sent_as_read(self):
+        block = staging.READ_SIZE
+        data = payload(5 * block + 777)
+        producer, workers, socket_, done = self.start(data)
+        self.assertEqual((socket_.bufferSize, socket_.SEND_LIMIT), (block - 1, block))
+        self.run_until(workers, socket_, done)
+        self.successResultOf(done)
+        self.assertEqual(b"".join(socket_.received), data)
+        self.assertEqual(producer.hash.hexdigest(), sha(data))
+        self.assertEqual(producer.sent, len(data))
+        # One send per block, each given the very bytes object that was
+        # read and hashed: Twisted joined nothing, nothing was copied.
+        self.assertEqual([len(r) for r in self.reads], [block] * 5 + [777])
+        self.assertEqual(len(socket_.offered), len(self.reads))
+        for offered, read in zip(socket_.offered, self.reads):
+            self.assertIs(offered, read)
+
+    def test_a_full_socket_stops_the_reading(self):
+        block = staging.READ_SIZE
+        data = payload((staging.PREFETCH + 6) * block + 5)
+        producer, workers, socket_, done = self.start(data)
+        socket_.room = 0  # the peer reads nothing
+        for _ in range(100):
+            if socket_.writable():
+                socket_.doWrite()
+            if workers.jobs:
+                workers.step()
+        # One block in the transport, PREFETCH read ahead, and no more.
+        self.assertTrue(socket_.producerPaused)
+        self.assertEqual(workers.jobs, [])
+        self.assertEqual(len(self.reads), staging.PREFETCH + 1)
+        self.assertEqual(producer.sent, block)
+        self.assertNoResult(done)
+        # The peer reads slowly, a part of a block at a time: all of it
+        # arrives, in order, and the hash is that of what was sent.
+        socket_.room = 300 * 1024
+        self.run_until(workers, socket_, done)
+        self.successResultOf(done)
+        self.assertEqual(b"".join(socket_.received), data)
+        self.assertEqual(producer.hash.hexdigest(), sha(data))
+        self.assertLessEqual(len(self.reads), staging.PREFETCH + 1 + 6)
+
+    def test_stop_producing_stops_reading(self):
+        data = payload(4 * staging.READ_SIZE)
+        producer, workers, socket_, done = self.start(data)
+        workers.step()
+        producer.stopProducing()
+        while workers.jobs:
+            workers.step()
+        self.assertLessEqual(len(self.reads), 2)
+        self.assertNoResult(done)
+
+    def test_empty_file(self):
+        producer, workers, socket_, done = self.start(b"")
+        self.successResultOf(done)
+        self.assertEqual(workers.jobs, [])
+        self.assertEqual(producer.hash.hexdigest(), sha(b""))
+
+    def test_only_a_socket_transport_is_tuned(self):
+        tls_like = SimpleNamespace(bufferSize=65536)
+        staging._tune_for_upload(tls_like)
+        staging._tune_for_upload(None)
+        self.assertEqual(vars(tls_like), {"bufferSize": 65536})
