@@ -351,7 +351,7 @@ async def many_queued(reactor, platform, agent, count):
         if len(accepted) == count:
             all_accepted.callback(None)
 
-    cpu0 = proc_cpu(agent.pid)
+    cpu0 = sum(proc_cpu(agent.pid)[:2])
     start = time.perf_counter()
     ids = []
     for _ in range(count):
@@ -365,7 +365,7 @@ async def many_queued(reactor, platform, agent, count):
     # Let every QUEUED/RUNNING report arrive, then look again.
     await sleep(reactor, 1.0)
     rss_settled = proc_status(agent.pid)
-    cpu_accept = proc_cpu(agent.pid) - cpu0
+    cpu_accept = sum(proc_cpu(agent.pid)[:2]) - cpu0
     states = {}
     for task_id in ids:
         s = platform.tasks[task_id].state

@@ -63,11 +63,12 @@ class SlotPool:
         self.used = 0
         self._clock = clock
         self._grant_call = None
+        self._stopped = False
         self._waiting = collections.deque()  # [count, Deferred or None once canceled]
         self._queued = 0  # live entries in _waiting
 
     def acquire(self, count):
-        if not self._queued and self.used + count <= self.capacity:
+        if not self._queued and not self._stopped and self.used + count <= self.capacity:
             self.used += count
             return defer.succeed(count)
         entry = [count, None]
@@ -93,6 +94,8 @@ class SlotPool:
 
     def _grant(self):
         self._grant_call = None
+        if self._stopped:
+            return
         waiting = self._waiting
         while waiting:
             entry = waiting[0]
@@ -113,6 +116,8 @@ class SlotPool:
         return self._queued
 
     def stop(self):
+        """Grant nothing any more (the agent is stopping: queued tasks stay queued)."""
+        self._stopped = True
         if self._grant_call is not None and self._grant_call.active():
             self._grant_call.cancel()
         self._grant_call = None
@@ -225,9 +230,11 @@ class TaskManager(Service):
         # Tasks keep running (batch jobs in the scheduler; local processes in
         # their own sessions); the registry says where each one was, and the
         # next start takes them up from there.
+        # No slot freed by an abandoned worker goes to a queued task: what is
+        # queued stays queued for the next start.
+        self.pool.stop()
         for worker in list(self.workers.values()):
             worker.abandon()
-        self.pool.stop()
         self.registry.stop()
 
     # -- platform commands ----------------------------------------------------

@@ -147,6 +147,8 @@ class TaskWorker:
                 phase = "staged"
             if phase == "staged":
                 await self._acquire_slots()
+                if self.abandoned or self.manager.stopping:
+                    return  # the agent is stopping: the next start runs it
                 handler = self.manager.handler
                 # Recorded before the job exists: a restart from here looks
                 # for the job instead of starting a second one.
@@ -331,6 +333,10 @@ def _ran(job):
     A Deferred that fires with True when C{job} starts running, or with False
     if it ends first (a batch job can leave the queue between two polls).
     """
+    if not job.batch:
+        # A process runs once it exists, however soon it ends (it may have
+        # ended, and been reaped, before the worker looks).
+        return defer.succeed(True)
     first = defer.Deferred()
 
     def started(_):

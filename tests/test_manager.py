@@ -226,6 +226,22 @@ class ManagerTests(SynchronousTestCase):
         h.pump()
         self.assertEqual(h.states("first")[-1], "DONE")
 
+    def test_stopping_starts_no_queued_task(self):
+        """
+        Abandoning the running tasks at a stop frees their slots, but no
+        queued task takes them: it stays queued for the next start.
+        """
+        h = Harness(self, slots=1)
+        h.handler.durable_jobs = False  # started synchronously once a slot is granted
+        h.submit("running", spec())
+        for n in range(3):
+            h.submit(f"queued{n}", spec())
+        h.manager.stopping = True
+        h.manager.stopService()
+        h.pump()
+        self.assertEqual(list(h.handler.jobs), ["running"])
+        self.assertEqual({h.registry.get(f"queued{n}").get("phase") for n in range(3)}, {"staged"})
+
     def test_allow_list(self):
         import re
 
