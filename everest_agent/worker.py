@@ -51,20 +51,27 @@ class TaskWorker:
 
     # -- reporting ------------------------------------------------------------
 
-    def report(self, state, **info):
+    def report(self, state, extra=None, /, **info):
         """
         Report a state change, if it moves the task forward.
 
+        @param extra: more fields for the task's record, written with the
+            state's (one record instead of two), or alone if the state is
+            not reported.
         @return: a Deferred firing with the message's seq once it is durable
             (or None if the change was not reported).
         """
-        if self.abandoned or not protocol.may_follow(self.state, state):
+        if self.abandoned:
+            return defer.succeed(None)
+        if not protocol.may_follow(self.state, state):
+            if extra:
+                self.manager.registry.update(self.task_id, **extra)
             return defer.succeed(None)
         self.state = state
         # The message first, then the record, in the same commit group:
         # after a crash the record is never ahead of the outbox.
         d = self.manager.sender.task_state(self.task_id, state, info)
-        fields = {"state": state, "state_seq": self.manager.sender.outbox.last_seq}
+        fields = dict(extra or (), state=state, state_seq=self.manager.sender.outbox.last_seq)
         if state in protocol.TERMINAL:
             fields.update(finished=True, info=info, finished_at=self.manager.wallclock(),
                           terminal_seq=fields["state_seq"])
@@ -135,6 +142,7 @@ class TaskWorker:
             return
         times = self.record.setdefault("times", {})
         clock = self.manager.wallclock
+        submitted = None  # the 'submitted' record, when it goes out with RUNNING
         try:
             phase = self.record.get("phase", "new")
             if phase == "new":
@@ -143,7 +151,9 @@ class TaskWorker:
                 start = clock()
                 await self._stage_in()
                 times["stageInTime"] = round(clock() - start, 6)
-                registry.update(self.task_id, phase="staged", times=times)
+                if self.record["spec"]["inputs"]:
+                    # (Without inputs, staging again after a restart costs nothing.)
+                    registry.update(self.task_id, phase="staged", times=times)
                 phase = "staged"
             if phase == "staged":
                 await self._acquire_slots()
@@ -152,13 +162,16 @@ class TaskWorker:
                 handler = self.manager.handler
                 # Recorded before the job exists: a restart from here looks
                 # for the job instead of starting a second one.
-                submitting = registry.update(self.task_id, phase="submitting")
+                submitting = registry.update(self.task_id, phase="submitting", times=times)
                 if handler.durable_jobs:
                     await self._step(submitting)
                 else:
                     registry.write_ahead()
                 self.job = await handler.submit(self._request())
-                registry.update(self.task_id, phase="submitted", job=self._job_record())
+                submitted = {"phase": "submitted", "job": self._job_record()}
+                if self.job.batch:
+                    registry.update(self.task_id, **submitted)
+                    submitted = None  # else it goes with RUNNING, in the same turn
                 phase = "submitted"
             elif phase in ("submitting", "submitted"):
                 await self._acquire_slots(report=False)
@@ -168,7 +181,7 @@ class TaskWorker:
                     registry.update(self.task_id, phase="submitted", job=self._job_record())
                 phase = "submitted"
             if phase == "submitted":
-                result = await self._run()
+                result = await self._run(submitted)
             else:
                 result = JobResult(**self.record["result"])
         except defer.CancelledError:
@@ -225,7 +238,7 @@ class TaskWorker:
     def _job_info(self):
         return {"jobId": self.job.job_id} if self.job.batch else {}
 
-    async def _run(self):
+    async def _run(self, submitted=None):
         job = self.job
         if self.cancel_requested:
             job.cancel()
@@ -235,17 +248,23 @@ class TaskWorker:
         ran = await self._step(_ran(job))
         started = clock()
         if ran:
-            self.report(protocol.RUNNING, **self._job_info())
+            self.report(protocol.RUNNING, submitted, **self._job_info())
+        elif submitted:
+            self.manager.registry.update(self.task_id, **submitted)
         result = await self._step(job.result)
         self.manager.release(self)
         times = self.record.setdefault("times", {})
         times["runTime"] = round(clock() - started, 6)
-        self.manager.registry.update(
-            self.task_id,
-            phase="ended",
-            times=times,
-            result={"exit_code": result.exit_code, "reason": result.reason, "canceled": result.canceled},
-        )
+        if self.record["spec"]["outputs"]:
+            # Outputs to send: a restart from here sends them (again)
+            # instead of waiting for a job that is gone.  Without any, the
+            # terminal state is recorded in this same turn.
+            self.manager.registry.update(
+                self.task_id,
+                phase="ended",
+                times=times,
+                result={"exit_code": result.exit_code, "reason": result.reason, "canceled": result.canceled},
+            )
         return result
 
     async def _stage_out_and_finish(self, result):
