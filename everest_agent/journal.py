@@ -341,12 +341,18 @@ class CommitGroup:
     then tells anyone their records are durable.
 
     The agent puts its outbox first and its task registry second.  A state
-    change appends to both in the same turn, so after a crash the task
-    registry is never ahead of the outbox: a state it records is always
-    among the outbox's messages (sent, or to be sent), and a state in the
-    outbox that the registry missed is carried forward at the next start.
-    If a member's write fails (disk full), the members after it wait too,
-    and the whole group tries again later, in the same order.
+    change appends to both in the same turn, and the outbox is written
+    first, so after the agent process dies (the page cache keeps every
+    write) the task registry is never ahead of the outbox: a state it
+    records is always among the outbox's messages (sent, or to be sent),
+    and a state in the outbox that the registry missed is carried forward
+    at the next start.  After the machine itself goes down, the writes not
+    yet fsynced may survive in any combination; nothing was reported
+    durable (nor sent) for them, and a terminal state the registry kept
+    without its message is sent at the next start (see
+    L{everest_agent.manager.TaskManager}).  If a member's write fails (disk
+    full), the members after it wait too, and the whole group tries again
+    later, in the same order.
     """
 
     def __init__(self, reactor, retry_delay=Journal.retry_delay, sync_in_thread=None):

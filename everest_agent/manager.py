@@ -175,10 +175,10 @@ class TaskManager(Service):
     def _resend_lost_terminals(self):
         """
         A finished record whose terminal report is neither acknowledged nor
-        in the outbox never reached the disk as a message (a record written
-        by an older version, or hand-damaged state: the commit group makes
-        it impossible otherwise): report it now, or the platform would wait
-        for it forever.
+        in the outbox never reached the disk as a message (the machine went
+        down between the two files' fsyncs, a record written by an older
+        version, or hand-damaged state): report it now, or the platform
+        would wait for it forever.
         """
         outbox = self.sender.outbox
         pending = {message[3].get("seq") for message in outbox.durable_pending()

@@ -69,7 +69,7 @@ class TaskWorker:
             return defer.succeed(None)
         self.state = state
         # The message first, then the record, in the same commit group:
-        # after a crash the record is never ahead of the outbox.
+        # after the agent dies the record is never ahead of the outbox.
         d = self.manager.sender.task_state(self.task_id, state, info)
         fields = dict(extra or (), state=state, state_seq=self.manager.sender.outbox.last_seq)
         if state in protocol.TERMINAL:
