@@ -13,6 +13,20 @@ from everest_agent.sender import Sender
 from everest_agent.testing import FakeSession
 
 
+def patch_fsync(test, disk_full):
+    """Make the journal's fsync fail with ENOSPC whenever C{disk_full()} says so."""
+    from everest_agent import journal as journal_module
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if disk_full():
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    test.patch(journal_module.os, "fsync", fsync)
+
+
 class JournalTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
@@ -42,19 +56,9 @@ class JournalTests(SynchronousTestCase):
         fsync) is taken back and retried later; nothing is reported durable
         before it is, and nothing is written twice.
         """
-        from everest_agent import journal as journal_module
-
         journal = Journal(self.path, self.clock)
-        real_fsync = os.fsync
-        calls = []
-
-        def fsync(fd):
-            calls.append(fd)
-            if len(calls) == 1:
-                raise OSError(28, "No space left on device")
-            return real_fsync(fd)
-
-        self.patch(journal_module.os, "fsync", fsync)
+        once = iter([True])
+        patch_fsync(self, lambda: next(once, False))  # the first fsync fails
         d = journal.append({"x": 1})
         self.clock.advance(0)
         self.assertFalse(d.called)
@@ -119,20 +123,11 @@ class JournalTests(SynchronousTestCase):
         An ACK that triggers compaction while writes fail does not raise:
         compaction waits, and every record is written once the disk has room.
         """
-        from everest_agent import journal as journal_module
-
         box = Outbox(os.path.dirname(self.path) or ".", self.clock)
         box.load()
         box.compact_slack = 0
         full = [False]
-        real_fsync = os.fsync
-
-        def fsync(fd):
-            if full[0]:
-                raise OSError(28, "No space left on device")
-            return real_fsync(fd)
-
-        self.patch(journal_module.os, "fsync", fsync)
+        patch_fsync(self, lambda: full[0])
         for _ in range(3):
             box.put(lambda seq: ["X", seq])
         self.clock.advance(0)
@@ -170,19 +165,9 @@ class JournalTests(SynchronousTestCase):
         self.assertEqual(Journal(self.path, self.clock).load(), [{"submitting": 1}, {"next": 1}])
 
     def test_fsync_failure_after_write_ahead_takes_it_back(self):
-        from everest_agent import journal as journal_module
-
         journal = Journal(self.path, self.clock)
-        real_fsync = os.fsync
-        calls = []
-
-        def fsync(fd):
-            calls.append(fd)
-            if len(calls) == 1:
-                raise OSError(28, "No space left on device")
-            return real_fsync(fd)
-
-        self.patch(journal_module.os, "fsync", fsync)
+        once = iter([True])
+        patch_fsync(self, lambda: next(once, False))  # the first fsync fails
         first = journal.append({"a": 1})
         journal.write_ahead()
         second = journal.append({"b": 2})
