@@ -85,15 +85,8 @@ def group_alive(pgid):
     except PermissionError:
         return True
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != b"Z":
+        fields = _stat_fields(name) if name.isdigit() else None
+        if fields and int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
 
@@ -111,26 +104,28 @@ def _signal_group(pid, sig):
         pass
 
 
-def process_start(pid, zombie=False):
+def _stat_fields(pid):
+    """
+    The fields of C{/proc/<pid>/stat} after the command name (the state
+    first, then ppid, pgrp, ...), or None if there is no such process.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def process_start(pid):
     """
     When process C{pid} started, in clock ticks since boot (field 22 of
     C{/proc/<pid>/stat}), or None if there is no such process (or it is a
-    zombie, which has ended, unless C{zombie} is true: the agent's own
-    child is a zombie until the agent reaps it).
+    zombie: it has ended).
     """
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        stat = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] == b"Z" and not zombie:
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == b"Z":
         return None
     return int(fields[19])
 
@@ -546,13 +541,8 @@ def _is_wrapper(pid, directory):
         return False
     if (b"\0" + MARK.encode() + b"\0" + os.fsencode(directory) + b"\0") not in cmdline:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return fields[0] != b"Z" and int(fields[2]) == pid
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != b"Z" and int(fields[2]) == pid
 
 
 def _age(start_ticks):
