@@ -160,20 +160,14 @@ class Journal:
             self._unsynced += self._waiting
             self._waiting = []
         if sync and self._unsynced_lines:
+            taken = self._take_unsynced()
             try:
                 if self._fsync:
                     os.fsync(self._file.fileno())
             except OSError as e:
-                # Take the unsynced writes back so the retry does not duplicate them.
-                self._truncate(self._unsynced_offset)
-                self._queue[:0] = self._unsynced_lines
-                self._waiting[:0] = self._unsynced
-                self._unsynced, self._unsynced_lines, self._unsynced_offset = [], [], None
-                return self._failed(e)
-            self.lines += len(self._unsynced_lines)
-            self.flushes += 1
-            self._written += self._unsynced
-            self._unsynced, self._unsynced_lines, self._unsynced_offset = [], [], None
+                self._sync_failed(taken, e)
+                return False
+            self._synced(taken)
         self.failing = False
         return True
 
@@ -191,6 +185,13 @@ class Journal:
         self._unsynced, self._unsynced_lines, self._unsynced_offset = [], [], None
         return taken
 
+    def _restore_unsynced(self, taken):
+        """Take back what an fsync that will not be waited for was to cover."""
+        offset, lines, waiting = taken
+        self._unsynced_offset = offset
+        self._unsynced_lines[:0] = lines
+        self._unsynced[:0] = waiting
+
     def _synced(self, taken):
         _, lines, waiting = taken
         self.lines += len(lines)
@@ -199,7 +200,10 @@ class Journal:
         self.failing = False
 
     def _sync_failed(self, taken, error):
-        """Cut off what the failed fsync covered and all written since; queue it again, in order."""
+        """
+        Cut off what the failed fsync covered and all written since, and
+        queue it again, in order, so the retry does not duplicate it.
+        """
         offset, lines, waiting = taken
         if self._file is not None:
             self._truncate(offset)
@@ -375,33 +379,38 @@ class CommitGroup:
         self.journals.append(journal)
         return journal
 
-    @property
-    def syncing(self):
-        return self._in_flight is not None
-
     def schedule(self, delay=0):
         if self._call is None:
             self._call = self._reactor.callLater(delay, self.flush)
 
     def write_ahead(self):
         """Write every member's queue now, in order, without fsync."""
-        for journal in self.journals:
-            if not journal._write_queued(sync=False):
-                self.schedule(self.retry_delay)
-                return
+        self._write_all(sync=False)
 
     def flush(self):
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self._cancel_call()
         threaded = self._sync_in_thread is not None
-        for journal in self.journals:
-            if not journal._write_queued(sync=not threaded):
-                self.schedule(self.retry_delay)
-                return
+        if not self._write_all(sync=not threaded):
+            return
         if threaded and self._in_flight is None:
             self._start_sync()
         self._fire()
+
+    def _write_all(self, sync):
+        """
+        Write each member's queue in order (and fsync, if C{sync}); on a
+        failure the members after it wait too, and all try again later.
+        """
+        for journal in self.journals:
+            if not journal._write_queued(sync=sync):
+                self.schedule(self.retry_delay)
+                return False
+        return True
+
+    def _cancel_call(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
     def _fire(self):
         for journal in self.journals:
@@ -445,23 +454,12 @@ class CommitGroup:
 
         @return: False if a write or an fsync failed (all stays queued).
         """
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self._cancel_call()
         batch, self._in_flight = self._in_flight or [], None
         self._generation += 1
-        ok = True
         for journal, taken in batch:
-            # Put what the overtaken fsync covered back in front, as unsynced.
-            offset, lines, waiting = taken
-            journal._unsynced_offset = offset
-            journal._unsynced_lines[:0] = lines
-            journal._unsynced[:0] = waiting
-        for journal in self.journals:
-            if ok and not journal._write_queued(sync=True):
-                ok = False
-        if not ok:
-            self.schedule(self.retry_delay)
+            journal._restore_unsynced(taken)
+        if not self._write_all(sync=True):
             return False
         self._fire()
         return True

@@ -20,7 +20,7 @@ Only what a restart needs waits for the disk: the task's own record
 (before C{ACCEPTED}, which waits for it anyway) and C{submitting} for a
 batch handler.  Everything else rides the next group commit, and a task's
 slots are given back the moment its job ends, so the next queued task
-starts in the same reactor turn.
+starts at the end of that reactor turn.
 """
 
 import os
@@ -249,8 +249,6 @@ class TaskWorker:
         started = clock()
         if ran:
             self.report(protocol.RUNNING, submitted, **self._job_info())
-        elif submitted:
-            self.manager.registry.update(self.task_id, **submitted)
         result = await self._step(job.result)
         self.manager.release(self)
         times = self.record.setdefault("times", {})

@@ -58,11 +58,9 @@ _WRAPPER = (
 )
 
 #: Seconds between checks on tasks found again after a restart (they are
-#: not the agent's children, so their end cannot be waited for).
+#: not the agent's children, so their end cannot be waited for), and on its
+#: own children, as a safety net under SIGCHLD (L{LocalJob.check}).
 POLL_INTERVAL = 0.5
-#: Seconds between the checks on the agent's own children that back up
-#: SIGCHLD (see L{LocalTaskHandler._reap_children}).
-REAP_INTERVAL = 1.0
 
 
 def _signal_name(number):
@@ -272,10 +270,7 @@ class LocalJob(_LocalJobBase):
         process.registerReapProcessHandler(pid, self)
 
     def reapProcess(self):
-        """
-        Reap the wrapper if it has ended.  @return: True if it had (so the
-        handler's safety poll can tell when it, not SIGCHLD, saw an end).
-        """
+        """Reap the wrapper if it has ended.  @return: True if it had."""
         if self._ended:
             return False
         try:
@@ -288,6 +283,17 @@ class LocalJob(_LocalJobBase):
             process.unregisterReapProcessHandler(pid, self)
         self.processEnded(status)
         return True
+
+    def check(self):
+        """
+        Called by the handler's poll: the wrapper's end is noticed even if
+        its SIGCHLD never reached the reactor (a reactor restarted without
+        its SIGCHLD handling, another library's handler).
+        """
+        if self.reapProcess():
+            # Usually SIGCHLD was only a moment behind, so not worth a warning.
+            self.log.debug("Task {task_id}: its end was found by polling before SIGCHLD",
+                           task_id=self.request.task_id)
 
     def processEnded(self, status):
         if status is not None:
@@ -348,11 +354,9 @@ class LocalTaskHandler:
         self.slots = slots
         self.kill_grace = kill_grace
         self._environ = dict(os.environ if environ is None else environ)
-        self._watched = []  # ReattachedJobs
+        self._watched = set()  # running jobs, checked every POLL_INTERVAL
         self._poll = None
         self._fds_checked = False
-        self._children = set()  # LocalJobs still running
-        self._reap_call = None
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -399,32 +403,8 @@ class LocalTaskHandler:
             return defer.fail(RuntimeError(f"cannot start the task: {getattr(e, 'strerror', None) or e}"))
         job.watch(pid)
         if not job.result.called:
-            self._children.add(job)
-            job.result.addBoth(self._child_ended, job)
-            if self._reap_call is None:
-                self._reap_call = self._reactor.callLater(REAP_INTERVAL, self._reap_children)
+            self._watch(job)
         return defer.succeed(job)
-
-    def _child_ended(self, result, job):
-        self._children.discard(job)
-        if not self._children and self._reap_call is not None:
-            self._reap_call.cancel()
-            self._reap_call = None
-        return result
-
-    def _reap_children(self):
-        """
-        A safety net under SIGCHLD: a wrapper's end is noticed within
-        L{REAP_INTERVAL} even if its signal was lost (a reactor restarted
-        without its SIGCHLD handling, another library's handler).
-        """
-        self._reap_call = None
-        for job in list(self._children):
-            if job.reapProcess():
-                self.log.warn("Task {task_id}: its end was found by polling, not by SIGCHLD",
-                              task_id=job.request.task_id)
-        if self._children:
-            self._reap_call = self._reactor.callLater(REAP_INTERVAL, self._reap_children)
 
     def reattach(self, request, job_id):
         """
@@ -474,14 +454,13 @@ class LocalTaskHandler:
         return defer.succeed(job)
 
     def _watch(self, job):
-        self._watched.append(job)
+        self._watched.add(job)
         job.result.addBoth(self._unwatch, job)
         if self._poll is None:
             self._poll = self._reactor.callLater(POLL_INTERVAL, self._check_watched)
 
     def _unwatch(self, result, job):
-        if job in self._watched:
-            self._watched.remove(job)
+        self._watched.discard(job)
         if not self._watched and self._poll is not None:
             self._poll.cancel()
             self._poll = None
