@@ -62,6 +62,9 @@ class EverestAgent(MultiService):
             allowed_commands=config.security.allowed_commands,
             keep_finished=agent.keep_finished, wallclock=wallclock,
         )
+        if hasattr(self.handler, "pool"):  # pilot mode: the slots follow the pilots' cores
+            self.handler.pool = self.manager.pool
+            self.manager.pool.set_capacity(0)
         self.monitor = ResourceMonitor(
             reactor, self.sender, self.manager, self.handler, agent.hostname, agent.work_dir, wallclock
         )

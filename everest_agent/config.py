@@ -194,6 +194,20 @@ SCHEMA = {
         "cache_dir": Key(_path, "", "Directory of the content cache for inputs that give a sha256. Default: .cache in work_dir (same file system, so inputs are hard-linked)."),
         "cache_size": Key(parse_size, 10 << 30, "Largest size of the content cache, in bytes or with a suffix K, M, G, T (powers of 1024), e.g. 10G. 0 turns the cache off."),
     },
+    "pilot": {
+        "enabled": Key(_bool, False, "Pilot mode: run tasks inside a few batch jobs (pilots) of the [handler] type instead of one job per task."),
+        "max_pilots": Key(_positive_int, 2, "Pilot jobs at once, pending ones included."),
+        "cores": Key(_positive_int, 1, "Cores each pilot asks for, on one node."),
+        "walltime": Key(_positive_float, 3600.0, "Seconds each pilot asks for."),
+        "idle_timeout": Key(_positive_float, 60.0, "A pilot with nothing to run for this many seconds ends."),
+        "listen": Key(_host_port, ("0.0.0.0", 0), "Address and port where the agent listens for its pilots (port 0: any free port, kept across restarts)."),
+        "advertise_address": Key(_text, "", "The host name pilots connect to. Default: this host's name ([agent] hostname)."),
+        "python": Key(_text, "", "Interpreter that runs the pilot worker on the compute nodes. Default: the agent's own."),
+        "heartbeat": Key(_positive_float, 10.0, "Seconds between heartbeats on a pilot's link; three missed drop it, and the pilot reconnects."),
+        "connect_timeout": Key(_positive_float, 300.0, "Seconds a running pilot job may take to connect back before it is canceled as unreachable."),
+        "reconnect_for": Key(_positive_float, 600.0, "Seconds a pilot keeps trying to reconnect to an absent agent before it ends (once its tasks end)."),
+        "lost_timeout": Key(_positive_float, 120.0, "Seconds a pilot's link may stay down before the pilot is canceled and its tasks settled."),
+    },
     "monitor": {
         "listen": Key(_listen_address, None, "host:port of the local /healthz and /metrics HTTP endpoint, e.g. 127.0.0.1:9108. Default: empty, off."),
     },
@@ -304,6 +318,8 @@ def from_parser(parser, path):
     agent = config.agent
     if not agent.hostname:
         agent.hostname = socket.getfqdn()
+    if config.pilot.enabled and config.handler.type == "local":
+        raise ConfigError(f"{path}: [pilot] enabled: pilot mode needs a batch [handler] type (slurm, torque, pbs)")
     for key in ("work_dir", "state_dir"):
         if not getattr(agent, key):
             raise ConfigError(f"{path}: [agent] {key}: must not be empty")

@@ -115,6 +115,17 @@ class SlotPool:
     def queued(self):
         return self._queued
 
+    def set_capacity(self, capacity):
+        """
+        Change the number of slots (pilot mode: the free cores of the
+        connected pilots).  Slots in use above a lowered capacity stay in
+        use until given back; a raised one is handed out at once.
+        """
+        raised = capacity > self.capacity
+        self.capacity = capacity
+        if raised and self._queued:
+            self._grant()
+
     def stop(self):
         """Grant nothing any more (the agent is stopping: queued tasks stay queued)."""
         self._stopped = True

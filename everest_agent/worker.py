@@ -242,7 +242,9 @@ class TaskWorker:
         job = self.job
         if self.cancel_requested:
             job.cancel()
-        if job.batch:
+        if job.batch and getattr(job, "queued_report", True):
+            # (A pilot's task has no queue of its own: its QUEUED, if any,
+            # was the wait for a slot.)
             self.report(protocol.QUEUED, **self._job_info())
         clock = self.manager.wallclock
         ran = await self._step(_ran(job))

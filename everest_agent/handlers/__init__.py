@@ -15,4 +15,10 @@ HANDLERS = {
 
 def make_handler(config, reactor):
     """Build the handler that C{config.handler.type} names."""
-    return namedAny(HANDLERS[config.handler.type]).from_config(config, reactor)
+    handler = namedAny(HANDLERS[config.handler.type]).from_config(config, reactor)
+    pilot = getattr(config, "pilot", None)
+    if pilot is not None and pilot.enabled:
+        from everest_agent.pilot.handler import PilotTaskHandler
+
+        handler = PilotTaskHandler.from_config(config, reactor, handler)
+    return handler
