@@ -226,6 +226,7 @@ class PilotTaskHandler(service.MultiService):
         self._schedule_scale()
 
     def stopService(self):
+        self.running = False
         if self._scale_call is not None and self._scale_call.active():
             self._scale_call.cancel()
         self._scale_call = None
@@ -709,6 +710,8 @@ class PilotTaskHandler(service.MultiService):
         if record is None or record.link is not link:
             return
         record.link = None
+        if not self.running:
+            return  # the agent is stopping: the pilot reconnects to the next one
         if record.state in (RUNNING, DRAINING):
             record.state = AWAY
             self.log.warn("Pilot {pilot} (job {job_id}): link lost ({why}); {count} tasks go on, "

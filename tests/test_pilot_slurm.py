@@ -1,0 +1,134 @@
+"""
+Pilot mode on the real single-node SLURM, against the reference platform:
+tasks inside pilot jobs end to end, cancel, time limit, packing of
+multi-core tasks, a pilot canceled under running tasks, idle pilots
+ending, and a pilot that cannot connect back.
+"""
+
+import subprocess
+
+from twisted.trial.unittest import TestCase
+
+from tests.support import eventually, sleep, start_agent, start_platform
+from tests.test_slurm import REAL_SLURM_PROBLEM
+
+
+def pilot_sections(**pilot):
+    values = {"enabled": "yes", "max_pilots": "2", "cores": "2", "walltime": "300",
+              "idle_timeout": "30", "listen": "127.0.0.1:0", "advertise_address": "127.0.0.1",
+              "heartbeat": "2", "connect_timeout": "60"}
+    values.update(pilot)
+    return {
+        "handler": {"type": "slurm", "poll_interval": "0.5", "command_timeout": "20"},
+        "agent": {"max_tasks": "8", "kill_grace": "1"},
+        "pilot": values,
+    }
+
+
+class PilotSlurmTests(TestCase):
+    timeout = 180
+    if REAL_SLURM_PROBLEM:
+        skip = REAL_SLURM_PROBLEM
+
+    async def start(self, **pilot):
+        self.platform = await start_platform(self, heartbeat=1)
+        self.agent = start_agent(self, self.platform, sections=pilot_sections(**pilot))
+        self.addCleanup(self.cancel_pilots)
+        await self.platform.wait_connected()
+        return self.agent.handler
+
+    def cancel_pilots(self):
+        ids = [r.job_id for r in self.agent.handler.pilots.values() if r.job_id]
+        if ids:
+            subprocess.run(["scancel", *ids], check=False)
+
+    async def test_tasks_in_pilots(self):
+        handler = await self.start()
+        self.platform.put_file("in.txt", b"21\n")
+        first = self.platform.submit({
+            "command": "echo $(( $(cat in.txt) * 2 )) > out.txt",
+            "inputs": [{"path": "in.txt", "uri": self.platform.file_url("in.txt")}],
+            "outputs": [{"path": "out.txt", "uri": self.platform.file_url("s/out.txt")}],
+        })
+        record = await self.platform.wait_for(first)
+        self.assertEqual(record.state, "DONE", record.info)
+        self.assertEqual(self.platform.get_file("s/out.txt"), b"42\n")
+        running = dict(record.history)["RUNNING"]
+        self.assertTrue(running["jobId"].isdigit())
+        self.assertEqual(record.info["jobId"], running["jobId"])
+        self.assertIn(running["jobId"], [r.job_id for r in handler.pilots.values()])
+        # Many more, failing ones too: all in the pilots already there.
+        ids = [self.platform.submit({"command": f"exit {i % 3}"}) for i in range(40)]
+        for i, task_id in enumerate(ids):
+            record = await self.platform.wait_for(task_id)
+            self.assertEqual(record.info["exitCode"], i % 3)
+            self.assertEqual(record.state, "DONE" if i % 3 == 0 else "FAILED")
+        self.assertLessEqual(handler.submitted_pilots, 2)
+        await eventually(lambda: "pilots" in ((self.platform.agent().resource or {}).get("scheduler") or {}),
+                         timeout=30, what="pilots in RESOURCE_STATE")
+        pilots = self.platform.agent().resource["scheduler"]["pilots"]
+        self.assertTrue(all(p["coresTotal"] == 2 for p in pilots), pilots)
+        self.assertEqual(self.platform.violations, [])
+
+    async def test_cancel_time_limit_and_packing(self):
+        handler = await self.start()
+        sleeping = self.platform.submit({"command": "sleep 300"})
+        limited = self.platform.submit({"command": "sleep 300", "resourceRequirements": {"timeLimit": 2}})
+        await self.platform.wait_for(sleeping, "RUNNING")
+        self.platform.cancel(sleeping)
+        record = await self.platform.wait_for(sleeping)
+        self.assertEqual(record.state, "CANCELED")
+        record = await self.platform.wait_for(limited)
+        self.assertEqual(record.state, "FAILED")
+        self.assertIn("time limit", record.info["reason"])
+        wide = [self.platform.submit({"command": "sleep 1", "resourceRequirements": {"coresPerNode": 2}})
+                for _ in range(3)]
+        for task_id in wide:
+            record = await self.platform.wait_for(task_id)
+            self.assertEqual(record.state, "DONE", record.info)
+        too_big = self.platform.submit({"command": "true", "resourceRequirements": {"coresPerNode": 3}})
+        record = await self.platform.wait_for(too_big)
+        self.assertEqual(record.state, "FAILED")
+        self.assertIn("[pilot] cores", record.info["reason"])
+        too_long = self.platform.submit({"command": "true", "resourceRequirements": {"timeLimit": 1000}})
+        record = await self.platform.wait_for(too_long)
+        self.assertIn("walltime", record.info["reason"])
+        self.assertLessEqual(len([r for r in handler.pilots.values()]), 2 + handler.submitted_pilots)
+
+    async def test_scancel_of_a_pilot_under_running_tasks(self):
+        handler = await self.start(max_pilots="1")
+        quick = self.platform.submit({"command": "true"})
+        await self.platform.wait_for(quick)
+        slow = self.platform.submit({"command": "sleep 300"})
+        await self.platform.wait_for(slow, "RUNNING")
+        job_id = self.platform.task(slow).info["jobId"]
+        subprocess.run(["scancel", job_id], check=True)
+        record = await self.platform.wait_for(slow)
+        self.assertEqual(record.state, "FAILED")
+        self.assertIn(job_id, record.info["reason"])
+        self.assertIn("CANCELLED", record.info["reason"])
+        self.assertEqual(record.info["jobId"], job_id)
+        # A replacement pilot runs what comes next.
+        after = self.platform.submit({"command": "true"})
+        record = await self.platform.wait_for(after)
+        self.assertEqual(record.state, "DONE")
+        self.assertNotEqual(record.info["jobId"], job_id)
+
+    async def test_idle_pilot_ends(self):
+        handler = await self.start(idle_timeout="1")
+        task_id = self.platform.submit({"command": "true"})
+        await self.platform.wait_for(task_id)
+        await eventually(lambda: not handler.pilot_summary(), timeout=60, what="the idle pilots to end")
+        self.assertEqual(self.agent.manager.pool.capacity, 0)
+
+    async def test_pilot_that_cannot_connect_back(self):
+        handler = await self.start(advertise_address="127.0.0.2", connect_timeout="3", max_pilots="1")
+        handler.advertise_address = "127.0.0.1"
+        handler.port = 1  # nothing listens there
+        task_id = self.platform.submit({"command": "true"})
+        await eventually(lambda: handler.unreachable >= 1, timeout=120, what="an unreachable pilot")
+        await sleep(2)
+        self.assertEqual(handler.submitted_pilots, 1)  # backing off, no loop of submissions
+        info = await handler.resource_info()
+        self.assertEqual(info["pilotsUnreachable"], 1)
+        self.assertEqual(self.platform.task(task_id).state, "QUEUED")
