@@ -25,7 +25,7 @@ def pilot_sections(**pilot):
     }
 
 
-class PilotSlurmTests(TestCase):
+class PilotSlurmCase(TestCase):
     timeout = 180
     if REAL_SLURM_PROBLEM:
         skip = REAL_SLURM_PROBLEM
@@ -41,6 +41,9 @@ class PilotSlurmTests(TestCase):
         ids = [r.job_id for r in self.agent.handler.pilots.values() if r.job_id]
         if ids:
             subprocess.run(["scancel", *ids], check=False)
+
+
+class PilotSlurmTests(PilotSlurmCase):
 
     async def test_tasks_in_pilots(self):
         handler = await self.start()
@@ -132,3 +135,33 @@ class PilotSlurmTests(TestCase):
         info = await handler.resource_info()
         self.assertEqual(info["pilotsUnreachable"], 1)
         self.assertEqual(self.platform.task(task_id).state, "QUEUED")
+
+
+class PilotRestartTests(PilotSlurmCase):
+    """The agent stops (tasks left running) and starts again on the same state."""
+
+    async def test_restart_takes_every_task_up_again(self):
+        handler = await self.start(max_pilots="1")
+        warm = self.platform.submit({"command": "true"})
+        await self.platform.wait_for(warm)
+        quick = self.platform.submit({"command": "sleep 1; exit 7"})
+        slow = self.platform.submit({"command": "sleep 4"})
+        await self.platform.wait_for(slow, "RUNNING")
+        job_id = self.platform.task(slow).info["jobId"]
+        ini = self.agent.config.path
+        await self.agent.stopService()
+        await sleep(2)  # quick ends while no agent is there
+        self.agent = start_agent(self, ini=ini)
+        await self.platform.wait_connected()
+        record = await self.platform.wait_for(quick)
+        self.assertEqual((record.state, record.info["exitCode"]), ("FAILED", 7))
+        self.assertEqual(record.info["jobId"], job_id)
+        record = await self.platform.wait_for(slow)
+        self.assertEqual((record.state, record.info["exitCode"]), ("DONE", 0))
+        self.assertEqual(record.info["jobId"], job_id)
+        self.assertEqual(self.platform.task(slow).states.count("RUNNING"), 1)
+        again = self.platform.submit({"command": "true"})
+        record = await self.platform.wait_for(again)
+        self.assertEqual(record.info["jobId"], job_id)  # the same pilot, reconnected
+        self.assertEqual(self.agent.handler.submitted_pilots, 0)
+        self.assertEqual(self.platform.violations, [])
