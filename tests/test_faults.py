@@ -24,6 +24,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -96,6 +97,12 @@ class FaultScenario(TestCase):
 
     timeout = 120
     handler_type = "local"
+    pilot_mode = False  # tasks run in pilot jobs ([pilot] enabled)
+
+    @property
+    def label(self):
+        """How the table names this scenario's back end."""
+        return f"{self.handler_type} pilots" if self.pilot_mode else self.handler_type
     #: Factor for waits that depend on a batch scheduler (a busy one is slow).
     patience = 1
 
@@ -248,7 +255,7 @@ class FaultScenario(TestCase):
 
             return _Held(phase, made, ready, release)
         if phase == QUEUED:
-            if self.handler_type == "local":
+            if self.handler_type == "local" or self.pilot_mode:
                 blocker = tasks.make("blk", gate=True)
                 made = [blocker] + [tasks.make("que", exit_code=c) for c in codes]
                 ids = [m[0] for m in made[1:]]
@@ -319,7 +326,7 @@ class FaultScenario(TestCase):
 
     def phase_sections(self, phase):
         if phase == QUEUED:
-            if self.handler_type == "local":
+            if self.handler_type == "local" or self.pilot_mode:
                 return {"agent": {"max_tasks": "1"}}
             return {"handler": {"extra_args": "--hold"}}
         return None
@@ -394,7 +401,7 @@ class FaultScenario(TestCase):
         await self.restart_agent()
         held.release()
         name = "in " + (phase if phase != TERMINAL_UNACKED else "terminal-in-outbox-before-ACK")
-        await self.finish(f"{self.handler_type}: kill -9 {name}", held.expectations)
+        await self.finish(f"{self.label}: kill -9 {name}", held.expectations)
         if phase == TERMINAL_UNACKED:
             self.assertGreater(self.plat.recorder.dropped, 0, "the platform dropped no re-sent report")
 
@@ -431,7 +438,7 @@ class FaultScenario(TestCase):
         survivors = [t for t in ids if self.tasks.ended(t)]
         expectations = [Expect(t, ("CANCELED",), None, runs=(1,) if t in running else (0,), check_exit=False)
                         for t in ids]
-        await self.finish(f"{self.handler_type}: cancel, kill -9 at once, more cancels while down",
+        await self.finish(f"{self.label}: cancel, kill -9 at once, more cancels while down",
                           expectations)
         self.assertEqual(survivors, [], "a canceled task's process kept running")
 
@@ -453,7 +460,7 @@ class FaultScenario(TestCase):
             await self.kill9()
             self.agent.start()
         await self.connected()
-        await self.finish(f"{self.handler_type}: {kills} kill -9 at random moments (seed {seed})",
+        await self.finish(f"{self.label}: {kills} kill -9 at random moments (seed {seed})",
                           [e for _, _, e in made])
 
 
@@ -492,7 +499,7 @@ class LocalKillTests(FaultScenario):
         self.keep_state()
         await self.disconnected()
         await self.restart_agent()
-        await self.finish(f"{self.handler_type}: kill -9 racing the task's start", [e for _, _, e in made])
+        await self.finish(f"{self.label}: kill -9 racing the task's start", [e for _, _, e in made])
 
     def test_cancel_and_kill9(self):
         return defer.Deferred.fromCoroutine(self.cancel_and_kill9())
@@ -1141,6 +1148,116 @@ class SlurmCommandFailureTests(SlurmFaultScenario):
         refused_expect = Expect(refused[0], ("FAILED",), None, runs=(0,))
         await self.finish("slurm: sbatch fails", [refused_expect] + [e for _, _, e in made])
         self.assertIn("submission failed", self.plat.task(refused[0]).info["reason"])
+
+
+class PilotFaultScenario(SlurmFaultScenario):
+    """The SLURM scenarios with [pilot] enabled: tasks run inside two pilots of 2 cores."""
+
+    pilot_mode = True
+
+    async def start_agent(self, sections=None):
+        merged = {"pilot": {
+            "enabled": "yes", "max_pilots": "2", "cores": "2", "walltime": "600", "idle_timeout": "60",
+            "listen": "127.0.0.1:0", "advertise_address": "127.0.0.1", "heartbeat": "1",
+            "connect_timeout": "120", "lost_timeout": "20",
+        }}
+        for section, keys in (sections or {}).items():
+            merged.setdefault(section, {}).update(keys)
+        self.addCleanup(self._cancel_pilots)
+        return await super().start_agent(merged)
+
+    def pilot_jobs(self):
+        try:
+            with open(os.path.join(self.state_dir, "pilots", "pilots.json")) as f:
+                return [p["jobId"] for p in json.load(f)["pilots"].values() if p.get("jobId")]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def _is_pilot_worker(self, pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return False
+        return argv[1:3] == [b"-m", b"everest_agent.pilot"] and self.state_dir.encode() in b" ".join(argv)
+
+    def _cancel_pilots(self):
+        ids = self.pilot_jobs()
+        if ids:
+            subprocess.run(["scancel"] + ids, capture_output=True, timeout=20)
+
+
+class PilotKillTests(PilotFaultScenario):
+    """kill -9 of the agent in each phase of a task in a pilot, then a restart."""
+
+    def test_kill9_accepted(self):
+        return defer.Deferred.fromCoroutine(self.kill9_in(ACCEPTED))
+
+    def test_kill9_queued(self):
+        return defer.Deferred.fromCoroutine(self.kill9_in(QUEUED))
+
+    def test_kill9_running(self):
+        return defer.Deferred.fromCoroutine(self.kill9_in(RUNNING))
+
+    def test_kill9_staging_out(self):
+        return defer.Deferred.fromCoroutine(self.kill9_in(STAGING_OUT))
+
+    def test_kill9_terminal_unacked(self):
+        return defer.Deferred.fromCoroutine(self.kill9_in(TERMINAL_UNACKED))
+
+    def test_cancel_and_kill9(self):
+        return defer.Deferred.fromCoroutine(self.cancel_and_kill9())
+
+    def test_kill_storm(self):
+        return defer.Deferred.fromCoroutine(self.kill_storm())
+
+
+class PilotLossTests(PilotFaultScenario):
+    """A pilot lost under running tasks; a pilot's link frozen and healed."""
+
+    async def test_pilot_canceled_under_running_tasks(self):
+        await self.start_agent({"pilot": {"max_pilots": "1"}})
+        made = [self.tasks.make("lost", exit_code=0, gate=True) for _ in range(2)]
+        self.submit(made)
+        ids = [m[0] for m in made]
+        await eventually(lambda: all(self.plat.reached(t, RUNNING) for t in ids), timeout=60 * self.patience,
+                         what="two tasks running in the pilot", diagnose=self.diagnose)
+        # One ends just before its pilot is canceled: its real exit code counts.
+        self.tasks.open_gate(ids[0])
+        await eventually(lambda: self.tasks.ended(ids[0]), what="the first task to end")
+        self.agent.signal(signal.SIGSTOP)  # it must learn of the end from the pilot's loss
+        job_id = self.plat.task(ids[1]).info["jobId"]
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+        await sleep(1)
+        self.agent.signal(signal.SIGCONT)
+        expectations = [Expect(ids[0], ("DONE",), 0),
+                        Expect(ids[1], ("FAILED",), None, check_exit=False)]
+        await self.finish("pilot: scancel of the pilot under running tasks", expectations)
+        reason = self.plat.task(ids[1]).info["reason"]
+        self.assertIn(job_id, reason)
+
+    async def test_pilot_link_frozen_then_healed(self):
+        await self.start_agent({"pilot": {"max_pilots": "1"}})
+        made = [self.tasks.make("frz", exit_code=c, gate=True) for c in (0, 4)]
+        self.submit(made)
+        ids = [m[0] for m in made]
+        await eventually(lambda: all(self.plat.reached(t, RUNNING) for t in ids), timeout=60 * self.patience,
+                         what="two tasks running in the pilot", diagnose=self.diagnose)
+        # Freeze the pilot's worker (not its tasks): its link goes silent, a half-open link.
+        pids = subprocess.run(["pgrep", "-f", "everest_agent.pilot --agent 127.0.0.1"],
+                              capture_output=True, text=True).stdout.split()
+        mine = [p for p in pids if self._is_pilot_worker(p)]
+        self.assertEqual(len(mine), 1, pids)
+        os.kill(int(mine[0]), signal.SIGSTOP)
+        await sleep(5)  # several heartbeats
+        os.kill(int(mine[0]), signal.SIGCONT)
+        for t in ids:
+            self.tasks.open_gate(t)
+        await self.finish("pilot: its link frozen (half-open) for 5 s, then healed",
+                          [Expect(ids[0], ("DONE",), 0), Expect(ids[1], ("FAILED",), 4)])
+        log = self.agent.log_text()
+        self.assertIn("link lost", log)  # the heartbeats found the silence...
+        self.assertEqual(log.count("Submitting pilot"), 1)  # ...and the same pilot came back
 
 
 class CheckSelfTests(TestCase):
