@@ -187,6 +187,7 @@ class PilotTaskHandler(service.MultiService):
         self.unreachable = 0  # pilots that ran but never connected back
         self.submitted_pilots = 0
         self.refused_connections = 0
+        self._settling = False
         batch.setServiceParent(self)
 
     @classmethod
@@ -222,6 +223,11 @@ class PilotTaskHandler(service.MultiService):
                       host=host, port=self.port, address=self.advertise_address)
         for pilot_id, entry in table.get("pilots", {}).items():
             self._resume_pilot(pilot_id, entry)
+        # Until every pilot of the last run has said what it runs, the slots
+        # are not the limit: the tasks taken up again must reach reattach()
+        # (and a cancel reach their pilot), not wait for slots.
+        self._settling = any(r.state != ENDED for r in self.pilots.values())
+        self._changed()
         self._save_table()
         self._schedule_scale()
 
@@ -591,6 +597,9 @@ class PilotTaskHandler(service.MultiService):
         """Tasks waiting for any pilot to claim them, once every pilot has spoken."""
         if any(not r.hello_seen and r.state != ENDED for r in self.pilots.values()):
             return
+        if self._settling:
+            self._settling = False
+            self._changed()
         for task_id, (job, d, pilot_id) in list(self.reattaching.items()):
             if pilot_id is None:
                 del self.reattaching[task_id]
@@ -676,6 +685,8 @@ class PilotTaskHandler(service.MultiService):
                 total += record.used
             if record.accepting() and not record.tasks and record.idle_call is None:
                 record.idle_call = self.reactor.callLater(self.idle_timeout, self._idle, record)
+        if self._settling:
+            total = self.max_tasks
         if self.pool is not None:
             self.pool.set_capacity(min(self.max_tasks, total))
 

@@ -84,6 +84,12 @@ class Link(Int32StringReceiver):
         self.frames_received = 0
 
     def connectionMade(self):
+        # Small frames both ways, each waited for: Nagle's algorithm would
+        # hold them for the peer's delayed ACK (tens of milliseconds).
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
         now = self.clock.seconds()
         self._last_heard = self._last_sent = now
         self._beat_call = self.clock.callLater(self.heartbeat, self._beat)
