@@ -91,6 +91,8 @@ class EverestAgent(MultiService):
         # -- operations: status.json and the optional /metrics endpoint (status.py, monitor.py)
         self.wallclock = wallclock
         self.status = StatusFile(agent.state_dir, platform.url, wallclock)
+        if hasattr(self.handler, "pool"):
+            self.handler.status = self.status  # pilot mode: status lists the pilots
         self.monitor_service = None
         listen = getattr(getattr(config, "monitor", None), "listen", None)
         if listen is not None:

@@ -177,6 +177,19 @@ class AgentCollector:
         transferred.add_metric(["out"], _number(getattr(stager, "bytes_out", 0)) or 0)
         yield transferred
 
+        pilot_summary = getattr(agent.handler, "pilot_summary", None)
+        if pilot_summary is not None:  # pilot mode
+            pilots = pilot_summary()
+            family = GaugeMetricFamily("everest_agent_pilots", "Pilot jobs by state.", labels=["state"])
+            for state in ("submitting", "pending", "starting", "running", "draining", "away", "unreachable"):
+                family.add_metric([state], sum(1 for p in pilots if p["state"] == state))
+            yield family
+            family = GaugeMetricFamily("everest_agent_pilot_cores", "Cores of the pilots: used, and total.",
+                                       labels=["kind"])
+            family.add_metric(["used"], sum(p["coresUsed"] for p in pilots))
+            family.add_metric(["total"], sum(p["coresTotal"] for p in pilots))
+            yield family
+
         polls, failures, duration = handler_poll_figures(agent.handler)
         if polls is not None:
             family = CounterMetricFamily("everest_agent_scheduler_polls", "Scheduler status polls done.")

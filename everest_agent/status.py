@@ -405,6 +405,22 @@ def _duration(seconds):
     return f"{seconds // 86400} d {seconds // 3600 % 24} h"
 
 
+def _pilot_lines(agent):
+    """Pilot mode: one line per pilot, and a warning for pilots that never connected back."""
+    pilots = agent.get("pilots")
+    if not isinstance(pilots, dict):
+        return []
+    listed = pilots.get("pilots") or []
+    lines = [f"pilots: {len(listed)}"]
+    for p in listed:
+        lines.append(f"  pilot {p.get('id')}: job {p.get('jobId') or '-'}, {p.get('state')}, "
+                     f"{p.get('coresUsed')}/{p.get('coresTotal')} cores used, {p.get('tasks')} tasks")
+    if pilots.get("unreachable"):
+        lines.append(f"  WARNING: {pilots['unreachable']} pilot job(s) ran but never connected back to "
+                     f"{pilots.get('address')}; check [pilot] advertise_address and firewalls")
+    return lines
+
+
 def format_state(state):
     """The lines C{everest-agent status} prints for L{read_state}'s result."""
     now = state["time"]
@@ -425,6 +441,7 @@ def format_state(state):
                      f"{agent.get('slots', '?')} slots")
     if agent.get("platform"):
         lines.append(f"platform: {agent['platform']}")
+    lines.extend(_pilot_lines(agent))
     connection = state["connection"]
     if connection:
         text = f"connection: {connection.get('state')} since {_when(connection.get('since'), now)}"

@@ -188,6 +188,8 @@ class PilotTaskHandler(service.MultiService):
         self.submitted_pilots = 0
         self.refused_connections = 0
         self._settling = False
+        self.status = None  # the agent's StatusFile
+        self._status_key, self._status_written = None, 0.0
         batch.setServiceParent(self)
 
     @classmethod
@@ -384,6 +386,7 @@ class PilotTaskHandler(service.MultiService):
             address=self.advertise_address, port=self.port,
         )
         self._back_off()
+        record.end_reason = "it never connected back"
         if record.job is not None:
             record.job.cancel()
 
@@ -461,7 +464,27 @@ class PilotTaskHandler(service.MultiService):
     def _scale_tick(self):
         self._scale_call = None
         self._scale()
+        self._write_status()
         self._schedule_scale()
+
+    def _write_status(self):
+        """Pilots in status.json (for C{everest-agent status}), when their states change or every 10 s."""
+        if self.status is None:
+            return
+        summary = {"pilots": self.pilot_summary(), "unreachable": self.unreachable,
+                   "address": f"{self.advertise_address}:{self.port}"}
+        key = [(p["id"], p["state"], p["jobId"]) for p in summary["pilots"]] + [self.unreachable]
+        now = self.reactor.seconds()
+        if key == self._status_key and now - self._status_written < 10:
+            return
+        self._status_key, self._status_written = key, now
+        self.status.data["pilots"] = summary
+        self.status.write()
+
+    # The batch handler's poll figures (for /metrics): only pilots are polled.
+    polls = property(lambda self: self.batch.polls)
+    poll_failures = property(lambda self: self.batch.poll_failures)
+    last_poll_duration = property(lambda self: self.batch.last_poll_duration)
 
     def demand(self):
         """Cores wanted by tasks that wait (for a slot or for a pilot with room)."""
@@ -478,11 +501,8 @@ class PilotTaskHandler(service.MultiService):
             return
         live = [r for r in self.pilots.values() if r.state != ENDED]
         coming = sum(r.cores for r in live if r.state in (SUBMITTING, PENDING, STARTING))
-        # A task no accepting pilot can take (packing, walltime) needs a new one.
-        blocked = bool(self.waiting) and not any(self._fits(r, self.waiting[0]) for r in live
-                                                 if r.state == RUNNING)
-        if blocked:
-            wanted = max(wanted, coming + 1)
+        # (A task no running pilot can take, for its cores or its timeLimit,
+        # counts in wanted too: it waits, so a new pilot is submitted.)
         if coming >= wanted or len(live) >= self.max_pilots:
             return
         if self.reactor.seconds() < self._not_before:

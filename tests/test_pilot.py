@@ -1,0 +1,384 @@
+"""
+Pilot mode without a scheduler: the agent's pilot handler and the pilot
+worker joined by an in-memory link, on a Clock.
+"""
+
+import json
+import os
+import struct
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.test.iosim import FakeTransport, connect
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from everest_agent.interfaces import IJob, ITaskHandler, JobNeverStarted, JobRequest, JobResult
+from everest_agent.manager import SlotPool
+from everest_agent.pilot import link as L
+from everest_agent.pilot.handler import PilotTaskHandler
+from everest_agent.pilot.runner import Pilot
+from everest_agent.status import _pilot_lines
+from everest_agent.testing import FakeTaskHandler
+
+
+class FakeBatch(Service, FakeTaskHandler):
+    """The batch handler pilots are submitted through: its jobs start when the test says."""
+
+    name = "slurm"
+    polls = poll_failures = 0
+    last_poll_duration = None
+
+    def __init__(self):
+        FakeTaskHandler.__init__(self, batch=True)
+
+    def check_requirements(self, requirements):
+        pass
+
+
+class Reactor(Clock):
+    """A Clock that 'listens' (the handler only needs the port number)."""
+
+    def listenTCP(self, port, factory, interface=""):
+        self.factory = factory
+
+        class Port:
+            def getHost(self):
+                return type("A", (), {"port": 4242})()
+
+            def stopListening(self):
+                return defer.succeed(None)
+
+        return Port()
+
+
+def frame(*messages):
+    data = json.dumps([list(m) for m in messages]).encode()
+    return struct.pack("!I", len(data)) + data
+
+
+class Harness:
+    def __init__(self, test, max_tasks=8, cores=2, walltime=3600.0):
+        self.test = test
+        self.reactor = Reactor()
+        self.root = os.path.abspath(test.mktemp())
+        os.makedirs(self.root)
+        self.batch = FakeBatch()
+        self.handler = PilotTaskHandler(
+            self.reactor, self.batch, os.path.join(self.root, "state"), max_tasks=max_tasks, max_pilots=2,
+            cores=cores, walltime=walltime, idle_timeout=60, listen=("127.0.0.1", 0),
+            advertise_address="127.0.0.1", heartbeat=5, connect_timeout=30, lost_timeout=20,
+        )
+        self.pool = SlotPool(max_tasks, clock=self.reactor)
+        self.pool.set_capacity(0)
+        self.handler.pool = self.pool
+        self.handler.startService()
+        self.pumps = []
+
+    def request(self, task_id, **requirements):
+        directory = os.path.join(self.root, "tasks", task_id)
+        os.makedirs(directory, exist_ok=True)
+        return JobRequest(task_id, directory, "true", {}, requirements)
+
+    def record(self, index=0):
+        return list(self.handler.pilots.values())[index]
+
+    def connect_pilot(self, record, secret=None):
+        """Start the pilot job of C{record} and join a Pilot to the handler."""
+        job = self.batch.jobs[f"everest-pilot-{record.pilot_id}"]
+        if not job.running.called:
+            job.start()
+        tasks = FakeTaskHandler()
+        pilot = Pilot(self.reactor, "127.0.0.1", 4242, record.pilot_id, secret or record.secret, record.cores,
+                      3600.0, handler=tasks, heartbeat=5, exit=lambda: None)
+        self.join(pilot)
+        return pilot, tasks
+
+    def join(self, pilot):
+        agent_side = self.reactor.factory.buildProtocol(None)
+        pilot_side = L.Link(pilot, self.reactor, 5)
+        pump = connect(agent_side, FakeTransport(agent_side, True), pilot_side, FakeTransport(pilot_side, False))
+        self.pumps.append(pump)
+        self.settle()
+        return pump
+
+    def settle(self):
+        for _ in range(6):
+            self.reactor.advance(0)
+            for pump in self.pumps:
+                pump.pump()
+
+
+class PilotHandlerTests(SynchronousTestCase):
+    def test_interfaces(self):
+        h = Harness(self)
+        verifyObject(ITaskHandler, h.handler)
+        d = h.handler.submit(h.request("t1"))
+        self.assertFalse(d.called)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(list(h.handler.waiting), [])
+
+    def test_task_through_a_pilot(self):
+        h = Harness(self)
+        self.assertEqual(h.pool.capacity, 0)
+        d = h.handler.submit(h.request("t1"))
+        self.assertEqual(len(h.handler.pilots), 1)  # submitted on demand
+        record = h.record()
+        argv = h.batch.jobs[f"everest-pilot-{record.pilot_id}"].request.command
+        self.assertIn("-m everest_agent.pilot", argv)
+        self.assertNotIn(record.secret, argv)  # the secret is in a file only
+        secret_file = os.path.join(record.directory, "secret")
+        self.assertEqual(os.stat(secret_file).st_mode & 0o777, 0o600)
+        pilot, tasks = h.connect_pilot(record)
+        self.assertEqual(record.state, "running")
+        job = self.successResultOf(d)
+        verifyObject(IJob, job)
+        self.assertEqual(job.job_id, record.job_id)
+        self.assertTrue(job.batch)
+        h.settle()
+        self.assertTrue(job.running.called)
+        self.assertEqual(h.pool.capacity, 2)
+        tasks.jobs["t1"].finish(3)
+        h.settle()
+        self.assertEqual(self.successResultOf(job.result), JobResult(3, "exit code 3"))
+        self.assertEqual(pilot.unacked, set())  # the agent acknowledged it
+
+    def test_one_frame_per_turn(self):
+        h = Harness(self)
+        ds = [h.handler.submit(h.request(f"t{i}")) for i in range(2)]
+        pilot, tasks = h.connect_pilot(h.record())
+        link = h.record().link
+        sent = link.frames_sent
+        for job in [self.successResultOf(d) for d in ds]:
+            h.settle()
+        for task_id in ("t0", "t1"):
+            tasks.jobs[task_id].finish(0)
+        h.settle()
+        self.assertEqual(link.frames_sent - sent, 1)  # both acks in one frame
+
+    def test_wrong_secret_is_dropped(self):
+        h = Harness(self)
+        h.handler.submit(h.request("t1"))
+        record = h.record()
+        for first in [(L.HELLO, {"pilot": record.pilot_id, "secret": "guess"}),
+                      (L.RUN, {"task": "x"}),
+                      (L.HELLO, {"pilot": "nobody", "secret": record.secret})]:
+            link = h.reactor.factory.buildProtocol(None)
+            transport = StringTransport()
+            link.makeConnection(transport)
+            link.dataReceived(frame(first, (L.CANCEL, {"task": "t1"})))
+            h.reactor.advance(0)
+            self.assertTrue(transport.disconnecting or getattr(transport, "disconnected", False))
+            self.assertEqual(transport.value(), b"")  # nothing said to it
+        self.assertEqual(h.handler.refused_connections, 3)
+        self.assertIsNone(record.link)
+
+    def test_silent_connection_is_dropped(self):
+        h = Harness(self)
+        link = h.reactor.factory.buildProtocol(None)
+        transport = StringTransport()
+        link.makeConnection(transport)
+        h.reactor.advance(20)
+        self.assertTrue(transport.disconnecting)
+
+    def test_impossible_tasks_fail_at_once(self):
+        h = Harness(self, cores=2, walltime=600)
+        for requirements, words in [({"coresPerNode": 3}, "[pilot] cores"), ({"nodes": 2}, "one node"),
+                                    ({"timeLimit": 590}, "walltime")]:
+            with self.assertRaises(ValueError) as caught:
+                h.handler.slots_needed(requirements)
+            self.assertIn(words, str(caught.exception))
+        self.assertEqual(h.handler.slots_needed({"coresPerNode": 2, "timeLimit": 100}), 2)
+
+    def test_multi_core_tasks_fit_in_one_pilot(self):
+        h = Harness(self)
+        first = h.handler.submit(h.request("a"))
+        _, tasks_a = h.connect_pilot(h.record())
+        self.successResultOf(first)
+        wide = h.handler.submit(h.request("wide", coresPerNode=2))
+        self.assertFalse(wide.called)  # one core free in pilot A: not enough
+        h.handler._scale()
+        self.assertEqual(len(h.handler.pilots), 2)
+        _, tasks_b = h.connect_pilot(h.record(1))
+        job = self.successResultOf(wide)
+        self.assertEqual(job.pilot, h.record(1))
+        self.assertIn("wide", tasks_b.jobs)
+
+    def test_pilot_loss(self):
+        h = Harness(self)
+        ds = [h.handler.submit(h.request(t)) for t in ("ran", "done", "unsent")]
+        record = h.record()
+        pilot, tasks = h.connect_pilot(record)
+        ran, done, unsent = [self.successResultOf(d) for d in ds[:2]] + [None]
+        self.assertFalse(ds[2].called)  # 2 cores: the third waits
+        os.makedirs(os.path.join(ran.request.directory, ".everest"))
+        os.makedirs(os.path.join(done.request.directory, ".everest"))
+        with open(os.path.join(done.request.directory, ".everest", "exitcode"), "w") as f:
+            f.write("5\n")
+        h.batch.jobs[f"everest-pilot-{record.pilot_id}"].finish(None, "CANCELLED by someone else")
+        h.settle()
+        result = self.successResultOf(ran.result)
+        self.assertIn(record.job_id, result.reason)
+        self.assertIn("CANCELLED", result.reason)
+        self.assertEqual(self.successResultOf(done.result).exit_code, 5)
+        self.assertEqual(record.state, "ended")
+        self.assertEqual([j.task_id for j in h.handler.waiting], ["unsent"])
+        self.assertFalse(os.path.exists(os.path.join(record.directory, "secret")))
+
+    def test_task_sent_but_never_received_goes_back(self):
+        h = Harness(self)
+        first = h.handler.submit(h.request("first"))
+        record = h.record()
+        pilot, tasks = h.connect_pilot(record)
+        self.successResultOf(first)
+        d = h.handler.submit(h.request("t"))
+        job = self.successResultOf(d)  # sent, not received yet
+        # The pilot is lost: "t" never started there (no .everest): back in the queue.
+        h.handler._pilot_ended(record, "NODE_FAIL")
+        self.assertEqual(list(h.handler.waiting), [job])
+        self.assertIsNone(job.job_id)
+
+    def test_link_cut_and_reconnect(self):
+        h = Harness(self)
+        d = h.handler.submit(h.request("t"))
+        record = h.record()
+        pilot, tasks = h.connect_pilot(record)
+        job = self.successResultOf(d)
+        h.settle()
+        # Half-open: nothing arrives any more from either side.
+        pump = h.pumps.pop()
+        for _ in range(3):
+            h.reactor.advance(5)
+        pump.flush()  # (what was written, then the ends of the connection)
+        self.assertEqual(record.state, "away")
+        tasks.jobs["t"].finish(0)  # it ends while the link is down
+        self.assertIsNone(pilot.link)
+        pilot._retry_call.cancel()
+        pilot._retry_call = None
+        h.join(pilot)  # the pilot reconnects
+        self.assertEqual(record.state, "running")
+        self.assertEqual(self.successResultOf(job.result).exit_code, 0)
+        self.assertEqual(len(tasks.jobs), 1)  # never run twice
+
+    def test_restart_reattach(self):
+        h = Harness(self)
+        d = h.handler.submit(h.request("t"))
+        record = h.record()
+        pilot, tasks = h.connect_pilot(record)
+        self.successResultOf(d)
+        h.settle()
+        job_id = record.job_id
+        h.handler.stopService()
+        # A new agent on the same state: its pilot reconnects and is claimed.
+        h2 = Harness.__new__(Harness)
+        h2.__dict__.update(h.__dict__)
+        h2.batch = FakeBatch()
+        h2.handler = PilotTaskHandler(h.reactor, h2.batch, os.path.join(h.root, "state"), max_tasks=8,
+                                      max_pilots=2, cores=2, listen=("127.0.0.1", 0),
+                                      advertise_address="127.0.0.1", heartbeat=5)
+        h2.handler.pool = h2.pool = SlotPool(8, clock=h.reactor)
+        h2.pumps = []
+        h2.handler.startService()
+        self.assertEqual(h2.pool.capacity, 8)  # until the old pilots speak
+        again = h2.handler.reattach(h.request("t"), job_id)
+        never = h2.handler.reattach(h.request("other"), None)
+        self.assertFalse(again.called)
+        h2.join(pilot)
+        job = self.successResultOf(again)
+        self.assertTrue(job.running.called)
+        self.failureResultOf(never, JobNeverStarted)
+        tasks.jobs["t"].finish(0)
+        h2.settle()
+        self.assertEqual(self.successResultOf(job.result).exit_code, 0)
+        self.assertEqual(h2.pool.capacity, 2)
+
+    def test_idle_pilot_is_told_to_stop(self):
+        h = Harness(self)
+        d = h.handler.submit(h.request("t"))
+        pilot, tasks = h.connect_pilot(h.record())
+        self.successResultOf(d)
+        h.settle()
+        tasks.jobs["t"].finish(0)
+        h.settle()
+        for _ in range(61):
+            h.reactor.advance(1)
+            h.settle()
+        self.assertTrue(pilot.ended)
+
+    def test_never_connects(self):
+        h = Harness(self)
+        h.handler.submit(h.request("t"))
+        record = h.record()
+        h.batch.jobs[f"everest-pilot-{record.pilot_id}"].start()
+        h.reactor.advance(31)
+        self.assertIn("never connected back", record.end_reason)
+        self.assertTrue(h.batch.jobs[f"everest-pilot-{record.pilot_id}"].canceled)
+        self.assertEqual(h.handler.unreachable, 1)
+        h.handler._scale()
+        self.assertEqual(len(h.handler.pilots), 1)  # backing off
+        lines = _pilot_lines({"pilots": {"pilots": [], "unreachable": 1, "address": "x:1"}})
+        self.assertIn("never connected back", lines[-1])
+
+
+class PilotWorkerTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.tasks = FakeTaskHandler()
+        self.pilot = Pilot(self.clock, "h", 1, "p1", "s", 2, 600.0, handler=self.tasks, exit=lambda: None)
+        self.sent = []
+        self.pilot.link = type("Link", (), {"send": lambda _, kind, fields=None: self.sent.append((kind, fields))})()
+        self.pilot.welcomed = True
+
+    def run_task(self, task_id, **requirements):
+        self.pilot.msg_run({"task": task_id, "directory": "/nonexistent", "command": "true",
+                            "requirements": requirements})
+        return self.sent[-1]
+
+    def test_never_runs_a_task_twice(self):
+        self.assertEqual(self.run_task("t")[0], L.STARTED)
+        self.assertEqual(self.run_task("t")[0], L.STARTED)
+        self.tasks.jobs["t"].finish(0)
+        self.assertEqual(self.run_task("t"), (L.ENDED, {"task": "t", "result": [0, None, False]}))
+        self.assertEqual(len(self.tasks.jobs), 1)
+
+    def test_refuses_what_does_not_fit(self):
+        self.assertIn("walltime", self.run_task("long", timeLimit=590)[1]["reason"])
+        self.assertEqual(self.run_task("wide", coresPerNode=2)[0], L.STARTED)
+        self.assertIn("free cores", self.run_task("more")[1]["reason"])
+        self.clock.advance(600 - 60)
+        self.assertEqual(self.sent[-1][0], L.DRAINING)
+        self.tasks.jobs["wide"].finish(0)
+        self.assertIn("ending", self.run_task("late")[1]["reason"])
+
+    def test_outcomes_offered_again_until_acknowledged(self):
+        self.run_task("t")
+        self.tasks.jobs["t"].finish(2)
+        hello = []
+        self.pilot.link_made(type("Link", (), {"send": lambda _, kind, fields=None: hello.append(fields)})())
+        self.assertEqual(hello[0]["finished"], {"t": [2, "exit code 2", False]})
+        self.pilot.msg_ack({"tasks": ["t"]})
+        self.assertEqual(self.pilot.unacked, set())
+
+    def test_gives_up_without_an_agent_once_idle(self):
+        self.pilot.link = None
+        self.pilot.welcomed = False
+        self.pilot.reconnect_for = 10
+        self.clock.advance(11)
+        self.pilot._retry()
+        self.assertTrue(self.pilot.ended)
+
+
+class SlotPoolCapacityTests(SynchronousTestCase):
+    def test_raised_capacity_grants(self):
+        pool = SlotPool(0)
+        d = pool.acquire(2)
+        self.assertFalse(d.called)
+        pool.set_capacity(1)
+        self.assertFalse(d.called)
+        pool.set_capacity(2)
+        self.assertEqual(self.successResultOf(d), 2)
+        pool.set_capacity(0)  # lowered: held slots stay held
+        self.assertEqual(pool.used, 2)
