@@ -4,7 +4,6 @@ the agent over a local TCP port.
 """
 
 import os
-import socket
 import stat
 import struct
 import sys
@@ -194,7 +193,8 @@ class ChannelKeyTests(SynchronousTestCase):
         self.assertRaises(OSError, load_key, state)
 
 
-TASK = r"""
+#: The start of a task program: connect, then open with EVEREST_AGENT_TASK_ID verbatim.
+TASK_OPENING = r"""
 import os, socket, struct, sys
 def send(s, payload):
     s.sendall(struct.pack(">I", len(payload)) + payload)
@@ -210,6 +210,9 @@ def recv(s):
     return exactly(struct.unpack(">I", exactly(4))[0])
 s = socket.create_connection((os.environ["EVEREST_AGENT_ADDRESS"], int(os.environ["EVEREST_AGENT_PORT"])))
 send(s, b"\0" + os.environ["EVEREST_AGENT_TASK_ID"].encode())
+"""
+
+TASK = TASK_OPENING + r"""
 send(s, b"hello from the task")
 send(s, b"VAR_GET answer")
 print(recv(s).decode())
@@ -217,20 +220,26 @@ print(recv(s).decode())
 """
 
 
+async def run_channel_task(test, program):
+    """A platform, an agent with the channel on, and a task running C{program}."""
+    platform = await start_platform(test)
+    agent = start_agent(test, platform, sections={"task_channel": {"enabled": "yes"}})
+    await platform.wait_connected()
+    script = os.path.abspath(test.mktemp())
+    with open(script, "w") as f:
+        f.write(program)
+    task_id = platform.submit({
+        "command": f"{sys.executable} {script}",
+        "outputs": [{"path": "stdout", "uri": platform.file_url("ch/stdout")}],
+    })
+    return platform, agent, task_id
+
+
 class ChannelIntegrationTests(TestCase):
     timeout = 30
 
     async def test_task_talks_to_platform(self):
-        platform = await start_platform(self)
-        start_agent(self, platform, sections={"task_channel": {"enabled": "yes"}})
-        await platform.wait_connected()
-        script = os.path.abspath(self.mktemp())
-        with open(script, "w") as f:
-            f.write(TASK)
-        task_id = platform.submit({
-            "command": f"{sys.executable} {script}",
-            "outputs": [{"path": "stdout", "uri": platform.file_url("ch/stdout")}],
-        })
+        platform, _, task_id = await run_channel_task(self, TASK)
         messages = await platform.wait_message(task_id, 2)
         self.assertEqual(messages[:2], ["hello from the task", "VAR_GET answer"])
         platform.send_message(task_id, "hi task")
@@ -251,22 +260,7 @@ class ChannelIntegrationTests(TestCase):
         self.assertEqual([e["code"] for e in platform.agent().errors], ["no-task-channel"])
 
 
-GATED_TASK = r"""
-import os, socket, struct, sys, time
-def send(s, payload):
-    s.sendall(struct.pack(">I", len(payload)) + payload)
-def recv(s):
-    def exactly(n):
-        data = b""
-        while len(data) < n:
-            chunk = s.recv(n - len(data))
-            if not chunk:
-                raise SystemExit("channel closed")
-            data += chunk
-        return data
-    return exactly(struct.unpack(">I", exactly(4))[0])
-s = socket.create_connection((os.environ["EVEREST_AGENT_ADDRESS"], int(os.environ["EVEREST_AGENT_PORT"])))
-send(s, b"\0" + os.environ["EVEREST_AGENT_TASK_ID"].encode())
+GATED_TASK = TASK_OPENING + r"""
 send(s, b"legit")
 print(recv(s).decode())
 """
@@ -301,16 +295,7 @@ class ChannelIntruderTests(TestCase):
         real second TCP connection): it is closed, its message never
         reaches the platform and it receives nothing meant for the task.
         """
-        platform = await start_platform(self)
-        agent = start_agent(self, platform, sections={"task_channel": {"enabled": "yes"}})
-        await platform.wait_connected()
-        script = os.path.abspath(self.mktemp())
-        with open(script, "w") as f:
-            f.write(GATED_TASK)
-        task_id = platform.submit({
-            "command": f"{sys.executable} {script}",
-            "outputs": [{"path": "stdout", "uri": platform.file_url("ch/stdout")}],
-        })
+        platform, agent, task_id = await run_channel_task(self, GATED_TASK)
         await platform.wait_message(task_id, 1)
         port = agent.channel.port
         forged = frame(b"\0" + task_id.encode()) + frame(b"forged by an intruder")
