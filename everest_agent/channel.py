@@ -15,7 +15,7 @@ local user who only knows a task's id (it shows in C{ps}) cannot connect as
 that task.  A connection that does not present a valid credential of a
 running task, opens with a bad frame, or sends nothing within
 L{OPEN_TIMEOUT} seconds is closed.  At most L{MAX_CONNECTIONS} connections
-are open at a time (L{MAX_OPENING} of them not yet identified, L{MAX_PER_TASK}
+(or a quarter of the open-file limit, when lower) are open at a time (L{MAX_OPENING} of them not yet identified, L{MAX_PER_TASK}
 per task); more are closed at once.
 
 Messages that arrive before the task has connected wait for it, up to
@@ -29,6 +29,7 @@ import errno
 import hashlib
 import hmac
 import os
+import resource
 import secrets
 import stat
 
@@ -88,6 +89,20 @@ def load_key(state_dir):
     if len(key) < 32:
         raise OSError(errno.EINVAL, f"{path} is too short; remove it to have a new one made")
     return key
+
+
+def default_max_connections():
+    """
+    L{MAX_CONNECTIONS}, or a quarter of the open-file limit when that is
+    lower: the channel must leave descriptors for tasks and transfers.
+    """
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft // 4))
 
 
 class TaskChannelProtocol(Int32StringReceiver):
@@ -172,7 +187,7 @@ class TaskChannel(Factory):
     log = Logger()
 
     def __init__(self, is_running, relay, reactor=None, key=None, *, open_timeout=OPEN_TIMEOUT,
-                 max_connections=MAX_CONNECTIONS, max_opening=MAX_OPENING, max_per_task=MAX_PER_TASK,
+                 max_connections=None, max_opening=MAX_OPENING, max_per_task=MAX_PER_TASK,
                  max_waiting_bytes=MAX_WAITING_BYTES, max_waiting_total=MAX_WAITING_TOTAL):
         if reactor is None:
             from twisted.internet import reactor
@@ -181,7 +196,7 @@ class TaskChannel(Factory):
         self._relay = relay
         self.key = key if key is not None else secrets.token_bytes(32)
         self.open_timeout = open_timeout
-        self.max_connections = max_connections
+        self.max_connections = max_connections if max_connections is not None else default_max_connections()
         self.max_opening = max_opening
         self.max_per_task = max_per_task
         self.max_waiting_bytes = max_waiting_bytes

@@ -4,6 +4,7 @@ the agent over a local TCP port.
 """
 
 import os
+import resource
 import stat
 import struct
 import sys
@@ -16,7 +17,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from everest_agent.channel import MAX_WAITING_BYTES, OPEN_TIMEOUT, TaskChannel, load_key
+from everest_agent.channel import (
+    MAX_CONNECTIONS,
+    MAX_WAITING_BYTES,
+    OPEN_TIMEOUT,
+    TaskChannel,
+    default_max_connections,
+    load_key,
+)
 from everest_agent.protocol import ProtocolError
 from tests.support import eventually, start_agent, start_platform
 
@@ -168,6 +176,15 @@ class ChannelUnitTests(SynchronousTestCase):
         self.assertEqual(channel.waiting_total, 150)
         channel.to_task("d", "w" * 60)
         self.assertEqual(channel.waiting_total, 210)
+
+
+class OpenFileLimitTests(SynchronousTestCase):
+    def test_quarter_of_a_low_limit(self):
+        self.patch(resource, "getrlimit", lambda which: (256, 4096))
+        self.assertEqual(default_max_connections(), 64)
+        self.assertEqual(TaskChannel(None, None, Clock()).max_connections, 64)
+        self.patch(resource, "getrlimit", lambda which: (1 << 20, 1 << 20))
+        self.assertEqual(default_max_connections(), MAX_CONNECTIONS)
 
 
 class ChannelKeyTests(SynchronousTestCase):
