@@ -449,7 +449,7 @@ class Platform:
             api_token = secrets.token_urlsafe(32)
             if api_token_dir is not None:
                 self.api_token_file = write_api_token(api_token_dir, api_token)
-                log.info("API token written to {path}", path=self.api_token_file)
+                log.info("API token (Authorization: Bearer) written to {path}", path=self.api_token_file)
         elif not isinstance(api_token, str) or not api_token:
             raise ValueError("the API token must be a non-empty string")
         self.api_token = api_token

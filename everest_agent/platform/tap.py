@@ -248,9 +248,6 @@ def makeService(options, reactor=None):
         api_token=options["api-token"],
         api_token_dir=directory,
     )
-    if platform.api_token_file:
-        log.info("the JSON API (/api/) needs Authorization: Bearer <the token in {path}>",
-                 path=platform.api_token_file)
     return PlatformService(platform, options["listen"], tls=options["tls"],
                            public_url=options["public-url"],
                            ping_interval=options["ping-interval"],
