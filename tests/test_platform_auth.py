@@ -118,14 +118,15 @@ class ApiAuthTests(TestCase):
         first 64 KiB, and nothing of it is written to the store.
         """
         incoming = os.path.join(self.platform.files_dir, ".incoming")
-        for auth in (b"", b"Authorization: Bearer wrong\r\n"):
+        for auth in (b"", b"Authorization: Bearer wrong\r\n", b"Expect: 100-continue\r\n"):
             proto = await self.request(
                 b"PUT /files/big.bin HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 52428800",
                 b"x" * 65536, wait_close=False)
             await proto.head()
             self.assertEqual(proto.code, 401, proto.data)
-            self.assertEqual(os.listdir(incoming), [])
-            await proto.lost  # the platform closed the connection
+            await proto.lost
+            self.assertNotIn(b"100 Continue", proto.data)
+            self.assertEqual(os.listdir(incoming), [])  # and the platform closed the connection
         self.assertFalse(os.path.exists(os.path.join(self.platform.files_dir, "big.bin")))
         # The same for a chunked body and for the API.
         proto = await self.request(

@@ -53,6 +53,8 @@ class PlatformRequest(server.Request):
         """
         self._refused = True
         self.content = _Discard()
+        # No "100 Continue" after the answer: the client must not send the body.
+        self.requestHeaders.removeHeader(b"expect")
         shown = path.split(b"?", 1)[0][:200].decode("ascii", "replace")
         log.info("{method} {path}: no valid token; refused before reading the body",
                  method=(command or b"?").decode("ascii", "replace"), path=shown)
