@@ -136,11 +136,18 @@ class ApiAuthTests(TestCase):
         self.assertEqual(proto.code, 401)
         self.assertEqual(os.listdir(incoming), [])
         await proto.lost
-        proto = await self.request(b"POST /api/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 52428800",
-                                   b"{" * 65536, wait_close=False)
-        await proto.head()
-        self.assertEqual(proto.code, 401)
-        await proto.lost
+        for path in (b"/api/tasks", b"/%61pi/tasks", b"//api/tasks", b"/api"):
+            proto = await self.request(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 52428800",
+                                       b"{" * 65536, wait_close=False)
+            await proto.head()
+            self.assertEqual(proto.code, 401, path)
+            await proto.lost
+        for path in (b"/%66iles/e.bin", b"//files/e.bin"):
+            proto = await self.request(b"PUT " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 52428800",
+                                       b"e" * 65536, wait_close=False)
+            await proto.head()
+            self.assertEqual(proto.code, 401, path)
+            await proto.lost
         # An agent's token still stores files.
         proto = await self.request(
             b"PUT /files/ok.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer "

@@ -7,6 +7,7 @@ never sits in memory and a reader never sees half a file.
 """
 
 import os
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web import http, resource, server, static
@@ -115,10 +116,13 @@ class _Discard:
 
 def _area(command, path, platform):
     """Which credential a request with a body needs: C{"api"}, C{"files"} or C{None}."""
-    path = path.split(b"?", 1)[0]
-    if path == b"/api" or path.startswith(b"/api/"):
+    # As the resource tree will see it: segments URL-decoded, empty ones
+    # skipped (so neither "/%61pi/" nor "//api/" gets around this).
+    segments = [unquote_to_bytes(s) for s in path.split(b"?", 1)[0].split(b"/") if s]
+    first = segments[0] if segments else b""
+    if first == b"api":
         return "api"
-    if command == b"PUT" and path.startswith(FILES_PREFIX) and platform.files_auth:
+    if command == b"PUT" and first == b"files" and platform.files_auth:
         return "files"
     return None
 
