@@ -165,3 +165,42 @@ class PilotRestartTests(PilotSlurmCase):
         self.assertEqual(record.info["jobId"], job_id)  # the same pilot, reconnected
         self.assertEqual(self.agent.handler.submitted_pilots, 0)
         self.assertEqual(self.platform.violations, [])
+
+
+class PilotTorqueWrapperTests(PilotSlurmCase):
+    """The same, with pilots submitted through SLURM's TORQUE-style qsub/qstat/qdel."""
+
+    from tests.test_pbs import WRAPPER_PROBLEM
+
+    if WRAPPER_PROBLEM:
+        skip = WRAPPER_PROBLEM
+
+    async def start(self, **pilot):
+        self.platform = await start_platform(self, heartbeat=1)
+        sections = pilot_sections(**pilot)
+        sections["handler"] = {"type": "torque", "poll_interval": "0.5", "command_timeout": "20"}
+        self.agent = start_agent(self, self.platform, sections=sections)
+        self.addCleanup(self.cancel_pilots)
+        await self.platform.wait_connected()
+        return self.agent.handler
+
+    def cancel_pilots(self):
+        ids = [r.job_id for r in self.agent.handler.pilots.values() if r.job_id]
+        if ids:
+            subprocess.run(["qdel", *ids], check=False, capture_output=True)
+
+    async def test_tasks_and_cancel_through_torque_pilots(self):
+        handler = await self.start(max_pilots="1")
+        self.assertEqual(handler.name, "torque")
+        ids = [self.platform.submit({"command": f"exit {i % 2}"}) for i in range(6)]
+        for i, task_id in enumerate(ids):
+            record = await self.platform.wait_for(task_id)
+            self.assertEqual(record.info["exitCode"], i % 2)
+            self.assertEqual(record.info["jobId"], list(handler.pilots.values())[0].job_id)
+        sleeping = self.platform.submit({"command": "sleep 300"})
+        await self.platform.wait_for(sleeping, "RUNNING")
+        self.platform.cancel(sleeping)
+        record = await self.platform.wait_for(sleeping)
+        self.assertEqual(record.state, "CANCELED")
+        self.assertEqual(handler.submitted_pilots, 1)
+        self.assertEqual(self.platform.violations, [])
