@@ -206,6 +206,35 @@ async def check_handler(config, reactor, env, timeout):
     return Result("handler", True, f"{kind}: {', '.join(answers)}{note}")
 
 
+def check_pilot(config):
+    """Pilot mode: the interpreter pilots run, the address they connect to, pilots that never did."""
+    import socket
+    import sys
+
+    from everest_agent.status import read_status_file
+
+    pilot = config.pilot
+    python = pilot.python or sys.executable
+    if not os.access(python, os.X_OK):
+        return Result("pilot", False, f"[pilot] python {python} is not an executable",
+                      "point [pilot] python at the interpreter that has everest_agent installed")
+    address = pilot.advertise_address or config.agent.hostname
+    try:
+        socket.getaddrinfo(address, None)
+    except (OSError, UnicodeError) as e:
+        return Result("pilot", False, f"pilots would connect to {address!r}, which does not resolve: {e}",
+                      "set [pilot] advertise_address to a name or address the compute nodes can reach")
+    status = read_status_file(config.agent.state_dir) or {}
+    pilots = status.get("pilots") if isinstance(status, dict) else None
+    unreachable = pilots.get("unreachable") if isinstance(pilots, dict) else 0
+    if unreachable:
+        return Result("pilot", False,
+                      f"{unreachable} pilot job(s) ran but never connected back to {pilots.get('address')}",
+                      "check [pilot] advertise_address and the firewalls between the compute nodes and this host")
+    return Result("pilot", True, f"{pilot.max_pilots} pilots of {pilot.cores} cores, connecting to "
+                                 f"{address}, run by {python}")
+
+
 async def check_monitor(config, reactor, running):
     address = config.monitor.listen
     host, port = address
@@ -490,6 +519,8 @@ async def run_checks(config_path, reactor, env=None, timeout=15.0, out=None,
     report(check_directory("state_dir", state_dir, min_free_state, user, note))
     report(check_directory("work_dir", config.agent.work_dir, min_free_work, user))
     report(await check_handler(config, reactor, env, timeout))
+    if getattr(getattr(config, "pilot", None), "enabled", False):
+        report(check_pilot(config))
     if getattr(getattr(config, "monitor", None), "listen", None) is not None:
         report(await check_monitor(config, reactor, running))
     if platform:

@@ -382,3 +382,32 @@ class SlotPoolCapacityTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), 2)
         pool.set_capacity(0)  # lowered: held slots stay held
         self.assertEqual(pool.used, 2)
+
+
+class CheckLineTests(SynchronousTestCase):
+    def config(self, **pilot):
+        from types import SimpleNamespace
+
+        state_dir = os.path.abspath(self.mktemp())
+        os.makedirs(state_dir)
+        values = dict(python="", advertise_address="127.0.0.1", max_pilots=2, cores=2)
+        values.update(pilot)
+        return SimpleNamespace(pilot=SimpleNamespace(**values),
+                               agent=SimpleNamespace(hostname="localhost", state_dir=state_dir))
+
+    def test_check_line(self):
+        from everest_agent.check import check_pilot
+        from everest_agent.status import StatusFile
+
+        config = self.config()
+        self.assertTrue(check_pilot(config).ok)
+        self.assertFalse(check_pilot(self.config(python="/nonexistent/python")).ok)
+        bad = check_pilot(self.config(advertise_address="no-such-host.invalid"))
+        self.assertFalse(bad.ok)
+        self.assertIn("does not resolve", bad.message)
+        status = StatusFile(config.agent.state_dir, "ws://x")
+        status.data["pilots"] = {"pilots": [], "unreachable": 2, "address": "10.0.0.1:7"}
+        status.write()
+        result = check_pilot(config)
+        self.assertFalse(result.ok)
+        self.assertIn("never connected back to 10.0.0.1:7", result.message)
