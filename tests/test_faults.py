@@ -1187,7 +1187,7 @@ class SlurmKillTests(SlurmFaultScenario):
         self.keep_state()
         await self.disconnected()
         await self.restart_agent()
-        await self.finish("slurm: kill -9 racing the job's submission", [e for _, _, e in made])
+        await self.finish(f"{self.label}: kill -9 racing the job's submission", [e for _, _, e in made])
 
 
 class SlurmCommandFailureTests(SlurmFaultScenario):
@@ -1309,29 +1309,8 @@ class PilotFaultScenario(SlurmFaultScenario):
             subprocess.run(["scancel"] + ids, capture_output=True, timeout=20)
 
 
-class PilotKillTests(PilotFaultScenario):
-    """kill -9 of the agent in each phase of a task in a pilot, then a restart."""
-
-    def test_kill9_accepted(self):
-        return defer.Deferred.fromCoroutine(self.kill9_in(ACCEPTED))
-
-    def test_kill9_queued(self):
-        return defer.Deferred.fromCoroutine(self.kill9_in(QUEUED))
-
-    def test_kill9_running(self):
-        return defer.Deferred.fromCoroutine(self.kill9_in(RUNNING))
-
-    def test_kill9_staging_out(self):
-        return defer.Deferred.fromCoroutine(self.kill9_in(STAGING_OUT))
-
-    def test_kill9_terminal_unacked(self):
-        return defer.Deferred.fromCoroutine(self.kill9_in(TERMINAL_UNACKED))
-
-    def test_cancel_and_kill9(self):
-        return defer.Deferred.fromCoroutine(self.cancel_and_kill9())
-
-    def test_kill_storm(self):
-        return defer.Deferred.fromCoroutine(self.kill_storm())
+class PilotKillTests(PilotFaultScenario, SlurmKillTests):
+    """kill -9 of the agent in each phase of a task in a pilot, then a restart (SlurmKillTests' scenarios)."""
 
 
 class PilotLossTests(PilotFaultScenario):

@@ -13,13 +13,13 @@ from tests.support import eventually, sleep, start_agent, start_platform
 from tests.test_slurm import REAL_SLURM_PROBLEM
 
 
-def pilot_sections(**pilot):
+def pilot_sections(handler_type="slurm", **pilot):
     values = {"enabled": "yes", "max_pilots": "2", "cores": "2", "walltime": "300",
               "idle_timeout": "30", "listen": "127.0.0.1:0", "advertise_address": "127.0.0.1",
               "heartbeat": "2", "connect_timeout": "60"}
     values.update(pilot)
     return {
-        "handler": {"type": "slurm", "poll_interval": "0.5", "command_timeout": "20"},
+        "handler": {"type": handler_type, "poll_interval": "0.5", "command_timeout": "20"},
         "agent": {"max_tasks": "8", "kill_grace": "1"},
         "pilot": values,
     }
@@ -27,12 +27,14 @@ def pilot_sections(**pilot):
 
 class PilotSlurmCase(TestCase):
     timeout = 180
+    handler_type = "slurm"
+    cancel_command = "scancel"
     if REAL_SLURM_PROBLEM:
         skip = REAL_SLURM_PROBLEM
 
     async def start(self, **pilot):
         self.platform = await start_platform(self, heartbeat=1)
-        self.agent = start_agent(self, self.platform, sections=pilot_sections(**pilot))
+        self.agent = start_agent(self, self.platform, sections=pilot_sections(self.handler_type, **pilot))
         self.addCleanup(self.cancel_pilots)
         await self.platform.wait_connected()
         return self.agent.handler
@@ -40,7 +42,7 @@ class PilotSlurmCase(TestCase):
     def cancel_pilots(self):
         ids = [r.job_id for r in self.agent.handler.pilots.values() if r.job_id]
         if ids:
-            subprocess.run(["scancel", *ids], check=False)
+            subprocess.run([self.cancel_command, *ids], check=False, capture_output=True)
 
 
 class PilotSlurmTests(PilotSlurmCase):
@@ -174,20 +176,8 @@ class PilotTorqueWrapperTests(PilotSlurmCase):
 
     if WRAPPER_PROBLEM:
         skip = WRAPPER_PROBLEM
-
-    async def start(self, **pilot):
-        self.platform = await start_platform(self, heartbeat=1)
-        sections = pilot_sections(**pilot)
-        sections["handler"] = {"type": "torque", "poll_interval": "0.5", "command_timeout": "20"}
-        self.agent = start_agent(self, self.platform, sections=sections)
-        self.addCleanup(self.cancel_pilots)
-        await self.platform.wait_connected()
-        return self.agent.handler
-
-    def cancel_pilots(self):
-        ids = [r.job_id for r in self.agent.handler.pilots.values() if r.job_id]
-        if ids:
-            subprocess.run(["qdel", *ids], check=False, capture_output=True)
+    handler_type = "torque"
+    cancel_command = "qdel"
 
     async def test_tasks_and_cancel_through_torque_pilots(self):
         handler = await self.start(max_pilots="1")
