@@ -133,6 +133,7 @@ class PilotRecord:
         self.lost_call = None
         self.connect_call = None
         self.end_reason = None
+        self.terminating = False  # it said its scheduler is ending it
 
     @property
     def used(self):
@@ -442,7 +443,8 @@ class PilotTaskHandler(service.MultiService):
         except (ValueError, OSError):
             code = None
         if code is not None:
-            job.finish(JobResult(code, describe_exit(code) if code else None))
+            reason = f"{describe_exit(code)}; its pilot, batch job {record.job_id}, ended: {why}" if code else None
+            job.finish(JobResult(code, reason))
         elif job.cancel_requested:
             job.finish(JobResult(None, "canceled", canceled=True))
         elif job.started or os.path.isdir(os.path.join(directory, jobscript.STATE_DIR)):
@@ -873,6 +875,8 @@ class PilotTaskHandler(service.MultiService):
                 record.free += 1
             return
         record.free += job.cores
+        if record.terminating and reason and not canceled:
+            reason += f"; its pilot, batch job {record.job_id}, was being ended by the scheduler"
         job.finish(JobResult(exit_code, reason, bool(canceled)))
         self._ack(record, task_id)
 
@@ -894,6 +898,10 @@ class PilotTaskHandler(service.MultiService):
         self.waiting.appendleft(job)
 
     def _msg_draining(self, record, fields):
+        if fields.get("terminating"):
+            record.terminating = True
+            self.log.warn("Pilot {pilot} (job {job_id}) is being ended by the scheduler (SIGTERM)",
+                          pilot=record.pilot_id, job_id=record.job_id)
         if record.state == RUNNING:
             record.state = DRAINING
             self.log.info("Pilot {pilot} (job {job_id}) is near its walltime: draining",

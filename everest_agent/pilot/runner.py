@@ -79,7 +79,17 @@ class Pilot:
         self.log.info("Pilot {pilot} starting: {cores} cores, {walltime:g} s, agent {host}:{port}",
                       pilot=self.pilot_id, cores=self.cores, walltime=self.walltime,
                       host=self.host, port=self.port)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._terminating)
         self._connect()
+
+    def _terminating(self):
+        """SIGTERM (the scheduler ends the job): say so while the link is up."""
+        if self.ended:
+            return
+        self.draining = True
+        if self.link is not None and self.welcomed:
+            self.link.send(L.DRAINING, {"remaining": self.remaining(), "terminating": True})
+            self.link.flush()
 
     def _connect(self):
         self._retry_call = None
