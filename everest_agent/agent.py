@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from everest_agent import __version__, protocol
 from everest_agent.channel import TaskChannel
 from everest_agent.client import AgentClientFactory, ConnectionService
+from everest_agent.config import check_directories
 from everest_agent.handlers import make_handler
 from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
@@ -33,6 +34,10 @@ from everest_agent.status import StatusFile
 
 class StateDirLocked(Exception):
     pass
+
+
+class UnsafeDirectory(Exception):
+    """work_dir or state_dir is someone else's, or others can write in it."""
 
 
 class EverestAgent(MultiService):
@@ -53,6 +58,10 @@ class EverestAgent(MultiService):
             self._fsync_pool = ThreadPool(minthreads=1, maxthreads=1, name="everest-fsync")
             sync_in_thread = lambda f: threads.deferToThreadPool(reactor, self._fsync_pool, f)  # noqa: E731
         commits = CommitGroup(reactor, sync_in_thread=sync_in_thread)
+        # Blocking file work on task directories (making them, removing old
+        # ones) runs on a small pool of its own, never in the reactor thread.
+        self._fs_pool = ThreadPool(minthreads=0, maxthreads=2, name="everest-fs")
+        blocking = lambda f, *args: threads.deferToThreadPool(reactor, self._fs_pool, f, *args)  # noqa: E731
         self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.sender = Sender(self.outbox, reactor, wallclock)
@@ -60,7 +69,8 @@ class EverestAgent(MultiService):
         self.manager = TaskManager(
             self.registry, self.sender, self.handler, self.stager, agent.work_dir, agent.max_tasks,
             allowed_commands=config.security.allowed_commands,
-            keep_finished=agent.keep_finished, wallclock=wallclock,
+            allowed_environment=config.security.allowed_environment,
+            keep_finished=agent.keep_finished, wallclock=wallclock, blocking=blocking,
         )
         self.monitor = ResourceMonitor(
             reactor, self.sender, self.manager, self.handler, agent.hostname, agent.work_dir, wallclock
@@ -99,9 +109,14 @@ class EverestAgent(MultiService):
 
     def startService(self):
         agent = self.config.agent
+        problem = check_directories(self.config)
+        if problem:
+            raise UnsafeDirectory(problem)
         make_private_dir(agent.state_dir)
         os.makedirs(agent.work_dir, mode=0o700, exist_ok=True)
         self._take_lock(agent.state_dir)
+        self._fs_pool.start()
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fs_pool)
         if self._fsync_pool is not None:
             self._fsync_pool.start()
             # Whatever happens to the graceful stop, the thread must not keep
@@ -170,6 +185,7 @@ class EverestAgent(MultiService):
             self._channel_port = None
         await self.stager.close()
         self._stop_fsync_pool()  # the journals have synced everything themselves
+        self._stop_fs_pool()
         if self._lock is not None:
             self.status.stopped()  # operations: before the lock goes
             os.close(self._lock)
@@ -178,6 +194,10 @@ class EverestAgent(MultiService):
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
+
+    def _stop_fs_pool(self):
+        if self._fs_pool.started:
+            self._fs_pool.stop()
 
     def _stop_fsync_pool(self):
         if self._fsync_pool is not None and self._fsync_pool.started:
