@@ -52,6 +52,9 @@ All of these block: call them off the reactor thread (a thread pool).
     followed (C{O_NOFOLLOW}; with C{O_CREAT}, whatever is there is unlinked
     first and the file is created with C{O_EXCL}).
   - L{replace_file}C{(dir_fd, tmp, name)}: rename within one directory fd.
+  - L{fresh_dir}C{(dir_fd, name)}: the agent's own subdirectory (a link or
+    file in its place is removed, never followed);
+    L{open_task_dir_nofollow}C{(path)}: an existing task directory again.
 
 The older path-taking functions (L{input_target}, L{open_output},
 L{create_exclusive}, L{find_outputs}) are kept for the staging code; they
@@ -107,9 +110,10 @@ class _Walk:
     directories entered, the root's first (borrowed, never closed here).
     """
 
-    def __init__(self, root_fd, what):
+    def __init__(self, root_fd, what, follow=True):
         self.stack = [(root_fd, None)]
         self.what = what
+        self.follow = follow
         self.links = 0
         self._root_real = None
 
@@ -142,6 +146,8 @@ class _Walk:
             if e.errno in (errno.EINVAL, errno.ENOENT):
                 return None
             raise
+        if not self.follow:
+            raise self.escape(f"has {self.rel(name)!r}, a symbolic link")
         self.links += 1
         if self.links > MAX_LINKS:
             raise self.escape("has too many levels of symbolic links")
@@ -229,7 +235,7 @@ def open_dir(dir_fd, relpath, create=False, what=None):
         walk.close()
 
 
-def open_file(dir_fd, relpath, flags=os.O_RDONLY, mode=0o644, what=None):
+def open_file(dir_fd, relpath, flags=os.O_RDONLY, mode=0o644, what=None, follow=True):
     """
     Open file C{relpath} under C{dir_fd} without ever leaving it.
 
@@ -240,11 +246,15 @@ def open_file(dir_fd, relpath, flags=os.O_RDONLY, mode=0o644, what=None):
     with C{O_NOFOLLOW}; with C{O_CREAT}, what is there is removed first and
     the file made with C{O_EXCL} (a fresh file, never a planted one).
 
+    With C{follow} false, no link is followed at all (for the agent's own
+    files, which never are links: one there was planted).
+
     @return: a new descriptor.
-    @raise PathEscape: leads outside, or is not a regular file.
+    @raise PathEscape: leads outside, is not a regular file (or meets a link
+        without C{follow}).
     @raise FileNotFoundError: nothing there (reading).
     """
-    walk = _Walk(dir_fd, what or f"file {relpath!r}")
+    walk = _Walk(dir_fd, what or f"file {relpath!r}", follow)
     writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
     try:
         name = walk.last(relpath)
@@ -302,6 +312,50 @@ def _unlink_entry(walk, name):
         if stat.S_ISDIR(_lstat_mode(name, walk.fd)):
             raise walk.escape("is a directory") from None
         raise e
+
+
+def fresh_dir(dir_fd, name, mode=0o755):
+    """
+    Open directory entry C{name} of C{dir_fd} (the agent's own, e.g.
+    C{.everest}), making it if needed; a link or a file in its place (left
+    by an earlier run of the same task id) is removed first, never
+    followed.  @return: a new descriptor.
+    """
+    for _ in range(10):
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+        try:
+            os.mkdir(name, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            pass
+    raise PathEscape(f"{name!r} keeps being replaced")
+
+
+def open_task_dir_nofollow(path):
+    """
+    Open an existing task directory C{path} again (its parent is the
+    operator's C{work_dir}): refuse it if it became a link or someone
+    else's.  @return: a descriptor.  @raise PathEscape, FileNotFoundError.
+    """
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PathEscape(f"the task directory {path} is not a directory (a symbolic link?)") from None
+        raise
+    if os.fstat(fd).st_uid != os.geteuid():
+        os.close(fd)
+        raise PathEscape(f"the task directory {path} is not owned by the agent's user")
+    return fd
 
 
 def replace_file(dir_fd, tmp, name):
