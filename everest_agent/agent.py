@@ -32,6 +32,13 @@ from everest_agent.staging import Stager
 from everest_agent.status import StatusFile
 
 
+def _retention_text(policy):
+    if policy is None:
+        return "all"
+    kind, n = policy
+    return str(n) if kind == "count" else f"{n}s"
+
+
 class StateDirLocked(Exception):
     pass
 
@@ -59,8 +66,10 @@ class EverestAgent(MultiService):
             sync_in_thread = lambda f: threads.deferToThreadPool(reactor, self._fsync_pool, f)  # noqa: E731
         commits = CommitGroup(reactor, sync_in_thread=sync_in_thread)
         # Blocking file work on task directories (making them, removing old
-        # ones) runs on a small pool of its own, never in the reactor thread.
-        self._fs_pool = ThreadPool(minthreads=0, maxthreads=2, name="everest-fs")
+        # ones) runs on a pool of its own, never in the reactor thread.  One
+        # thread: task directories are made in the order tasks came, so
+        # tasks reach the slot pool first come, first served.
+        self._fs_pool = ThreadPool(minthreads=0, maxthreads=1, name="everest-fs")
         blocking = lambda f, *args: threads.deferToThreadPool(reactor, self._fs_pool, f, *args)  # noqa: E731
         self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
@@ -71,6 +80,7 @@ class EverestAgent(MultiService):
             allowed_commands=config.security.allowed_commands,
             allowed_environment=config.security.allowed_environment,
             keep_finished=agent.keep_finished, wallclock=wallclock, blocking=blocking,
+            keep_task_dirs=agent.keep_task_dirs,
         )
         self.monitor = ResourceMonitor(
             reactor, self.sender, self.manager, self.handler, agent.hostname, agent.work_dir, wallclock
@@ -124,7 +134,8 @@ class EverestAgent(MultiService):
             self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fsync_pool)
         self.outbox.load()
         self.registry.load()
-        self.status.starting(handler=self.handler.name, slots=agent.max_tasks)  # operations
+        self.status.starting(handler=self.handler.name, slots=agent.max_tasks,  # operations
+                             keep_task_dirs=_retention_text(agent.keep_task_dirs))
         self.log.info(
             "everest-agent {version} starting: handler {handler}, {slots} slots, "
             "work_dir {work_dir}, {pending} messages to deliver",

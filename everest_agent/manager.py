@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from everest_agent import paths, policy, protocol
 from everest_agent.protocol import ProtocolError, SpecError
+from everest_agent.retention import TaskDirRetention
 from everest_agent.worker import TaskWorker
 
 
@@ -133,7 +134,7 @@ class TaskManager(Service):
 
     def __init__(self, registry, sender, handler, stager, work_dir, slots, *,
                  allowed_commands=(), allowed_environment=(), keep_finished=10000,
-                 wallclock=time.time, blocking=None):
+                 wallclock=time.time, blocking=None, keep_task_dirs=None):
         self.registry = registry
         self.sender = sender
         self.handler = handler
@@ -145,6 +146,8 @@ class TaskManager(Service):
         #: C{blocking(f, *args)}: a Deferred of C{f(*args)} run off the reactor
         #: thread (the agent gives a thread pool); default: right here (tests).
         self.blocking = blocking or defer.maybeDeferred
+        self.retention = TaskDirRetention(work_dir, keep_task_dirs, self.blocking, registry,
+                                          sender.clock, wallclock)
         self.keep_finished = keep_finished
         self.wallclock = wallclock
         self.workers = {}  # task id -> TaskWorker of every unfinished task
@@ -231,6 +234,9 @@ class TaskManager(Service):
                 record["failure"] = f"the agent's record of this task is damaged: {damage}"
             self._start_worker(task_id, record)
         self._reported.extend(task_id for _, task_id in sorted(finished))
+        for task_id in self._reported:
+            self.retention.finished(task_id, self.registry.get(task_id).get("finished_at"), sweep=False)
+        self.retention.sweep()
         self._awaiting_ack = collections.deque(sorted(self._awaiting_ack))
         if resumed:
             self.log.info("Resuming {count} unfinished tasks", count=resumed)
@@ -243,6 +249,7 @@ class TaskManager(Service):
         # No slot freed by an abandoned worker goes to a queued task: what is
         # queued stays queued for the next start.
         self.pool.stop()
+        self.retention.stop()
         for worker in list(self.workers.values()):
             worker.abandon()
         self.registry.stop()
@@ -372,9 +379,11 @@ class TaskManager(Service):
     def _forget_later(self, task_id):
         self._unreported.discard(task_id)
         self._reported.append(task_id)
+        self.retention.finished(task_id, (self.registry.get(task_id) or {}).get("finished_at"))
         while len(self._reported) > self.keep_finished:
             old = self._reported.popleft()
             if old not in self._unreported:
+                self.retention.forgotten(old)
                 self.registry.forget(old)
 
     def hello_tasks(self):

@@ -337,12 +337,17 @@ def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
 
     by_state = {}
     unfinished = 0
+    dirs_kept = dirs_removed = 0  # of finished tasks (see retention.py)
     failed = []
     for task_id, record in records.items():
         state = record.get("state") or "NEW"
         by_state[state] = by_state.get(state, 0) + 1
         if not record.get("finished"):
             unfinished += 1
+        elif record.get("dir_removed"):
+            dirs_removed += 1
+        else:
+            dirs_kept += 1
         if state == protocol.FAILED:
             info = record.get("info") or {}
             failed.append({
@@ -371,6 +376,11 @@ def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
             "total": len(records),
             "unfinished": unfinished,
             "by_state": dict(sorted(by_state.items(), key=lambda kv: protocol.STATE_RANK.get(kv[0], -1))),
+        },
+        "task_dirs": {
+            "kept": dirs_kept,
+            "removed": dirs_removed,
+            "policy": (status or {}).get("keep_task_dirs"),
         },
         "outbox": {
             "pending": len(pending),
@@ -449,6 +459,11 @@ def format_state(state):
         lines.append(f"tasks: {tasks['unfinished']} unfinished of {tasks['total']} known ({parts})")
     else:
         lines.append("tasks: none known")
+    dirs = state.get("task_dirs") or {}
+    if dirs.get("kept") or dirs.get("removed"):
+        policy = f" (keep_task_dirs = {dirs['policy']})" if dirs.get("policy") else ""
+        lines.append(f"task directories: {dirs['kept']} of finished tasks kept{policy}, "
+                     f"{dirs['removed']} removed; plus one per unfinished task")
     outbox = state["outbox"]
     if outbox["pending"]:
         oldest = outbox["oldest"]

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from everest_agent import check, config as agent_config, jobscript
 from everest_agent.handlers.local import LocalTaskHandler
 from everest_agent.interfaces import JobLost, JobRequest
+from everest_agent.registry import SMALL_RECORD_KEYS
 
 
 def _nobody():
@@ -193,3 +194,134 @@ class DirectoryOwnershipTests(SynchronousTestCase):
         self.assertIs(check.check_ownership(agent_config.load(self.ini())).ok, True)
 
 
+
+
+class RetentionTests(SynchronousTestCase):
+    """Item 8: task directories of finished, acknowledged tasks are removed in time."""
+
+    def harness(self, policy):
+        from tests.test_manager import Harness
+
+        h = Harness(self)
+        h.manager.retention.policy = policy
+        self.addCleanup(h.stop)
+        return h
+
+    def run_task(self, h, name):
+        from tests.test_manager import spec
+
+        h.submit(name, spec())
+        with open(os.path.join(h.work_dir, name, "stdout"), "w") as f:
+            f.write("x")
+        h.handler.jobs[name].finish(0)
+        h.pump()
+
+    def test_count_keeps_the_newest_after_ack_only(self):
+        h = self.harness(("count", 2))
+        for name in ("a", "b", "c"):
+            self.run_task(h, name)
+        # Not acknowledged yet: nothing goes.
+        self.assertEqual(sorted(os.listdir(h.work_dir)), ["a", "b", "c"])
+        h.sender.ack(h.outbox.last_seq)
+        h.pump()
+        self.assertEqual(sorted(os.listdir(h.work_dir)), ["b", "c"])
+        self.assertTrue(h.registry.get("a")["dir_removed"])
+        self.assertEqual((h.manager.retention.kept, h.manager.retention.removed), (2, 1))
+
+    def test_age(self):
+        h = self.harness(("age", 3600))
+        self.run_task(h, "old")
+        h.sender.ack(h.outbox.last_seq)
+        h.clock.advance(1800)
+        self.run_task(h, "new")
+        h.sender.ack(h.outbox.last_seq)
+        h.clock.advance(1801)
+        self.assertEqual(sorted(os.listdir(h.work_dir)), ["new"])
+        h.clock.advance(1800)
+        self.assertEqual(os.listdir(h.work_dir), [])
+
+    def test_links_inside_are_not_followed(self):
+        h = self.harness(("count", 0))
+        outside = os.path.realpath(self.mktemp())
+        os.makedirs(outside)
+        with open(os.path.join(outside, "precious"), "w") as f:
+            f.write("keep me")
+        from tests.test_manager import spec
+
+        h.submit("t", spec())
+        os.symlink(outside, os.path.join(h.work_dir, "t", "link"))
+        os.symlink(os.path.join(outside, "precious"), os.path.join(h.work_dir, "t", "file-link"))
+        h.handler.jobs["t"].finish(0)
+        h.pump()
+        h.sender.ack(h.outbox.last_seq)
+        h.pump()
+        self.assertEqual(os.listdir(h.work_dir), [])
+        self.assertEqual(os.listdir(outside), ["precious"])
+
+    def test_removal_runs_through_the_injected_pool(self):
+        h = self.harness(("count", 0))
+        calls = []
+        real = h.manager.retention._blocking
+        h.manager.retention._blocking = lambda f, *a: calls.append(f.__name__) or real(f, *a)
+        self.run_task(h, "t")
+        h.sender.ack(h.outbox.last_seq)
+        self.assertEqual(calls, ["remove_task_dir"])
+
+    def test_status_reports_what_is_kept(self):
+        from everest_agent import status
+
+        h = self.harness(("count", 1))
+        for name in ("a", "b"):
+            self.run_task(h, name)
+        h.sender.ack(h.outbox.last_seq)
+        h.pump()
+        h.registry.stop()
+        state = status.read_state(h.state_dir)
+        self.assertEqual(state["task_dirs"]["kept"], 1)
+        self.assertEqual(state["task_dirs"]["removed"], 1)
+        self.assertIn("task directories: 1 of finished tasks kept, 1 removed",
+                      "\n".join(status.format_state(state)))
+
+    def test_config(self):
+        parse = agent_config.SCHEMA["agent"]["keep_task_dirs"].parse
+        self.assertEqual(parse("1000"), ("count", 1000))
+        self.assertEqual(parse("7d"), ("age", 7 * 86400))
+        self.assertIsNone(parse("all"))
+        self.assertRaises(ValueError, parse, "7 days")
+
+
+class SmallRecordTests(SynchronousTestCase):
+    """Item 8: a finished task keeps a small record; inline data leaves memory once staged."""
+
+    def test_finished_task_keeps_no_spec_in_memory_or_file(self):
+        from tests.test_manager import Harness, spec
+
+        h = Harness(self)
+        h.registry.compact_bytes = 1 << 20
+        big = "x" * (200 << 10)  # with the command, ~800 KiB a spec
+        for n in range(4):
+            h.submit(f"t{n}", spec("true " + "y" * (600 << 10), environment={"BIG": big}))
+            h.handler.jobs[f"t{n}"].finish(0)
+            h.pump()
+        for n in range(4):
+            record = h.registry.get(f"t{n}")
+            self.assertIsNone(record["spec"])
+            self.assertLessEqual(set(record), SMALL_RECORD_KEYS | {"spec"})
+        h.pump()
+        h.stop()
+        # The dropped specs made the journal compact while running.
+        self.assertLess(os.path.getsize(os.path.join(h.state_dir, "tasks.jsonl")), 1 << 20)
+
+    def test_inline_data_dropped_once_staged(self):
+        import base64
+
+        from tests.test_manager import Harness, spec
+
+        h = Harness(self)
+        data = base64.b64encode(b"y" * 60000).decode()
+        h.handler.hold_submit = True
+        h.submit("t", spec("true", inputs=[{"path": "in", "data": data}]))
+        record = h.registry.get("t")
+        self.assertEqual(record["phase"], "submitting")
+        self.assertEqual(record["spec"]["inputs"][0]["data"], "")
+        h.stop()
