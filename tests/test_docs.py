@@ -237,8 +237,11 @@ class SphinxBuildTests(SynchronousTestCase):
             raise __import__("unittest").SkipTest("Sphinx is not installed (pip install -e '.[docs]')")
         import sys
 
-        docs = os.path.abspath(self.mktemp())
+        copy = os.path.abspath(self.mktemp())
+        docs = os.path.join(copy, "docs")
         shutil.copytree(DOCS, docs, ignore=shutil.ignore_patterns("_build"))
+        os.makedirs(os.path.join(copy, "everest_agent"))
+        shutil.copy(os.path.join(ROOT, "everest_agent", "__init__.py"), os.path.join(copy, "everest_agent"))
         with open(os.path.join(docs, "quickstart.rst"), "a", encoding="utf-8") as f:
             f.write("\nSee :doc:`no-such-page`.\n")
         result = subprocess.run(

@@ -15,14 +15,18 @@ failure reason, which names a declared output the task did not make
 (shown on both pages).
 """
 
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
+import types
 
-from twisted.internet import threads
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.internet import error, reactor, threads
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from everest_agent import pages
 from everest_agent.platform import page_url
@@ -390,3 +394,96 @@ class MonitorPageBrowserTests(BrowserTestCase):
         await self.browser.until("return document.getElementById('connection').textContent === 'disconnected'",
                                  "disconnected")
         await self.assertNoConsoleErrors()
+
+
+# -- the demo ----------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class DemoProgressTests(SynchronousTestCase):
+    def platform(self, states):
+        return types.SimpleNamespace(tasks={
+            f"t-{n}-0": types.SimpleNamespace(state=state, history=[(state, {})] if state else [])
+            for n, state in enumerate(states)})
+
+    def test_terminal_line(self):
+        from everest_agent import demo
+
+        clock = Clock()
+        platform = self.platform(["DONE", "DONE", "FAILED", "RUNNING", None])
+        out = _Terminal()
+        progress = demo.Progress(platform, sorted(platform.tasks), out, clock=clock.seconds)
+        clock.advance(2.0)
+        progress.update()
+        self.assertEqual(
+            out.getvalue(),
+            "\r[##############..........] 3/5 done  1.5 tasks/s  1 failed  (running 1  submitted 1)\x1b[K")
+        platform.tasks["t-3-0"].state = "DONE"
+        platform.tasks["t-4-0"].state = "DONE"
+        clock.advance(3.0)
+        progress.finish()
+        self.assertTrue(out.getvalue().endswith("] 5/5 done  1.0 tasks/s  1 failed\x1b[K\n"))
+
+    def test_plain_lines_when_not_a_terminal(self):
+        from everest_agent import demo
+
+        platform = self.platform(["DONE", None])
+        out = io.StringIO()
+        demo.Progress(platform, sorted(platform.tasks), out).update()
+        self.assertEqual(out.getvalue(), "t-0-0      DONE\n")
+
+
+class DemoKeepTests(TestCase):
+    timeout = 120
+
+    async def test_keep_leaves_platform_and_agent_running(self):
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+
+        from everest_agent import demo
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        out = io.StringIO()
+        stop = Deferred()
+        running = Deferred.fromCoroutine(demo.run_demo(reactor, tasks=13, out=out, keep=True, stop=stop))
+        self.addCleanup(lambda: stop.called or stop.callback(None))
+        await eventually(lambda: "Ctrl-C stops them" in out.getvalue() or running.called, timeout=90,
+                         what="the demo to finish its sweep")
+        text = out.getvalue()
+        self.assertFalse(running.called, text)
+        self.assertIn("watch it in a browser: http://127.0.0.1:", text)
+        self.assertNotIn("PROBLEM", text)
+        page = re.search(r"platform page: (\S+)", text).group(1)
+        base, _, token = page.partition("/#token=")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        code, _, body = await http_get(base + "/")
+        self.assertEqual(code, 200)
+        self.assertIn(b"platform.js", body)
+        agent_page = re.search(r"agent page: +(\S+)", text).group(1)
+        code, _, body = await http_get(agent_page + "status.json")
+        self.assertEqual(json.loads(body)["connection"]["state"], "connected")
+
+        response = await treq.post(base + "/api/tasks", json={"spec": {"command": "echo more"}}, headers=headers,
+                                    pool=pool)
+        self.assertEqual(response.code, 201)
+        task_id = (await response.json())["taskId"]
+        state = None
+        for _ in range(200):
+            response = await treq.get(f"{base}/api/tasks/{task_id}", headers=headers, pool=pool)
+            state = (await response.json())["state"]
+            if state == "DONE":
+                break
+            await sleep(0.05)
+        self.assertEqual(state, "DONE")
+
+        stop.callback(None)
+        self.assertEqual(await running, 0)
+        self.assertIn("files kept in", out.getvalue())
+        root = re.search(r"files kept in (\S+)", out.getvalue()).group(1)
+        self.addCleanup(shutil.rmtree, root, True)
+        with self.assertRaises(error.ConnectionRefusedError):
+            await http_get(base + "/")
