@@ -43,7 +43,8 @@ def page_url(platform):
     has one) in the fragment, which the browser keeps to itself: the page
     reads it and sends it as C{Authorization: Bearer} to C{/api/}.
     """
-    return f"{platform.http_url}/#token={getattr(platform, 'api_token', '') or ''}"
+    token = getattr(platform, "api_token", "") or ""
+    return f"{platform.http_url}/#token={token}" if token else f"{platform.http_url}/"
 
 
 def make_site(platform, reactor=None, ping_interval=30, ping_timeout=60):
