@@ -262,7 +262,7 @@ class HealthPage(resource.Resource):
 
 #: How the page groups task states.
 QUEUED_STATES = frozenset(("NEW", protocol.ACCEPTED, protocol.STAGING_IN, protocol.QUEUED))
-RUNNING_STATES = frozenset((protocol.RUNNING, protocol.STAGING_OUT))
+RUNNING_STATES = frozenset((protocol.RUNNING, protocol.STAGING_OUT, protocol.STAGED_OUT))
 
 #: Failed tasks listed on the page.
 PAGE_FAILURES = 10

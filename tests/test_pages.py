@@ -451,7 +451,13 @@ class DemoKeepTests(TestCase):
         out = io.StringIO()
         stop = Deferred()
         running = Deferred.fromCoroutine(demo.run_demo(reactor, tasks=13, out=out, keep=True, stop=stop))
-        self.addCleanup(lambda: stop.called or stop.callback(None))
+
+        def cleanup():
+            if not stop.called:
+                stop.callback(None)
+            return running.addErrback(lambda failure: None)
+
+        self.addCleanup(cleanup)
         await eventually(lambda: "Ctrl-C stops them" in out.getvalue() or running.called, timeout=90,
                          what="the demo to finish its sweep")
         text = out.getvalue()
@@ -459,7 +465,9 @@ class DemoKeepTests(TestCase):
         self.assertIn("watch it in a browser: http://127.0.0.1:", text)
         self.assertNotIn("PROBLEM", text)
         page = re.search(r"platform page: (\S+)", text).group(1)
-        base, _, token = page.partition("/#token=")
+        base, _, fragment = page.partition("#")
+        base = base.rstrip("/")
+        token = fragment[len("token="):] if fragment.startswith("token=") else ""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         code, _, body = await http_get(base + "/")
         self.assertEqual(code, 200)

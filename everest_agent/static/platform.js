@@ -9,7 +9,7 @@
 
   const token = new URLSearchParams(location.hash.slice(1)).get("token") || "";
   const headers = token ? {Authorization: "Bearer " + token} : {};
-  const STATES = ["SUBMITTED", "ACCEPTED", "STAGING_IN", "QUEUED", "RUNNING", "STAGING_OUT", "DONE", "FAILED", "CANCELED"];
+  const STATES = ["SUBMITTED", "ACCEPTED", "STAGING_IN", "QUEUED", "RUNNING", "STAGING_OUT", "STAGED_OUT", "DONE", "FAILED", "CANCELED"];
   const FINISHED = new Set(["DONE", "FAILED", "CANCELED"]);
 
   async function api(path) {
@@ -58,7 +58,8 @@
       event.preventDefault();
       try {
         const task = await taskDetails(taskId);
-        const spec = ((task.spec || {}).outputs || []).find((o) => o.path === output.path);
+        const declared = [...((task.spec || {}).outputs || []), ...((task.spec || {}).outputData || [])];
+        const spec = declared.find((o) => o && o.path === output.path);
         const uri = (spec && spec.uri) || output.uri;
         if (!uri) throw new Error("no URI for " + output.path);
         const response = await fetch(uri, {headers});
