@@ -166,6 +166,22 @@ class MonitorPageHTTPTests(TestCase):
         code, _, body = await http_get(url + "/status.json")
         self.assertEqual(json.loads(body)["pilots"], [{"name": "p1", "state": "RUNNING", "slots": 4}])
 
+    async def test_unacknowledged(self):
+        platform = await start_platform(self, heartbeat=1)
+        agent = await connected_agent(self, platform, sections={"monitor": {"listen": "127.0.0.1:0"}})
+        platform.pause_acks()
+        await platform.wait_for(platform.submit(spec("true"), task_id="u-1-0"))
+        code, _, body = await http_get(agent.monitor_service.url + "/status.json")
+        outbox = json.loads(body)["outbox"]
+        self.assertEqual(outbox["pending"], len(agent.outbox))
+        self.assertGreater(outbox["pending"], 0)
+        self.assertEqual((outbox["oldest"]["type"], outbox["oldest"]["task_id"]), ("TASK_STATE", "u-1-0"))
+        self.assertGreaterEqual(outbox["oldest"]["age"], 0)
+        platform.resume_acks()
+        await eventually(lambda: len(agent.outbox) == 0, what="the acks")
+        code, _, body = await http_get(agent.monitor_service.url + "/status.json")
+        self.assertEqual(json.loads(body)["outbox"]["pending"], 0)
+
     async def test_busy_and_queued(self):
         platform = await start_platform(self, heartbeat=1)
         agent = await connected_agent(self, platform, sections={"monitor": {"listen": "127.0.0.1:0"}})
@@ -372,9 +388,18 @@ class MonitorPageBrowserTests(BrowserTestCase):
         await self.assertNotInjected()
         await self.browser.screenshot(os.path.join(self.shots, "monitor-running.png"))
 
+        # Messages the platform has not acknowledged, then acknowledged.
+        platform.pause_acks()
+        await platform.wait_for(platform.submit(spec("true"), task_id="unacked-1-0"))
+        await self.browser.until("return document.getElementById('outbox').textContent !== '0'", "unacknowledged")
+        self.assertIn("TASK_STATE unacked-1-0",
+                      await self.browser.js("return document.getElementById('outbox-oldest').textContent"))
+        platform.resume_acks()
+        await self.browser.until("return document.getElementById('outbox').textContent === '0'", "all acknowledged")
+
         open(go, "w").close()
         await platform.wait_for(slow)
-        await self.browser.until("return document.getElementById('finished').textContent === '2'", "two finished")
+        await self.browser.until("return document.getElementById('finished').textContent === '3'", "three finished")
         await self.browser.until("return document.getElementById('slots').textContent === '0 / 2'", "no slot busy")
         self.assertEqual(await self.browser.js("return document.getElementById('pilots-section').hidden"), True)
 
