@@ -146,6 +146,17 @@ class PagesTests(SynchronousTestCase):
         # The two commands at the top are still there, first.
         self.assertLess(readme.index("everest-agent demo"), readme.index("\nOperations\n"))
 
+    def test_plain_install_commands(self):
+        """
+        The commands people copy install plainly: no workaround flag for the
+        twistd plugins (tests/test_install.py shows none is needed).
+        """
+        for name in ("README.rst", os.path.join(".ci", "run"), os.path.join("docs", "installation.rst")):
+            text = read(name)
+            self.assertNotIn("editable_mode", text, name)
+            self.assertNotIn("--config-settings", text, name)
+        self.assertIn("pip install -e '.[test]' && ", read("README.rst"))
+
     def test_every_metric_is_listed(self):
         from everest_agent import monitor
         from everest_agent.manager import SlotPool

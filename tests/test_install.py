@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: What is not copied from the checkout: built things, caches, virtualenvs.
 IGNORED = shutil.ignore_patterns(
     ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
-    "_trial_temp*", "dropin.cache", "docs/_build",
+    "_trial_temp*", "dropin.cache", "_build",
 )
 
 PIP_TIMEOUT = 600

@@ -346,9 +346,25 @@ class PlatformPageBrowserTests(BrowserTestCase):
         await self.assertNoConsoleErrors()
         self.assertTrue(agent.running)
 
-    async def test_filter(self):
+    async def test_filter_and_token(self):
+        """
+        The filter; and the token in the address's fragment goes to the API
+        as C{Authorization: Bearer}, on every request.
+        """
+        from everest_agent.platform import api
+
         platform = await start_platform(self, heartbeat=1)
         await connected_agent(self, platform)
+        if not getattr(platform, "api_token", None):
+            platform.api_token = "page-token-0123"
+        seen = []
+        render = api.Api.render
+
+        def recording(resource, request):
+            seen.append(request.getHeader(b"authorization"))
+            return render(resource, request)
+
+        self.patch(api.Api, "render", recording)
         for n in range(3):
             await platform.wait_for(platform.submit(spec("true"), task_id=f"ok-{n}-0"))
         await platform.wait_for(platform.submit(spec("exit 1"), task_id="no-1-0"))
@@ -360,6 +376,8 @@ class PlatformPageBrowserTests(BrowserTestCase):
             "return [...document.querySelectorAll('#tasks tr[data-task]')].filter(r => !r.hidden).map(r => r.dataset.task)")
         self.assertEqual(shown, ["no-1-0"])
         await self.assertNoConsoleErrors()
+        self.assertGreaterEqual(len(seen), 2)
+        self.assertEqual(set(seen), {f"Bearer {platform.api_token}".encode()})
 
 
 class MonitorPageBrowserTests(BrowserTestCase):
