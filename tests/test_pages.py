@@ -380,6 +380,37 @@ class PlatformPageBrowserTests(BrowserTestCase):
         self.assertEqual(set(seen), {f"Bearer {platform.api_token}".encode()})
 
 
+    async def test_without_the_token(self):
+        """Opened without the API's token, the page says how to open it."""
+        from everest_agent.platform import api
+
+        platform = await start_platform(self, heartbeat=1)
+        render = api.Api.render
+
+        def requiring_a_token(resource, request):
+            if request.getHeader(b"authorization") != b"Bearer right":
+                request.setResponseCode(401)
+                request.setHeader(b"content-type", b"application/json")
+                return b'{"error": "an API token is required"}'
+            return render(resource, request)
+
+        self.patch(api.Api, "render", requiring_a_token)
+        await self.open(platform.http_url + "/")
+        problem = await self.browser.until(
+            "const p = document.getElementById('problem'); return !p.hidden && p.textContent", "the explanation")
+        self.assertIn("#token=", problem)
+        self.assertIn("401", problem)
+        await self.open(platform.http_url + "/#token=wrong")
+        await self.browser.call(self.browser.driver.refresh)
+        problem = await self.browser.until(
+            "const p = document.getElementById('problem'); return !p.hidden && p.textContent", "the explanation")
+        self.assertIn("refused this page's token", problem)
+        await self.open(platform.http_url + "/#token=right")
+        await self.browser.call(self.browser.driver.refresh)
+        await self.browser.until("return document.getElementById('problem').hidden && "
+                                 "document.querySelector('#agents td.id')", "the page with the right token")
+
+
 class MonitorPageBrowserTests(BrowserTestCase):
     async def test_a_real_run(self):
         platform = await start_platform(self, heartbeat=1)

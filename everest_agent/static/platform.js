@@ -17,8 +17,8 @@
       return await getJSON("api/" + path, headers);
     } catch (error) {
       if (error.status === 401) {
-        error.explain = token ? "the API refused this page's token (#token=... in the address)"
-          : "the API needs its token: open this page as /#token=<the platform's API token>";
+        error.explain = token ? "the API refused this page's token (401; #token=... in the address)"
+          : "the API needs its token (401): open this page as /#token=<the platform's API token>";
       }
       throw error;
     }
