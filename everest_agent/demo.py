@@ -26,7 +26,13 @@ SCRIPT = b"""#!/bin/sh
 # One point of the sweep: the sum of i*i for i = 1 .. n*2000.
 n=$(cat params.txt)
 sleep 0.2   # stands for real work, so the sweep can be watched
-awk -v n="$n" 'BEGIN { s = 0; for (i = 1; i <= n * 2000; i++) s += i * i; printf "%d %.0f\\n", n, s }' > result.txt
+# awk counts in doubles, exact only up to 2^53: the sum is kept in two parts
+# (hi * 10^12 + lo) so that it stays exact for any n the demo uses.
+awk -v n="$n" 'BEGIN {
+    hi = 0; lo = 0
+    for (i = 1; i <= n * 2000; i++) { lo += i * i; if (lo >= 1e12) { hi += int(lo / 1e12); lo = lo % 1e12 } }
+    if (hi) printf "%d %d%012.0f\\n", n, hi, lo; else printf "%d %.0f\\n", n, lo
+}' > result.txt
 if [ "$n" -eq 13 ]; then
     echo "parameter 13 is unlucky: failing on purpose" >&2
     exit 3
@@ -102,11 +108,22 @@ class Progress:
 def keep_running(platform, agent, out):
     """
     Say how to look at the kept platform and agent and submit more tasks.
+
+    The curl command reads the API token's header from a file (0600, next
+    to the platform's C{api-token}), so that the token is not on a command
+    line other users can see.
     """
     from everest_agent.platform import page_url
 
+    auth = ""
     token = getattr(platform, "api_token", "") or ""
-    auth = f"-H 'Authorization: Bearer {token}' " if token else ""
+    token_file = getattr(platform, "api_token_file", None)
+    if token and token_file:
+        header_file = os.path.join(os.path.dirname(token_file), "api-header")
+        fd = os.open(header_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"Authorization: Bearer {token}\n")
+        auth = f"-H @{header_file} "
     monitor = getattr(agent, "monitor_service", None)
     out.write(
         "\nThe platform and the agent keep running (Ctrl-C stops them):\n"
@@ -147,12 +164,15 @@ async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False, stop=None):
     root = tempfile.mkdtemp(prefix="everest-demo-")
     out.write(f"everest-agent demo: a {tasks}-point parameter sweep, everything in {root}\n")
     token = base64.urlsafe_b64encode(os.urandom(24)).decode()
-    platform = Platform({token: "demo-agent"}, reactor, heartbeat=5, files_dir=os.path.join(root, "platform-files"))
+    platform = Platform({token: "demo-agent"}, reactor, heartbeat=5, files_dir=os.path.join(root, "platform-files"),
+                        api_token_dir=os.path.join(root, "platform"))
     agent = None
     try:
         await listen(platform, reactor, 0)
         out.write(f"reference platform listening on {platform.http_url}\n"
                   f"watch it in a browser: {page_url(platform)}\n")
+        out.write(f"its JSON API ({platform.http_url}/api/tasks) needs Authorization: Bearer "
+                  f"<the token in {platform.api_token_file}>\n")
 
         token_file = os.path.join(root, "token")
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -211,7 +231,8 @@ async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False, stop=None):
             ticker.stop()
         elapsed = time.monotonic() - started
         progress.finish()
-        code = _report(platform, task_ids, elapsed, out)
+        api_states = await _api_states(reactor, platform)
+        code = _report(platform, task_ids, elapsed, out, api_states)
         if keep:
             cleaned = None
             if stop is None:
@@ -239,7 +260,21 @@ async def _stop(agent, platform):
     await platform.close()
 
 
-def _report(platform, task_ids, elapsed, out):
+async def _api_states(reactor, platform):
+    """The tasks' states as the JSON API reports them, asked with its token."""
+    import treq
+
+    response = await treq.get(
+        f"{platform.http_url}/api/tasks", reactor=reactor,
+        headers={"Authorization": "Bearer " + platform.api_token}, persistent=False,
+    )
+    body = await response.json() if response.code == 200 else await response.text()
+    if response.code != 200:
+        return {"error": f"GET /api/tasks: {response.code} {str(body)[:200]}"}
+    return {t["taskId"]: t["state"] for t in body}
+
+
+def _report(platform, task_ids, elapsed, out, api_states=None):
     header = f"{'task':12} {'state':8} {'exit':>4} {'stage-in':>9} {'run':>7} {'stage-out':>9}  note"
     out.write("\n" + header + "\n" + "-" * len(header) + "\n")
     problems = []
@@ -265,6 +300,11 @@ def _report(platform, task_ids, elapsed, out):
             f"{_fmt(info.get('stageInTime')):>9} {_fmt(info.get('runTime')):>7} "
             f"{_fmt(info.get('stageOutTime')):>9}  {note}\n"
         )
+    if api_states is not None:
+        if "error" in api_states:
+            problems.append(f"the JSON API: {api_states['error']}")
+        elif any(api_states.get(t) != platform.tasks[t].state for t in task_ids):
+            problems.append("the JSON API reports other states than the platform holds")
     if platform.violations:
         problems.append(f"protocol violations seen by the platform: {platform.violations}")
     out.write(

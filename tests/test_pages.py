@@ -381,31 +381,18 @@ class PlatformPageBrowserTests(BrowserTestCase):
 
 
     async def test_without_the_token(self):
-        """Opened without the API's token, the page says how to open it."""
-        from everest_agent.platform import api
-
+        """Opened without the API's token, or with a wrong one, the page says how to open it."""
         platform = await start_platform(self, heartbeat=1)
-        render = api.Api.render
-
-        def requiring_a_token(resource, request):
-            if request.getHeader(b"authorization") != b"Bearer right":
-                request.setResponseCode(401)
-                request.setHeader(b"content-type", b"application/json")
-                return b'{"error": "an API token is required"}'
-            return render(resource, request)
-
-        self.patch(api.Api, "render", requiring_a_token)
         await self.open(platform.http_url + "/")
         problem = await self.browser.until(
             "const p = document.getElementById('problem'); return !p.hidden && p.textContent", "the explanation")
-        self.assertIn("#token=", problem)
-        self.assertIn("401", problem)
+        self.assertIn("needs its token (401): open this page as /#token=", problem)
         await self.open(platform.http_url + "/#token=wrong")
         await self.browser.call(self.browser.driver.refresh)
         problem = await self.browser.until(
             "const p = document.getElementById('problem'); return !p.hidden && p.textContent", "the explanation")
         self.assertIn("refused this page's token", problem)
-        await self.open(platform.http_url + "/#token=right")
+        await self.open(page_address(platform))
         await self.browser.call(self.browser.driver.refresh)
         await self.browser.until("return document.getElementById('problem').hidden && "
                                  "document.querySelector('#agents td.id')", "the page with the right token")
@@ -550,6 +537,12 @@ class DemoKeepTests(TestCase):
         code, _, body = await http_get(agent_page + "status.json")
         self.assertEqual(json.loads(body)["connection"]["state"], "connected")
 
+        header_file = re.search(r"curl (?:-H @(\S+) )?-H", text).group(1)
+        if token:
+            with open(header_file) as f:
+                self.assertEqual(f.read(), f"Authorization: Bearer {token}\n")
+            self.assertEqual(os.stat(header_file).st_mode & 0o777, 0o600)
+            self.assertNotIn(token, text.split("platform page:")[1].split("\n", 1)[1])
         response = await treq.post(base + "/api/tasks", json={"spec": {"command": "echo more"}}, headers=headers,
                                     pool=pool)
         self.assertEqual(response.code, 201)
