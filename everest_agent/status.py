@@ -321,6 +321,29 @@ def _message_summary(seq, message, now):
     return summary
 
 
+def recent_failures(records, count):
+    """
+    The C{count} most recently finished of the FAILED tasks in C{records}
+    (C{{task id: registry record}}), newest first, with their reasons.
+    """
+    failed = []
+    for task_id, record in records.items():
+        if record.get("state") != protocol.FAILED:
+            continue
+        info = record.get("info") or {}
+        job = record.get("job") or {}
+        failed.append({
+            "task_id": task_id,
+            "reason": info.get("reason") or record.get("failure") or "",
+            "exit_code": info.get("exitCode"),
+            "job_id": info.get("jobId") or (job.get("id") if job.get("batch") else None),
+            "created": record.get("created"),
+            "finished": record.get("finished_at") or record.get("finished_time"),
+        })
+    failed.sort(key=lambda f: (f["finished"] or f["created"] or 0), reverse=True)
+    return failed[:count]
+
+
 def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
     """
     Everything C{everest-agent status} shows, as a JSON-able dict.
@@ -338,8 +361,7 @@ def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
     by_state = {}
     unfinished = 0
     dirs_kept = dirs_removed = 0  # of finished tasks (see retention.py)
-    failed = []
-    for task_id, record in records.items():
+    for record in records.values():
         state = record.get("state") or "NEW"
         by_state[state] = by_state.get(state, 0) + 1
         if not record.get("finished"):
@@ -348,18 +370,6 @@ def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
             dirs_removed += 1
         else:
             dirs_kept += 1
-        if state == protocol.FAILED:
-            info = record.get("info") or {}
-            failed.append({
-                "task_id": task_id,
-                "reason": info.get("reason") or record.get("failure") or "",
-                "exit_code": info.get("exitCode"),
-                "job_id": info.get("jobId") or ((record.get("job") or {}).get("id")
-                                                if (record.get("job") or {}).get("batch") else None),
-                "created": record.get("created"),
-                "finished": record.get("finished_at") or record.get("finished_time"),
-            })
-    failed.sort(key=lambda f: (f["finished"] or f["created"] or 0), reverse=True)
 
     connection = dict((status or {}).get("connection") or {})
     if running is False and connection.get("state") not in (None, STOPPED):
@@ -388,7 +398,7 @@ def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
             "acked": acked,
             "oldest": _message_summary(*pending[0], now) if pending else None,
         },
-        "failures": failed[:failures],
+        "failures": recent_failures(records, failures),
         "time": now,
     }
     return result
