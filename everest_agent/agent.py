@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from everest_agent import __version__, protocol
 from everest_agent.channel import TaskChannel
 from everest_agent.client import AgentClientFactory, ConnectionService
+from everest_agent.fsio import ThreadedFileIO
 from everest_agent.handlers import make_handler
 from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
@@ -44,7 +45,11 @@ class EverestAgent(MultiService):
         self.reactor = reactor
         agent = config.agent
         self.user_agent = f"everest-agent/{__version__}"
+        # Blocking file-system work runs in these threads (see fsio.py).
+        self.files = ThreadedFileIO(reactor)
         self.handler = handler if handler is not None else make_handler(config, reactor)
+        if hasattr(self.handler, "use_files"):
+            self.handler.use_files(self.files)
         # One commit group, outbox first.  Its fsyncs run in a thread of
         # their own, so the reactor goes on meanwhile (see journal.py).
         self._fsync_pool = None
@@ -53,8 +58,8 @@ class EverestAgent(MultiService):
             self._fsync_pool = ThreadPool(minthreads=1, maxthreads=1, name="everest-fsync")
             sync_in_thread = lambda f: threads.deferToThreadPool(reactor, self._fsync_pool, f)  # noqa: E731
         commits = CommitGroup(reactor, sync_in_thread=sync_in_thread)
-        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
-        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
+        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits, files=self.files)
+        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits, files=self.files)
         self.sender = Sender(self.outbox, reactor, wallclock)
         self.stager = Stager.from_config(config, reactor)
         self.manager = TaskManager(
@@ -79,7 +84,9 @@ class EverestAgent(MultiService):
             self.manager.channel = self.channel
         self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
         self._lock = None
-        # Started in this order, stopped in reverse: the connection goes first.
+        # Started in this order, stopped in reverse: the connection goes
+        # first, the file-system threads last.
+        self.files.setServiceParent(self)
         self.sender.setServiceParent(self)
         if IService.providedBy(self.handler):
             self.handler.setServiceParent(self)

@@ -235,7 +235,7 @@ class TaskManager(Service):
         self.pool.stop()
         for worker in list(self.workers.values()):
             worker.abandon()
-        self.registry.stop()
+        return self.registry.stop()
 
     # -- platform commands ----------------------------------------------------
 

@@ -24,8 +24,12 @@ class Outbox:
     #: Compact when the journal has this many more records than pending messages.
     compact_slack = 10000
 
-    def __init__(self, state_dir, reactor, fsync=True, group=None):
-        self._journal = Journal(os.path.join(state_dir, "outbox.jsonl"), reactor, fsync)
+    def __init__(self, state_dir, reactor, fsync=True, group=None, files=None):
+        """
+        @param files: an L{everest_agent.fsio.IFileIO}: compaction while
+            the agent runs goes through it, off the reactor thread.
+        """
+        self._journal = Journal(os.path.join(state_dir, "outbox.jsonl"), reactor, fsync, files)
         if group is not None:
             group.add(self._journal)
         self._pending = OrderedDict()  # seq -> message, durable or not
@@ -92,7 +96,7 @@ class Outbox:
             del pending[first]
         self._journal.append_nowait({"ack": seq})
         if self._journal.lines > len(pending) + self.compact_slack:
-            self._compact()
+            self._journal.compact_soon(self._records)
         return True
 
     def durable_pending(self):
@@ -109,10 +113,15 @@ class Outbox:
             return item
         return None
 
-    def _compact(self):
+    def _records(self):
+        """What a compacted journal holds."""
         records = [{"next": self.last_seq + 1}, {"ack": self.acked}]
         records.extend({"seq": s, "msg": m} for s, m in self._pending.items())
-        self._journal.compact(records)
+        return records
+
+    def _compact(self):
+        self._journal.compact(self._records())
 
     def stop(self):
-        self._journal.stop()
+        """@return: a Deferred firing once everything is on disk and the file closed."""
+        return self._journal.stop()

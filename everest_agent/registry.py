@@ -36,8 +36,12 @@ def merge_records(journal_records):
 class TaskRegistry:
     compact_slack = 10000
 
-    def __init__(self, state_dir, reactor, fsync=True, group=None):
-        self._journal = Journal(os.path.join(state_dir, "tasks.jsonl"), reactor, fsync)
+    def __init__(self, state_dir, reactor, fsync=True, group=None, files=None):
+        """
+        @param files: an L{everest_agent.fsio.IFileIO}: compaction while
+            the agent runs goes through it, off the reactor thread.
+        """
+        self._journal = Journal(os.path.join(state_dir, "tasks.jsonl"), reactor, fsync, files)
         if group is not None:
             group.add(self._journal)
         self.records = {}  # task id -> merged record
@@ -76,13 +80,17 @@ class TaskRegistry:
 
     def _maybe_compact(self):
         if self._journal.lines > len(self.records) * 2 + self.compact_slack:
-            self.compact()
+            self._journal.compact_soon(self._snapshot)
 
-    def compact(self):
+    def _snapshot(self):
         for record in self.records.values():
             if record.get("finished"):
                 record["spec"] = None  # a finished task is never run again
-        self._journal.compact(list(self.records.values()))
+        return list(self.records.values())
+
+    def compact(self):
+        self._journal.compact(self._snapshot())
 
     def stop(self):
-        self._journal.stop()
+        """@return: a Deferred firing once everything is on disk and the file closed."""
+        return self._journal.stop()
