@@ -65,7 +65,7 @@ class EverestAgent(MultiService):
         self.manager = TaskManager(
             self.registry, self.sender, self.handler, self.stager, agent.work_dir, agent.max_tasks,
             allowed_commands=config.security.allowed_commands,
-            keep_finished=agent.keep_finished, wallclock=wallclock,
+            keep_finished=agent.keep_finished, wallclock=wallclock, files=self.files,
         )
         self.monitor = ResourceMonitor(
             reactor, self.sender, self.manager, self.handler, agent.hostname, agent.work_dir, wallclock

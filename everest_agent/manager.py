@@ -16,8 +16,17 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from everest_agent import protocol
+from everest_agent.fsio import InlineFileIO
 from everest_agent.protocol import ProtocolError, SpecError
-from everest_agent.worker import TaskWorker
+from everest_agent.worker import Phase, TaskContext, TaskWorker
+
+
+def create_task_directory(path):
+    """
+    Create a task's directory (blocking: the manager runs it in the
+    file-system threads, the directories of one reactor turn in one hop).
+    """
+    os.makedirs(path, mode=0o755, exist_ok=True)
 
 
 def _damage(record):
@@ -28,9 +37,9 @@ def _damage(record):
         record["spec"] = protocol.validate_spec(record.get("spec"))
         if record.get("state") is not None and record.get("state") not in protocol.STATE_RANK:
             return f"unknown state {record.get('state')!r}"
-        if record.get("phase", "new") not in ("new", "staged", "submitting", "submitted", "ended"):
+        if record.get("phase", Phase.NEW) not in tuple(Phase):
             return f"unknown phase {record.get('phase')!r}"
-        if record.get("phase") == "ended":
+        if record.get("phase") == Phase.ENDED:
             result = record.get("result") or {}
             if set(result) != {"exit_code", "reason", "canceled"}:
                 return "its result is incomplete"
@@ -127,7 +136,11 @@ class TaskManager(Service):
     log = Logger()
 
     def __init__(self, registry, sender, handler, stager, work_dir, slots, *,
-                 allowed_commands=(), keep_finished=10000, wallclock=time.time):
+                 allowed_commands=(), keep_finished=10000, wallclock=time.time, files=None):
+        """
+        @param files: the L{everest_agent.fsio.IFileIO} that creates task
+            directories (default: inline, for tests).
+        """
         self.registry = registry
         self.sender = sender
         self.handler = handler
@@ -138,6 +151,8 @@ class TaskManager(Service):
         self.keep_finished = keep_finished
         self.wallclock = wallclock
         self.workers = {}  # task id -> TaskWorker of every unfinished task
+        files = files if files is not None else InlineFileIO()
+        self.context = TaskContext(self, files.batch(create_task_directory))
         self._awaiting_ack = collections.deque()  # (terminal seq, task id), in seq order
         self._unreported = set()  # tasks not finished, or finished but not acknowledged
         self._reported = collections.deque()  # finished and acknowledged, oldest first
@@ -254,11 +269,11 @@ class TaskManager(Service):
             spec = None
         # One info line per task is enough at thousands of tasks a second: its end.
         self.log.debug("Task {task_id} submitted", task_id=task_id)
-        fields = {"state": None, "phase": "new", "created": self.wallclock()}
+        fields = {"state": None, "phase": Phase.NEW, "created": self.wallclock()}
         if failure is not None:
             fields["failure"] = failure
         record_d = self.registry.create(task_id, spec, **fields)
-        worker = TaskWorker(self, task_id, self.registry.get(task_id))
+        worker = TaskWorker(self.context, task_id, self.registry.get(task_id))
         self._unreported.add(task_id)
         if self.stopping:
             # Accepted, and started when the agent starts again.
@@ -328,12 +343,6 @@ class TaskManager(Service):
     def task_dir(self, task_id):
         return os.path.join(self.work_dir, task_id)
 
-    def release(self, worker):
-        if worker.holding:
-            self.pool.release(worker.holding)
-            worker.holding = 0
-            self.slots_changed()
-
     def slots_changed(self):
         for listener in self.slot_listeners:
             listener()
@@ -372,7 +381,7 @@ class TaskManager(Service):
         return self.pool.used, self.pool.queued
 
     def _start_worker(self, task_id, record):
-        worker = TaskWorker(self, task_id, record)
+        worker = TaskWorker(self.context, task_id, record)
         self.workers[task_id] = worker
         worker.start()
         return worker
