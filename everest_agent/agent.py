@@ -194,15 +194,10 @@ class EverestAgent(MultiService):
     # -- what the connection asks of the agent ------------------------------------
 
     def hello(self):
-        return {
-            "token": self.config.platform.token,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "agent": self.user_agent,
-            "hostname": self.config.agent.hostname,
-            "handler": self.handler.name,
-            "slots": self.config.agent.max_tasks,
-            "tasks": self.manager.hello_tasks(),
-        }
+        return protocol.hello(
+            self.config.platform.token, self.user_agent, self.config.agent.hostname,
+            self.handler.name, self.config.agent.max_tasks, self.manager.hello_tasks(),
+        )
 
     def dispatch_table(self):
         return {

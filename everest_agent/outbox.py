@@ -18,6 +18,7 @@ import os
 from collections import OrderedDict
 
 from everest_agent.journal import Journal
+from everest_agent.statedir import replay_outbox
 
 
 class Outbox:
@@ -39,20 +40,10 @@ class Outbox:
 
     def load(self):
         """Read the journal back after a (re)start, then compact it."""
-        pending = {}
-        for record in self._journal.load():
-            if "seq" in record:
-                seq = record["seq"]
-                pending[seq] = record["msg"]
-                self.last_seq = max(self.last_seq, seq)
-            elif "ack" in record:
-                self.acked = max(self.acked, record["ack"])
-            elif "next" in record:
-                self.last_seq = max(self.last_seq, record["next"] - 1)
-        self._pending = OrderedDict(
-            (seq, msg) for seq, msg in sorted(pending.items()) if seq > self.acked
-        )
-        self.last_seq = max(self.last_seq, self.acked)
+        pending, last_seq, acked = replay_outbox(self._journal.load())
+        self._pending = OrderedDict(pending)
+        self.last_seq = max(self.last_seq, last_seq)
+        self.acked = max(self.acked, acked)
         self.durable_seq = self.last_seq
         self._compact()
 
