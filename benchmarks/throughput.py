@@ -5,11 +5,15 @@ flat with thousands of tasks in flight?
 
 One run measures, on this machine:
 
+0. 50,000 task directories created and removed where the agent's go
+   (``--churn``), so that file system is measured as a long-running agent
+   leaves it;
 1. raw baseline: N trivial ``/bin/sh -c true`` processes through
-   ``reactor.spawnProcess``, at most ``slots`` at once;
+   ``reactor.spawnProcess``, at most ``slots`` at once, before item 2 and
+   again after it;
 2. the same N tasks (``{"command": "true"}``) through the reference platform
    and a real agent, from the first submit to the platform holding DONE for
-   all of them, and the ratio of that rate to 1;
+   all of them, and the ratio of that rate to the mean of the baselines;
 3. latency on an idle agent, one task at a time: submit -> RUNNING and
    submit -> DONE, as the platform sees them (p50, p99);
 4. 10,000 tasks submitted at once (``sleep 1000``, so all but ``slots`` stay
@@ -19,7 +23,9 @@ One run measures, on this machine:
 5. the outbox's durability cost: messages/s through L{Outbox} with and
    without fsync, one message per commit and many per commit.
 
-The agent is a separate process started the way a user starts it
+The state and task directories are on the ordinary disk, as an operator's
+are (``--tmpfs`` for both on ``/dev/shm``).  The agent is a separate
+process started the way a user starts it
 (``twistd -n everest-agent --config agent.ini``, local handler,
 ``max_tasks = 2 x cores``, fsync on, logging to a file).  The reference
 platform runs inside this process: the benchmark calls
