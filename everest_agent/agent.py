@@ -20,6 +20,8 @@ from twisted.python.threadpool import ThreadPool
 from everest_agent import __version__, protocol
 from everest_agent.channel import TaskChannel, load_key as load_channel_key
 from everest_agent.client import AgentClientFactory, ConnectionService
+from everest_agent.config import check_directories
+from everest_agent.fsio import ThreadedFileIO
 from everest_agent.handlers import make_handler
 from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
@@ -31,8 +33,19 @@ from everest_agent.staging import Stager
 from everest_agent.status import StatusFile
 
 
+def _retention_text(policy):
+    if policy is None:
+        return "all"
+    kind, n = policy
+    return str(n) if kind == "count" else f"{n}s"
+
+
 class StateDirLocked(Exception):
     pass
+
+
+class UnsafeDirectory(Exception):
+    """work_dir or state_dir is someone else's, or others can write in it."""
 
 
 class EverestAgent(MultiService):
@@ -44,7 +57,11 @@ class EverestAgent(MultiService):
         self.reactor = reactor
         agent = config.agent
         self.user_agent = f"everest-agent/{__version__}"
+        # Blocking file-system work runs in these threads (see fsio.py).
+        self.files = ThreadedFileIO(reactor)
         self.handler = handler if handler is not None else make_handler(config, reactor)
+        if hasattr(self.handler, "use_files"):
+            self.handler.use_files(self.files)
         # One commit group, outbox first.  Its fsyncs run in a thread of
         # their own, so the reactor goes on meanwhile (see journal.py).
         self._fsync_pool = None
@@ -53,14 +70,16 @@ class EverestAgent(MultiService):
             self._fsync_pool = ThreadPool(minthreads=1, maxthreads=1, name="everest-fsync")
             sync_in_thread = lambda f: threads.deferToThreadPool(reactor, self._fsync_pool, f)  # noqa: E731
         commits = CommitGroup(reactor, sync_in_thread=sync_in_thread)
-        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
-        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
+        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits, files=self.files)
+        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits, files=self.files)
         self.sender = Sender(self.outbox, reactor, wallclock)
         self.stager = Stager.from_config(config, reactor)
         self.manager = TaskManager(
             self.registry, self.sender, self.handler, self.stager, agent.work_dir, agent.max_tasks,
             allowed_commands=config.security.allowed_commands,
-            keep_finished=agent.keep_finished, wallclock=wallclock,
+            allowed_environment=config.security.allowed_environment,
+            keep_finished=agent.keep_finished, wallclock=wallclock, files=self.files,
+            keep_task_dirs=agent.keep_task_dirs,
         )
         if hasattr(self.handler, "pool"):  # pilot mode: the slots follow the pilots' cores
             self.handler.pool = self.manager.pool
@@ -82,7 +101,9 @@ class EverestAgent(MultiService):
             self.manager.channel = self.channel
         self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
         self._lock = None
-        # Started in this order, stopped in reverse: the connection goes first.
+        # Started in this order, stopped in reverse: the connection goes
+        # first, the file-system threads last.
+        self.files.setServiceParent(self)
         self.sender.setServiceParent(self)
         if IService.providedBy(self.handler):
             self.handler.setServiceParent(self)
@@ -104,6 +125,9 @@ class EverestAgent(MultiService):
 
     def startService(self):
         agent = self.config.agent
+        problem = check_directories(self.config)
+        if problem:
+            raise UnsafeDirectory(problem)
         make_private_dir(agent.state_dir)
         os.makedirs(agent.work_dir, mode=0o700, exist_ok=True)
         self._take_lock(agent.state_dir)
@@ -114,7 +138,8 @@ class EverestAgent(MultiService):
             self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fsync_pool)
         self.outbox.load()
         self.registry.load()
-        self.status.starting(handler=self.handler.name, slots=agent.max_tasks)  # operations
+        self.status.starting(handler=self.handler.name, slots=agent.max_tasks,  # operations
+                             keep_task_dirs=_retention_text(agent.keep_task_dirs))
         self.log.info(
             "everest-agent {version} starting: handler {handler}, {slots} slots, "
             "work_dir {work_dir}, {pending} messages to deliver",
@@ -192,15 +217,10 @@ class EverestAgent(MultiService):
     # -- what the connection asks of the agent ------------------------------------
 
     def hello(self):
-        return {
-            "token": self.config.platform.token,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "agent": self.user_agent,
-            "hostname": self.config.agent.hostname,
-            "handler": self.handler.name,
-            "slots": self.config.agent.max_tasks,
-            "tasks": self.manager.hello_tasks(),
-        }
+        return protocol.hello(
+            self.config.platform.token, self.user_agent, self.config.agent.hostname,
+            self.handler.name, self.config.agent.max_tasks, self.manager.hello_tasks(),
+        )
 
     def dispatch_table(self):
         return {

@@ -43,7 +43,8 @@ from twisted.internet import defer, ssl
 
 from everest_agent import __version__, protocol
 from everest_agent import config as agent_config
-from everest_agent.status import hello_tasks, lock_holder, read_outbox, read_registry
+from everest_agent.statedir import read_outbox, read_registry
+from everest_agent.status import hello_tasks, lock_holder
 
 MiB = 1024 * 1024
 
@@ -138,6 +139,14 @@ def check_directory(name, path, min_free, user, note=""):
             f"free space on that file system or point [agent] {name} elsewhere",
         )
     return Result(name, True, f"{path} writable, {free // MiB} MiB free{created}{note}")
+
+
+def check_ownership(config):
+    problem = agent_config.check_directories(config)
+    if problem:
+        message, _, fix = problem.partition("; fix: ")
+        return Result("ownership", False, message, fix or None)
+    return Result("ownership", True, f"state_dir and work_dir are {getpass.getuser()}'s alone")
 
 
 def _find(program, env):
@@ -466,15 +475,10 @@ async def check_platform(config, reactor, timeout, running, pid):
             "run check as the agent's user",
         )
     listed = hello_tasks(records, acked)
-    hello = {
-        "token": config.platform.token,
-        "protocol": protocol.PROTOCOL_VERSION,
-        "agent": f"everest-agent/{__version__}",
-        "hostname": config.agent.hostname,
-        "handler": config.handler.type,
-        "slots": config.agent.max_tasks,
-        "tasks": listed,
-    }
+    hello = protocol.hello(
+        config.platform.token, f"everest-agent/{__version__}", config.agent.hostname,
+        config.handler.type, config.agent.max_tasks, listed,
+    )
     try:
         outcome = await round_trip(config, reactor, hello, timeout)
     except ValueError as e:  # a ca_file without certificates
@@ -518,6 +522,7 @@ async def run_checks(config_path, reactor, env=None, timeout=15.0, out=None,
     note = f"; an agent is running on it (pid {pid})" if running else ""
     report(check_directory("state_dir", state_dir, min_free_state, user, note))
     report(check_directory("work_dir", config.agent.work_dir, min_free_work, user))
+    report(check_ownership(config))
     report(await check_handler(config, reactor, env, timeout))
     if getattr(getattr(config, "pilot", None), "enabled", False):
         report(check_pilot(config))

@@ -15,9 +15,11 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from everest_agent import protocol
+from everest_agent import paths, policy, protocol
+from everest_agent.fsio import InlineFileIO
 from everest_agent.protocol import ProtocolError, SpecError
-from everest_agent.worker import TaskWorker
+from everest_agent.retention import TaskDirRetention
+from everest_agent.worker import Phase, TaskContext, TaskWorker
 
 
 def _damage(record):
@@ -28,9 +30,9 @@ def _damage(record):
         record["spec"] = protocol.validate_spec(record.get("spec"))
         if record.get("state") is not None and record.get("state") not in protocol.STATE_RANK:
             return f"unknown state {record.get('state')!r}"
-        if record.get("phase", "new") not in ("new", "staged", "submitting", "submitted", "ended"):
+        if record.get("phase", Phase.NEW) not in tuple(Phase):
             return f"unknown phase {record.get('phase')!r}"
-        if record.get("phase") == "ended":
+        if record.get("phase") == Phase.ENDED:
             result = record.get("result") or {}
             if set(result) != {"exit_code", "reason", "canceled"}:
                 return "its result is incomplete"
@@ -138,7 +140,13 @@ class TaskManager(Service):
     log = Logger()
 
     def __init__(self, registry, sender, handler, stager, work_dir, slots, *,
-                 allowed_commands=(), keep_finished=10000, wallclock=time.time):
+                 allowed_commands=(), allowed_environment=(), keep_finished=10000,
+                 wallclock=time.time, files=None, keep_task_dirs=None):
+        """
+        @param files: the L{everest_agent.fsio.IFileIO} that does the blocking
+            work on task directories (making them, removing old ones);
+            default: inline, for tests.
+        """
         self.registry = registry
         self.sender = sender
         self.handler = handler
@@ -146,9 +154,14 @@ class TaskManager(Service):
         self.work_dir = work_dir
         self.pool = SlotPool(slots, clock=sender.clock)
         self.allowed_commands = list(allowed_commands)
+        self.allowed_environment = frozenset(allowed_environment)
+        files = files if files is not None else InlineFileIO()
+        self.retention = TaskDirRetention(work_dir, keep_task_dirs, files.run, registry,
+                                          sender.clock, wallclock)
         self.keep_finished = keep_finished
         self.wallclock = wallclock
         self.workers = {}  # task id -> TaskWorker of every unfinished task
+        self.context = TaskContext(self, files.batch(self._make_task_dir))
         self._awaiting_ack = collections.deque()  # (terminal seq, task id), in seq order
         self._unreported = set()  # tasks not finished, or finished but not acknowledged
         self._reported = collections.deque()  # finished and acknowledged, oldest first
@@ -232,6 +245,9 @@ class TaskManager(Service):
                 record["failure"] = f"the agent's record of this task is damaged: {damage}"
             self._start_worker(task_id, record)
         self._reported.extend(task_id for _, task_id in sorted(finished))
+        for task_id in self._reported:
+            self.retention.finished(task_id, self.registry.get(task_id).get("finished_at"), sweep=False)
+        self.retention.sweep()
         self._awaiting_ack = collections.deque(sorted(self._awaiting_ack))
         if resumed:
             self.log.info("Resuming {count} unfinished tasks", count=resumed)
@@ -244,9 +260,10 @@ class TaskManager(Service):
         # No slot freed by an abandoned worker goes to a queued task: what is
         # queued stays queued for the next start.
         self.pool.stop()
+        self.retention.stop()
         for worker in list(self.workers.values()):
             worker.abandon()
-        self.registry.stop()
+        return self.registry.stop()
 
     # -- platform commands ----------------------------------------------------
 
@@ -258,18 +275,18 @@ class TaskManager(Service):
         failure = None
         try:
             spec = protocol.validate_spec(spec)
-            self._check_command(spec["command"])
+            policy.check(spec, self.allowed_commands, self.allowed_environment)
             self.handler.slots_needed(spec["resourceRequirements"])
         except (SpecError, ValueError) as e:
             failure = str(e)
             spec = None
         # One info line per task is enough at thousands of tasks a second: its end.
         self.log.debug("Task {task_id} submitted", task_id=task_id)
-        fields = {"state": None, "phase": "new", "created": self.wallclock()}
+        fields = {"state": None, "phase": Phase.NEW, "created": self.wallclock()}
         if failure is not None:
             fields["failure"] = failure
         record_d = self.registry.create(task_id, spec, **fields)
-        worker = TaskWorker(self, task_id, self.registry.get(task_id))
+        worker = TaskWorker(self.context, task_id, self.registry.get(task_id))
         self._unreported.add(task_id)
         if self.stopping:
             # Accepted, and started when the agent starts again.
@@ -278,10 +295,6 @@ class TaskManager(Service):
         self.workers[task_id] = worker
         # ACCEPTED only once the task is on disk.
         record_d.addCallback(lambda _: worker.start())
-
-    def _check_command(self, command):
-        if self.allowed_commands and not any(p.fullmatch(command) for p in self.allowed_commands):
-            raise SpecError("command refused: it matches none of this agent's [security] allowed_commands")
 
     def _resend_state(self, task_id, record):
         state = record.get("state")
@@ -339,11 +352,16 @@ class TaskManager(Service):
     def task_dir(self, task_id):
         return os.path.join(self.work_dir, task_id)
 
-    def release(self, worker):
-        if worker.holding:
-            self.pool.release(worker.holding)
-            worker.holding = 0
-            self.slots_changed()
+    def _make_task_dir(self, path):
+        """
+        Create (or check) a task's directory; blocking, so the context runs
+        it in the file-system threads, the directories of one reactor turn
+        in one hop.  A planted link or someone else's directory there is
+        moved aside (L{paths.open_task_dir}).
+        """
+        work_dir, name = os.path.split(path)
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+        os.close(paths.open_task_dir(work_dir, name, log=self.log))
 
     def slots_changed(self):
         for listener in self.slot_listeners:
@@ -369,9 +387,11 @@ class TaskManager(Service):
     def _forget_later(self, task_id):
         self._unreported.discard(task_id)
         self._reported.append(task_id)
+        self.retention.finished(task_id, (self.registry.get(task_id) or {}).get("finished_at"))
         while len(self._reported) > self.keep_finished:
             old = self._reported.popleft()
             if old not in self._unreported:
+                self.retention.forgotten(old)
                 self.registry.forget(old)
 
     def hello_tasks(self):
@@ -383,7 +403,7 @@ class TaskManager(Service):
         return self.pool.used, self.pool.queued
 
     def _start_worker(self, task_id, record):
-        worker = TaskWorker(self, task_id, record)
+        worker = TaskWorker(self.context, task_id, record)
         self.workers[task_id] = worker
         worker.start()
         return worker
