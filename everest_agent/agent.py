@@ -216,6 +216,11 @@ class EverestAgent(MultiService):
 
     # -- what the connection asks of the agent ------------------------------------
 
+    def pilot_summary(self):
+        """The pilots, for the monitor page; C{None} unless in pilot mode."""
+        summary = getattr(self.handler, "pilot_summary", None)
+        return summary() if summary is not None else None
+
     def hello(self):
         return protocol.hello(
             self.config.platform.token, self.user_agent, self.config.agent.hostname,

@@ -162,7 +162,8 @@ class MonitorPageHTTPTests(TestCase):
         self.assertNotIn("pilots", data)
         self.assertNotIn("test-token", body.decode())
 
-        agent.pilot_summary = lambda: [{"name": "p1", "state": "RUNNING", "slots": 4}]
+        # In pilot mode the handler lists its pilots; the agent hands them on.
+        agent.handler.pilot_summary = lambda: [{"name": "p1", "state": "RUNNING", "slots": 4}]
         code, _, body = await http_get(url + "/status.json")
         self.assertEqual(json.loads(body)["pilots"], [{"name": "p1", "state": "RUNNING", "slots": 4}])
 
