@@ -10,6 +10,8 @@ the key and what is wrong.
 """
 
 import configparser
+import errno
+import ipaddress
 import os
 import re
 import socket
@@ -120,6 +122,29 @@ def _handler_type(value):
     return value
 
 
+def _env_names(value):
+    names = value.split()
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\*?", name):
+            raise ValueError(f"{name!r} is not an environment variable name (or a prefix ending with *)")
+    return names
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _retention(value):
+    """C{all} -> None (keep every one); C{N} -> ("count", N); C{N[smhd]} -> ("age", seconds)."""
+    value = value.strip().lower()
+    if value == "all":
+        return None
+    if value.isdigit():
+        return ("count", int(value))
+    if len(value) > 1 and value[:-1].isdigit() and value[-1] in _AGE_UNITS:
+        return ("age", int(value[:-1]) * _AGE_UNITS[value[-1]])
+    raise ValueError("must be a count (e.g. 1000), an age (e.g. 7d, 12h, 30m, 90s) or all")
+
+
 # -- operations ([agent] log_level, [monitor]): see everest_agent/tap.py, monitor.py --
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -169,6 +194,7 @@ SCHEMA = {
         "max_tasks": Key(_positive_int, os.cpu_count() or 1, "Slots: tasks (local: cores) in use at once. Default: the number of CPUs."),
         "hostname": Key(_text, "", "Name reported to the platform. Default: this machine's fully qualified name."),
         "kill_grace": Key(_positive_float, 10.0, "Seconds between SIGTERM and SIGKILL when a task is canceled or exceeds its timeLimit."),
+        "keep_task_dirs": Key(_retention, ("count", 1000), "Directories of finished, acknowledged tasks kept on disk: a count (the newest N, e.g. 1000), an age (e.g. 7d, 12h) or all; older ones are removed."),
         "keep_finished": Key(_non_negative_int, 10000, "Finished tasks remembered (for idempotent TASK_SUBMIT) after their report is acknowledged."),
         "on_stop": Key(_choice("leave", "cancel"), "leave", "What stopping the agent does to running tasks: leave them running (they are found again at the next start) or cancel them."),
         "log_level": Key(_log_level, "info", "Least important log messages written: debug, info, warn, error or critical (under twistd)."),
@@ -183,6 +209,7 @@ SCHEMA = {
     },
     "security": {
         "allowed_commands": Key(_regex_lines, [], "Regular expressions, one per line; when given, a task command must match one as a whole."),
+        "allowed_environment": Key(_env_names, [], "With allowed_commands: variables (or prefixes ending with *) a task's spec may set although they change what the shell or the loader runs (PATH, LD_*, BASH_ENV, ...)."),
     },
     "transfer": {
         "timeout": Key(_positive_float, 60.0, "Seconds to wait for a file server to connect and answer (its response headers; for an upload, after the last byte)."),
@@ -318,9 +345,162 @@ def from_parser(parser, path):
     return config
 
 
+def directory_problem(key, path, uid=None):
+    """
+    What makes C{path} (the [agent] C{key} directory) unsafe, as one line
+    naming the directory and the fix, or None.
+
+    It must be owned by the agent's user and not writable by group or
+    others; each directory above it must be owned by root or that user and
+    not writable by group or others unless sticky (like C{/tmp}), or another
+    user could swap the directory or what is in it.  A directory that does
+    not exist yet is created by the agent (mode 0700): only its parents are
+    checked.
+    """
+    uid = os.geteuid() if uid is None else uid
+    user = _user_name(uid)
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        return f"[agent] {key} {path}: cannot check it: {e.strerror}"
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            return f"[agent] {key} {path}: not a directory; remove it or point [agent] {key} elsewhere"
+        if st.st_uid != uid:
+            return (f"[agent] {key} {path}: owned by {_user_name(st.st_uid)}, not by the agent's user "
+                    f"{user}; fix: chown -R {user} {path} && chmod 700 {path} (or use another directory)")
+        if st.st_mode & 0o022:
+            return (f"[agent] {key} {path}: writable by group or others (mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}); fix: chmod 700 {path}")
+    parent = os.path.dirname(os.path.realpath(path))
+    while True:
+        try:
+            pst = os.stat(parent)
+        except OSError:
+            pst = None
+        if pst is not None:
+            if pst.st_uid not in (0, uid):
+                return (f"[agent] {key} {path}: the directory above it, {parent}, is owned by "
+                        f"{_user_name(pst.st_uid)}, who could replace it; fix: use a directory "
+                        f"under one owned by root or {user}")
+            if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+                return (f"[agent] {key} {path}: the directory above it, {parent}, is writable by "
+                        f"group or others (mode {stat.S_IMODE(pst.st_mode):04o}); fix: chmod go-w {parent}")
+        up = os.path.dirname(parent)
+        if up == parent:
+            return None
+        parent = up
+
+
+def _user_name(uid):
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def check_directories(config):
+    """The first L{directory_problem} of C{work_dir} and C{state_dir}, or None."""
+    for key in ("state_dir", "work_dir"):
+        problem = directory_problem(key, getattr(config.agent, key))
+        if problem:
+            return problem
+    return None
+
+
 def is_loopback(host):
-    host = (host or "").strip("[]").lower()
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    """
+    Whether C{host} (a URL's host name) is a loopback address: C{localhost},
+    or a literal IPv4/IPv6 loopback address.  A name that only looks like
+    one (C{127.0.0.1.nip.io}, which any DNS server may resolve anywhere) is
+    not.
+    """
+    host = (host or "").strip("[]").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class SecretFileError(Exception):
+    """A secret file that cannot be used, with a message that holds no secret."""
+
+
+#: Largest secret file read: a token is a line, not a file's worth.
+MAX_SECRET_FILE = 4096
+
+
+def read_secret_file(path, max_size=MAX_SECRET_FILE):
+    """
+    The stripped text of a file holding a secret (a token).
+
+    The file is opened without following a final symbolic link and without
+    blocking (a FIFO does not hang the caller), and checked on its
+    descriptor before a byte is read: a regular file, at most C{max_size}
+    bytes, that neither its group nor others may read or write.
+
+    @raise SecretFileError: naming what is wrong and the fix, never the
+        content.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SecretFileError("no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SecretFileError("is a symbolic link; point the configuration at the file itself") from None
+        raise SecretFileError(f"cannot read it: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretFileError("not a regular file (a FIFO, device, socket or directory cannot hold a token)")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SecretFileError(
+                f"others can read it (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        if st.st_size > max_size:
+            raise SecretFileError(f"{st.st_size} bytes: too big for a token file (at most {max_size})")
+        try:
+            data = os.read(fd, max_size + 1)
+        except OSError as e:
+            raise SecretFileError(f"cannot read it: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_size:
+        raise SecretFileError(f"too big for a token file (at most {max_size} bytes)")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SecretFileError("not UTF-8 text") from None
+    if not text:
+        raise SecretFileError("the file is empty")
+    return text
+
+
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+\Z")
+
+
+def check_token_text(token, where):
+    """
+    A token goes into HTTP headers and JSON: printable ASCII, no white
+    space.  The message never shows the token, a character of it or where
+    in it the problem is.
+
+    @raise ConfigError: otherwise.
+    """
+    if not _TOKEN_TEXT.match(token):
+        raise ConfigError(
+            f"{where}: the token must be printable ASCII without white space; "
+            "copy it again from the platform"
+        )
 
 
 def _check_platform(config, path):
@@ -349,23 +529,9 @@ def _check_platform(config, path):
     if platform.token_file:
         where = f"{path}: [platform] token_file: {platform.token_file}"
         try:
-            st = os.stat(platform.token_file)
-            with open(platform.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: no such file") from None
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read it: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{where}: not UTF-8 text") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"{where}: others can read it (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"run: chmod 600 {platform.token_file}"
-            )
-        if not token:
-            raise ConfigError(f"{where}: the file is empty")
-        platform.token = token
+            platform.token = read_secret_file(platform.token_file)
+        except SecretFileError as e:
+            raise ConfigError(f"{where}: {e}") from None
     else:
         try:
             mode = os.stat(path).st_mode
@@ -376,5 +542,4 @@ def _check_platform(config, path):
                 f"{path}: [platform] token: the file holds the token inline but others can read it "
                 f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}, or use token_file"
             )
-    if any(c.isspace() for c in platform.token):
-        raise ConfigError(f"{path}: [platform] token: the token must not contain white space")
+    check_token_text(platform.token, f"{path}: [platform] token")
