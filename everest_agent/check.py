@@ -173,24 +173,29 @@ async def check_handler(config, reactor, env, timeout):
                           "run the agent with CPython 3.10 or later on Linux")
         return Result("handler", True, f"local: {local.SHELL} present, {config.agent.max_tasks} slots")
     cls = namedAny(HANDLERS[kind])
-    commands = dict(cls.default_commands)
-    missing = sorted({program for role, program in commands.items()
+    h = config.handler
+    command_dir = getattr(h, "command_dir", "")
+    where = command_dir or f"PATH={path}"
+    commands = {role: os.path.join(command_dir, program) if command_dir else program
+                for role, program in cls.default_commands.items()}
+    missing = sorted({os.path.basename(program) for role, program in commands.items()
                       if role not in OPTIONAL_COMMANDS and _find(program, env) is None})
-    optional_missing = sorted({program for role, program in commands.items()
+    optional_missing = sorted({os.path.basename(program) for role, program in commands.items()
                                if role in OPTIONAL_COMMANDS and _find(program, env) is None})
     if missing:
-        family = "SLURM" if kind == "slurm" else "TORQUE/PBS"
+        family = {"slurm": "SLURM", "sge": "Grid Engine"}.get(kind, "TORQUE/PBS")
         return Result(
             "handler", False,
-            f"{kind}: {', '.join(missing)} not found (PATH={path})",
-            f"install the {family} client commands on this host, or add their directory to the "
-            "agent's PATH (systemd: Environment=PATH=... in the unit)",
+            f"{kind}: {', '.join(missing)} not found ({where})",
+            f"install the {family} client commands on this host, or name their directory in "
+            "[handler] command_dir (or add it to the agent's PATH)",
         )
     user = getpass.getuser()
-    h = config.handler
     if kind == "slurm":
         info = [commands["info"], "-h", "-o", "%P|%a"] + (["-p", h.partition] if h.partition else [])
         probes = [info, [commands["status"], "-h", "-u", user, "-o", "%i"]]
+    elif kind == "sge":
+        probes = [[commands["status"], "-g", "c"] + (["-q", h.queue] if h.queue else [])]
     else:
         probes = [[commands["status"], "-Q"] + ([h.queue] if h.queue else [])]
     limit = min(timeout, getattr(h, "command_timeout", timeout))
@@ -207,10 +212,10 @@ async def check_handler(config, reactor, env, timeout):
             return Result(
                 "handler", False, f"{kind}: {' '.join(argv)} exited with status {code}: {detail}",
                 "check that the scheduler's controller answers from this host"
-                + (" (scontrol ping)" if kind == "slurm" else " (qstat -B)")
+                + {"slurm": " (scontrol ping)", "sge": " (qping, qconf -sql)"}.get(kind, " (qstat -B)")
                 + ", and the partition/queue name in [handler]",
             )
-        answers.append(f"{argv[0]} answered in {time.monotonic() - started:.2f} s")
+        answers.append(f"{os.path.basename(argv[0])} answered in {time.monotonic() - started:.2f} s")
     note = f"; optional {', '.join(optional_missing)} missing" if optional_missing else ""
     return Result("handler", True, f"{kind}: {', '.join(answers)}{note}")
 

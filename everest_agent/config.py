@@ -200,7 +200,7 @@ SCHEMA = {
         "log_level": Key(_log_level, "info", "Least important log messages written: debug, info, warn, error or critical (under twistd)."),
     },
     "handler": {
-        "type": Key(_handler_type, "local", "Back end that runs tasks: local, slurm, torque or pbs."),
+        "type": Key(_handler_type, "local", "Back end that runs tasks: local, slurm, torque, pbs or sge."),
     },
     "task_channel": {
         "enabled": Key(_bool, False, "Open the task channel: a TCP port through which running tasks exchange messages with the platform."),
@@ -245,6 +245,7 @@ _BATCH_KEYS = {
     "command_timeout": Key(_positive_float, 60.0, "Seconds a scheduler command may take before it is killed and retried later."),
     "max_submit": Key(_positive_int, 16, "Job submissions in flight at once."),
     "extra_args": Key(_words, [], "Extra arguments for every submission (split on white space)."),
+    "command_dir": Key(_path, "", "Directory holding the scheduler's commands (qsub, sbatch, ...). Default: empty, look them up in PATH."),
 }
 
 
@@ -272,6 +273,13 @@ HANDLER_KEYS = {
         ),
     ),
     "pbs": dict(_BATCH_KEYS, queue=Key(_text, "", "Queue for qsub -q.")),
+    "sge": dict(
+        _BATCH_KEYS,
+        pe=Key(_text, "smp", "Parallel environment for multi-core jobs (qsub -pe <pe> N)."),
+        memory_complex=Key(_text, "h_vmem", "Complex that memoryPerCore is requested with (qsub -l <complex>=<M>M); empty: none."),
+        queue=Key(_text, "", "Queue for qsub -q."),
+        project=Key(_text, "", "Project for qsub -P."),
+    ),
 }
 
 

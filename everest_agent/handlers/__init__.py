@@ -10,6 +10,7 @@ HANDLERS = {
     "slurm": "everest_agent.handlers.slurm.SlurmTaskHandler",
     "torque": "everest_agent.handlers.pbs.TorqueTaskHandler",
     "pbs": "everest_agent.handlers.pbs.PbsProTaskHandler",
+    "sge": "everest_agent.handlers.sge.SgeTaskHandler",
 }
 
 

@@ -197,6 +197,7 @@ class BatchTaskHandler(service.Service):
         run=run_command,
         exit_code_polls=2,
         user=None,
+        command_dir="",
     ):
         """
         @param reactor: provides C{callLater}, C{seconds} and
@@ -214,6 +215,9 @@ class BatchTaskHandler(service.Service):
             show it late) before calling the job failed.
         @param user: the user whose jobs to search by name (default: the
             agent's own).
+        @param command_dir: the directory holding the scheduler's commands,
+            or empty to look them up in C{PATH} (two schedulers' clients
+            may both ship C{qsub}).
         """
         self.reactor = reactor
         self.poll_interval = float(poll_interval)
@@ -225,6 +229,7 @@ class BatchTaskHandler(service.Service):
         if unknown:
             raise ValueError(f"unknown command roles {sorted(unknown)}; known: {sorted(self.commands)}")
         self.commands.update(commands or {})
+        self.command_dir = command_dir
         self.env = env
         self._run_command = run
         self.exit_code_polls = int(exit_code_polls)
@@ -262,6 +267,7 @@ class BatchTaskHandler(service.Service):
             command_timeout=h.command_timeout,
             max_submit=h.max_submit,
             extra_args=h.extra_args,
+            command_dir=getattr(h, "command_dir", ""),
         )
 
     @classmethod
@@ -755,7 +761,11 @@ class BatchTaskHandler(service.Service):
         return self._run_command(self.reactor, argv, stdin=stdin, timeout=self.command_timeout, env=self.env)
 
     def command(self, role):
-        return self.commands[role]
+        """The program for C{role}: in C{command_dir} when one is set and the program has no directory."""
+        program = self.commands[role]
+        if self.command_dir and "/" not in program:
+            return os.path.join(self.command_dir, program)
+        return program
 
     def _pick(self, request, found):
         """
