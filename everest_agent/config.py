@@ -354,7 +354,7 @@ def from_parser(parser, path):
     if not agent.hostname:
         agent.hostname = socket.getfqdn()
     if config.pilot.enabled and config.handler.type == "local":
-        raise ConfigError(f"{path}: [pilot] enabled: pilot mode needs a batch [handler] type (slurm, torque, pbs)")
+        raise ConfigError(f"{path}: [pilot] enabled: pilot mode needs a batch [handler] type (slurm, torque, pbs or sge)")
     for key in ("work_dir", "state_dir"):
         if not getattr(agent, key):
             raise ConfigError(f"{path}: [agent] {key}: must not be empty")
