@@ -28,8 +28,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseDone
 from twisted.web import resource, server
 
-from everest_agent import staging
-from everest_agent.staging import Stager, StagingError, _FairLimiter, same_origin
+from everest_agent.transfer import errors, exchange, fastpath, jobs, producer as producing, sink
+from everest_agent.transfer.errors import StagingError
+from everest_agent.transfer.jobs import FairLimiter as _FairLimiter, run_inline
+from everest_agent.transfer.stager import Stager
+from everest_agent.transfer.retry import RetryPolicy
+from everest_agent.transfer.urls import public_url, same_origin
 
 PLATFORM_TOKEN = "secret-token"
 
@@ -277,7 +281,7 @@ class StagingTests(TestCase):
         if kwargs.get("cache_dir") is True:
             kwargs["cache_dir"] = os.path.abspath(self.mktemp())
             kwargs.setdefault("cache_size", 1 << 30)
-        stager = Stager(
+        stager = Stager.with_client(
             reactor, kwargs.pop("platform_url", self.platform_url), kwargs.pop("token", PLATFORM_TOKEN),
             **kwargs,
         )
@@ -287,14 +291,14 @@ class StagingTests(TestCase):
     def first_bytes(self):
         """A Deferred that fires when a download's body starts arriving."""
         d = Deferred()
-        original = staging._BodyReceiver.dataReceived
+        original = sink.BodyReceiver.dataReceived
 
         def dataReceived(receiver, data):
             original(receiver, data)
             if not d.called:
                 d.callback(None)
 
-        self.patch(staging._BodyReceiver, "dataReceived", dataReceived)
+        self.patch(sink.BodyReceiver, "dataReceived", dataReceived)
         return d
 
     def task_dir(self):
@@ -348,7 +352,7 @@ class StagingTests(TestCase):
             self.assertNoPartials(task)
             if cache:
                 self.assertEqual(len(stager.cache), 0)
-                self.assertEqual(os.listdir(os.path.join(stager.cache.directory, "tmp")), [])
+                self.assertEqual(os.listdir(stager.cache.tmp_dir), [])
 
     async def test_size_mismatch_announced(self):
         data = payload(5000)
@@ -640,12 +644,12 @@ class StagingTests(TestCase):
         arriving = self.first_bytes()
         ds = [defer.ensureDeferred(stager.stage_in(self.task_dir(), [item])) for _ in range(2)]
         await arriving
-        (job,) = stager._jobs.values()
+        (job,) = stager._cached.jobs.values()
         for d in ds:
             d.cancel()
         for d in ds:
             self.failureResultOf(d, CancelledError)
-        self.assertEqual(stager._jobs, {})
+        self.assertEqual(stager._cached.jobs, {})
         # A task that comes now starts a fresh download, not waiting for the
         # abandoned one to clean up.
         later = self.task_dir()
@@ -654,7 +658,7 @@ class StagingTests(TestCase):
             self.assertEqual(f.read(), data)
         self.assertEqual(self.server.count("GET"), 2)
         await job._d  # the abandoned download cleans up, then ends
-        self.assertEqual(os.listdir(os.path.join(stager.cache.directory, "tmp")), [])
+        self.assertEqual(os.listdir(stager.cache.tmp_dir), [])
         self.assertEqual(stager.limiter.active, 0)
 
     async def test_eviction_keeps_tasks_files(self):
@@ -679,13 +683,18 @@ class StagingTests(TestCase):
         cache = stager.cache
         entry = cache.get(sha(a), False)
         cache.pin(entry)  # as while a task verifies or links it
-        await stager.stage_in(self.task_dir(), [{"path": "b", "uri": ub, "sha256": sha(b)}])
+        task = self.task_dir()
+        await stager.stage_in(task, [{"path": "b", "uri": ub, "sha256": sha(b)}])
+        # a is the least recently used, but in use: b, no longer in use
+        # once its task has it, is what goes.
         self.assertTrue(os.path.exists(entry.path))
         self.assertIs(cache.get(sha(a), False), entry)
-        self.assertGreater(cache.total, 100000)  # over the limit while in use
-        cache.unpin(entry)
-        self.assertFalse(os.path.exists(entry.path))
+        self.assertIsNone(cache.get(sha(b), False))
         self.assertLessEqual(cache.total, 100000)
+        with open(os.path.join(task, "b"), "rb") as f:
+            self.assertEqual(f.read(), b)
+        cache.unpin(entry)
+        self.assertTrue(os.path.exists(entry.path))
 
     async def test_corrupt_cache_entry_refetched(self):
         data = payload(50000)
@@ -1023,7 +1032,7 @@ class StagingTests(TestCase):
     async def test_upload_reports_size_and_sha256(self):
         task = self.task_dir()
         # Several blocks, the last one short.
-        data = payload(3 * staging.READ_SIZE + 12345)
+        data = payload(3 * producing.READ_SIZE + 12345)
         with open(os.path.join(task, "big"), "wb") as f:
             f.write(data)
         open(os.path.join(task, "empty"), "wb").close()
@@ -1045,15 +1054,15 @@ class StagingTests(TestCase):
         # The body goes through Twisted's own TCP transport, tuned to send
         # whole blocks (see UploadProducerTests for what that buys).
         seen = []
-        original = staging._tune_for_upload
+        original = fastpath.tune_upload
 
-        def spy(transport):
-            seen.append(transport)
-            original(transport)
+        def spy(consumer, block):
+            seen.append(fastpath.upload_transport(consumer))
+            return original(consumer, block)
 
-        self.patch(staging, "_tune_for_upload", spy)
+        self.patch(fastpath, "tune_upload", spy)
         task = self.task_dir()
-        data = payload(2 * staging.READ_SIZE + 1)
+        data = payload(2 * producing.READ_SIZE + 1)
         with open(os.path.join(task, "out"), "wb") as f:
             f.write(data)
         uploaded, errors = await self.stager().stage_out(task, [{"path": "out", "uri": self.base + "/up/out"}])
@@ -1061,7 +1070,7 @@ class StagingTests(TestCase):
         self.assertEqual(self.server.uploads["/up/out"], data)
         self.assertEqual(len(seen), 1)
         self.assertIsInstance(seen[0], FileDescriptor)
-        self.assertEqual((seen[0].bufferSize, seen[0].SEND_LIMIT), (staging.READ_SIZE - 1, staging.READ_SIZE))
+        self.assertEqual((seen[0].bufferSize, seen[0].SEND_LIMIT), (producing.READ_SIZE - 1, producing.READ_SIZE))
 
     async def test_upload_500_then_success(self):
         task = self.task_dir()
@@ -1107,7 +1116,7 @@ class StagingTests(TestCase):
         stager = Stager.from_config(config, reactor)
         self.addCleanup(stager.close)
         self.assertEqual(stager.limiter.limit, 3)
-        self.assertEqual((stager._stall_timeout, stager._retries, stager._max_delay), (7.0, 2, 9.0))
+        self.assertEqual((stager._stall_timeout, stager.policy.retries, stager.policy.max_delay), (7.0, 2, 9.0))
         self.assertEqual(stager.cache.directory, os.path.join(work, ".cache"))
         config.transfer.cache_size = 0
         stager = Stager.from_config(config, reactor)
@@ -1149,7 +1158,7 @@ class NginxTests(TestCase):
         data = payload(5 << 20)
         with open(os.path.join(self.root, "www", "in.bin"), "wb") as f:
             f.write(data)
-        stager = Stager(reactor, "wss://platform.example/agent", "t", cache_dir=os.path.join(self.root, "cache"),
+        stager = Stager.with_client(reactor, "wss://platform.example/agent", "t", cache_dir=os.path.join(self.root, "cache"),
                         cache_size=1 << 30)
         self.addCleanup(stager.close)
         item = {"path": "in.bin", "uri": self.base + "/in.bin", "sha256": sha(data), "size": len(data)}
@@ -1251,23 +1260,23 @@ class BackoffTests(SynchronousTestCase):
             def random(self):
                 return self.value
 
-        low = Stager(Clock(), "wss://p/", "t", retry_initial_delay=1.0, retry_max_delay=10.0, random=Fixed(0.0))
-        high = Stager(Clock(), "wss://p/", "t", retry_initial_delay=1.0, retry_max_delay=10.0, random=Fixed(1.0))
-        self.assertEqual([low._delay(n) for n in (1, 2, 3, 4, 5, 6)], [0.5, 1.0, 2.0, 4.0, 5.0, 5.0])
-        self.assertEqual([high._delay(n) for n in (1, 2, 3, 4, 5, 6)], [1.0, 2.0, 4.0, 8.0, 10.0, 10.0])
-        self.assertEqual(low._delay(1, retry_after=30), 10.0)
-        self.assertEqual(low._delay(1, retry_after=3), 3)
+        low = RetryPolicy("wss://p/", initial_delay=1.0, max_delay=10.0, random=Fixed(0.0))
+        high = RetryPolicy("wss://p/", initial_delay=1.0, max_delay=10.0, random=Fixed(1.0))
+        self.assertEqual([low.delay(n) for n in (1, 2, 3, 4, 5, 6)], [0.5, 1.0, 2.0, 4.0, 5.0, 5.0])
+        self.assertEqual([high.delay(n) for n in (1, 2, 3, 4, 5, 6)], [1.0, 2.0, 4.0, 8.0, 10.0, 10.0])
+        self.assertEqual(low.delay(1, retry_after=30), 10.0)
+        self.assertEqual(low.delay(1, retry_after=3), 3)
 
     def test_classification(self):
         from twisted.internet import error
         from twisted.web._newclient import ResponseNeverReceived
         from twisted.python.failure import Failure
 
-        self.assertTrue(staging._network_failure(error.ConnectionRefusedError(), "GET", "http://h/x").transient)
-        self.assertTrue(staging._network_failure(ResponseNeverReceived([Failure(error.ConnectionLost())]), "GET", "http://h/x").transient)
-        self.assertFalse(staging._network_failure(ValueError("bad url"), "GET", "http://h/x").transient)
-        self.assertIn("disk full", staging._io_failure(OSError(errno.ENOSPC, "No space left on device")).message)
-        self.assertNotIn("secret", staging._shown("https://user:pw@h/x?sig=secret"))
+        self.assertTrue(exchange.network_failure(error.ConnectionRefusedError(), "GET", "http://h/x").transient)
+        self.assertTrue(exchange.network_failure(ResponseNeverReceived([Failure(error.ConnectionLost())]), "GET", "http://h/x").transient)
+        self.assertFalse(exchange.network_failure(ValueError("bad url"), "GET", "http://h/x").transient)
+        self.assertIn("disk full", errors.io_failure(OSError(errno.ENOSPC, "No space left on device")).message)
+        self.assertNotIn("secret", public_url("https://user:pw@h/x?sig=secret"))
 
 
 class FakeWorkers:
@@ -1315,9 +1324,9 @@ class BackpressureTests(SynchronousTestCase):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
         workers = FakeWorkers()
-        writer = staging._FileWriter(fd, workers)
-        watchdog = staging._Watchdog(Clock(), None)
-        receiver = staging._BodyReceiver(writer, None, watchdog, 10.0)
+        writer = sink.FileWriter(fd, workers.run)
+        watchdog = exchange.Watchdog(Clock(), None)
+        receiver = sink.BodyReceiver(writer, None, watchdog, 10.0)
         transport = FakeTransport()
         receiver.makeConnection(transport)
         chunk = 256 * 1024
@@ -1329,17 +1338,17 @@ class BackpressureTests(SynchronousTestCase):
         self.assertTrue(transport.paused)
         # Paused just past the high-water mark, with one write and one hash
         # job in flight and the rest queued (not more).
-        self.assertEqual(sent, staging.HIGH_WATER + chunk)
-        self.assertLessEqual(writer.backlog, staging.HIGH_WATER + chunk)
+        self.assertEqual(sent, sink.HIGH_WATER + chunk)
+        self.assertLessEqual(writer.backlog, sink.HIGH_WATER + chunk)
         self.assertEqual(len(workers.jobs), 2)
         # The disk catches up: resumed once the backlog is at the low mark.
         while transport.paused:
             workers.step()
-        self.assertLessEqual(writer.backlog, staging.LOW_WATER)
+        self.assertLessEqual(writer.backlog, sink.LOW_WATER)
         while sent < len(data):
             receiver.dataReceived(data[sent:sent + chunk])
             sent += chunk
-            self.assertLessEqual(writer.backlog, staging.HIGH_WATER + chunk)
+            self.assertLessEqual(writer.backlog, sink.HIGH_WATER + chunk)
             if transport.paused:
                 while transport.paused:
                     workers.step()
@@ -1359,14 +1368,14 @@ class BackpressureTests(SynchronousTestCase):
         path = os.path.abspath(self.mktemp())
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         workers = FakeWorkers()
-        writer = staging._FileWriter(fd, workers, hashing=False)
-        receiver = staging._BodyReceiver(writer, None, staging._Watchdog(Clock(), None), 10.0)
+        writer = sink.FileWriter(fd, workers.run, hashing=False)
+        receiver = sink.BodyReceiver(writer, None, exchange.Watchdog(Clock(), None), 10.0)
         transport = FakeTransport()
         receiver.makeConnection(transport)
-        receiver.dataReceived(b"x" * staging.BATCH)
+        receiver.dataReceived(b"x" * sink.BATCH)
         f, args, d = workers.jobs.pop(0)
         d.errback(Failure(OSError(errno.ENOSPC, "No space left on device")))
-        failure = self.failureResultOf(receiver.done, staging._Failed)
+        failure = self.failureResultOf(receiver.done, errors.Failed)
         self.assertIn("disk full", failure.value.message)
         self.assertTrue(transport.stopped)
         done = writer.dispose(unlink=path)
@@ -1427,7 +1436,7 @@ class LengthConsumer:
 
 
 class UploadProducerTests(SynchronousTestCase):
-    """L{staging._FileProducer} feeding Twisted's transport buffering."""
+    """L{producing.FileProducer} feeding Twisted's transport buffering."""
 
     def start(self, data):
         path = os.path.abspath(self.mktemp())
@@ -1445,7 +1454,7 @@ class UploadProducerTests(SynchronousTestCase):
             return d
 
         workers.run = run
-        producer = staging._FileProducer(fd, len(data), workers)
+        producer = producing.FileProducer(fd, len(data), workers.run)
         socket_ = FakeSocket()
         socket_.registerProducer(producer, True)
         done = producer.startProducing(LengthConsumer(socket_))
@@ -1464,7 +1473,7 @@ class UploadProducerTests(SynchronousTestCase):
         self.fail("the upload does not end")
 
     def test_whole_blocks_sent_as_read(self):
-        block = staging.READ_SIZE
+        block = producing.READ_SIZE
         data = payload(5 * block + 777)
         producer, workers, socket_, done = self.start(data)
         self.assertEqual((socket_.bufferSize, socket_.SEND_LIMIT), (block - 1, block))
@@ -1481,8 +1490,8 @@ class UploadProducerTests(SynchronousTestCase):
             self.assertIs(offered, read)
 
     def test_a_full_socket_stops_the_reading(self):
-        block = staging.READ_SIZE
-        data = payload((staging.PREFETCH + 6) * block + 5)
+        block = producing.READ_SIZE
+        data = payload((producing.PREFETCH + 6) * block + 5)
         producer, workers, socket_, done = self.start(data)
         socket_.room = 0  # the peer reads nothing
         for _ in range(100):
@@ -1493,7 +1502,7 @@ class UploadProducerTests(SynchronousTestCase):
         # One block in the transport, PREFETCH read ahead, and no more.
         self.assertTrue(socket_.producerPaused)
         self.assertEqual(workers.jobs, [])
-        self.assertEqual(len(self.reads), staging.PREFETCH + 1)
+        self.assertEqual(len(self.reads), producing.PREFETCH + 1)
         self.assertEqual(producer.sent, block)
         self.assertNoResult(done)
         # The peer reads slowly, a part of a block at a time: all of it
@@ -1503,10 +1512,10 @@ class UploadProducerTests(SynchronousTestCase):
         self.successResultOf(done)
         self.assertEqual(b"".join(socket_.received), data)
         self.assertEqual(producer.hash.hexdigest(), sha(data))
-        self.assertLessEqual(len(self.reads), staging.PREFETCH + 1 + 6)
+        self.assertLessEqual(len(self.reads), producing.PREFETCH + 1 + 6)
 
     def test_stop_producing_stops_reading(self):
-        data = payload(4 * staging.READ_SIZE)
+        data = payload(4 * producing.READ_SIZE)
         producer, workers, socket_, done = self.start(data)
         workers.step()
         producer.stopProducing()
@@ -1523,6 +1532,6 @@ class UploadProducerTests(SynchronousTestCase):
 
     def test_only_a_socket_transport_is_tuned(self):
         tls_like = SimpleNamespace(bufferSize=65536)
-        staging._tune_for_upload(tls_like)
-        staging._tune_for_upload(None)
+        fastpath.tune_upload(SimpleNamespace(_consumer=tls_like), producing.READ_SIZE)
+        fastpath.tune_upload(None, producing.READ_SIZE)
         self.assertEqual(vars(tls_like), {"bufferSize": 65536})
