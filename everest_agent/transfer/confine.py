@@ -127,7 +127,10 @@ class Root:
                     links += 1
                     if links > MAX_LINKS:
                         raise PathEscape(f"{what}: too many levels of symbolic links")
-                    target = os.readlink(name, dir_fd=stack[-1])
+                    try:
+                        target = os.readlink(name, dir_fd=stack[-1])
+                    except OSError:
+                        raise PathEscape(f"{what} changed while it was opened") from None
                     if target.startswith("/"):
                         normal = posixpath.normpath(target)
                         if normal != self.real and not normal.startswith(self.real + "/"):
