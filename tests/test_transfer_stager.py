@@ -166,6 +166,8 @@ class FileServer(resource.Resource):
             request.setResponseCode(action[1])
             request.setHeader(b"retry-after", str(action[2]).encode())
             return b""
+        if request.method == b"PUT" and isinstance(action, tuple) and action[0] == "hold":
+            return server.NOT_DONE_YET  # never answers
         if request.method == b"PUT":
             self.uploads[path] = request.content.read()
             request.setResponseCode(201)
