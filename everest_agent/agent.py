@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from everest_agent import __version__, protocol
-from everest_agent.channel import TaskChannel
+from everest_agent.channel import TaskChannel, load_key as load_channel_key
 from everest_agent.client import AgentClientFactory, ConnectionService
 from everest_agent.handlers import make_handler
 from everest_agent.journal import CommitGroup, make_private_dir
@@ -75,7 +75,7 @@ class EverestAgent(MultiService):
         self.channel = None
         self._channel_port = None
         if config.task_channel.enabled:
-            self.channel = TaskChannel(self.manager.is_running, self.sender.task_message)
+            self.channel = TaskChannel(self.manager.is_running, self.sender.task_message, reactor)
             self.manager.channel = self.channel
         self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
         self._lock = None
@@ -125,6 +125,7 @@ class EverestAgent(MultiService):
     def _listen_channel(self):
         settings = self.config.task_channel
         host, port = settings.listen
+        self.channel.key = load_channel_key(self.config.agent.state_dir)
         self._channel_port = self.reactor.listenTCP(port, self.channel, interface=host)
         self.channel.port = self._channel_port.getHost().port
         wildcard = host in ("0.0.0.0", "::", "")

@@ -10,6 +10,8 @@ the key and what is wrong.
 """
 
 import configparser
+import errno
+import ipaddress
 import os
 import re
 import socket
@@ -315,8 +317,93 @@ def from_parser(parser, path):
 
 
 def is_loopback(host):
-    host = (host or "").strip("[]").lower()
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    """
+    Whether C{host} (a URL's host name) is a loopback address: C{localhost},
+    or a literal IPv4/IPv6 loopback address.  A name that only looks like
+    one (C{127.0.0.1.nip.io}, which any DNS server may resolve anywhere) is
+    not.
+    """
+    host = (host or "").strip("[]").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class SecretFileError(Exception):
+    """A secret file that cannot be used, with a message that holds no secret."""
+
+
+#: Largest secret file read: a token is a line, not a file's worth.
+MAX_SECRET_FILE = 4096
+
+
+def read_secret_file(path, max_size=MAX_SECRET_FILE):
+    """
+    The stripped text of a file holding a secret (a token).
+
+    The file is opened without following a final symbolic link and without
+    blocking (a FIFO does not hang the caller), and checked on its
+    descriptor before a byte is read: a regular file, at most C{max_size}
+    bytes, that neither its group nor others may read or write.
+
+    @raise SecretFileError: naming what is wrong and the fix, never the
+        content.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SecretFileError("no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SecretFileError("is a symbolic link; point the configuration at the file itself") from None
+        raise SecretFileError(f"cannot read it: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretFileError("not a regular file (a FIFO, device, socket or directory cannot hold a token)")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SecretFileError(
+                f"others can read it (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        if st.st_size > max_size:
+            raise SecretFileError(f"{st.st_size} bytes: too big for a token file (at most {max_size})")
+        try:
+            data = os.read(fd, max_size + 1)
+        except OSError as e:
+            raise SecretFileError(f"cannot read it: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_size:
+        raise SecretFileError(f"too big for a token file (at most {max_size} bytes)")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SecretFileError("not UTF-8 text") from None
+    if not text:
+        raise SecretFileError("the file is empty")
+    return text
+
+
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+\Z")
+
+
+def check_token_text(token, where):
+    """
+    A token goes into HTTP headers and JSON: printable ASCII, no white
+    space.  The message never shows the token, a character of it or where
+    in it the problem is.
+
+    @raise ConfigError: otherwise.
+    """
+    if not _TOKEN_TEXT.match(token):
+        raise ConfigError(
+            f"{where}: the token must be printable ASCII without white space; "
+            "copy it again from the platform"
+        )
 
 
 def _check_platform(config, path):
@@ -345,23 +432,9 @@ def _check_platform(config, path):
     if platform.token_file:
         where = f"{path}: [platform] token_file: {platform.token_file}"
         try:
-            st = os.stat(platform.token_file)
-            with open(platform.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: no such file") from None
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read it: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{where}: not UTF-8 text") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"{where}: others can read it (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"run: chmod 600 {platform.token_file}"
-            )
-        if not token:
-            raise ConfigError(f"{where}: the file is empty")
-        platform.token = token
+            platform.token = read_secret_file(platform.token_file)
+        except SecretFileError as e:
+            raise ConfigError(f"{where}: {e}") from None
     else:
         try:
             mode = os.stat(path).st_mode
@@ -372,5 +445,4 @@ def _check_platform(config, path):
                 f"{path}: [platform] token: the file holds the token inline but others can read it "
                 f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}, or use token_file"
             )
-    if any(c.isspace() for c in platform.token):
-        raise ConfigError(f"{path}: [platform] token: the token must not contain white space")
+    check_token_text(platform.token, f"{path}: [platform] token")

@@ -26,7 +26,13 @@ SCRIPT = b"""#!/bin/sh
 # One point of the sweep: the sum of i*i for i = 1 .. n*2000.
 n=$(cat params.txt)
 sleep 0.2   # stands for real work, so the sweep can be watched
-awk -v n="$n" 'BEGIN { s = 0; for (i = 1; i <= n * 2000; i++) s += i * i; printf "%d %.0f\\n", n, s }' > result.txt
+# awk counts in doubles, exact only up to 2^53: the sum is kept in two parts
+# (hi * 10^12 + lo) so that it stays exact for any n the demo uses.
+awk -v n="$n" 'BEGIN {
+    hi = 0; lo = 0
+    for (i = 1; i <= n * 2000; i++) { lo += i * i; if (lo >= 1e12) { hi += int(lo / 1e12); lo = lo % 1e12 } }
+    if (hi) printf "%d %d%012.0f\\n", n, hi, lo; else printf "%d %.0f\\n", n, lo
+}' > result.txt
 if [ "$n" -eq 13 ]; then
     echo "parameter 13 is unlucky: failing on purpose" >&2
     exit 3
@@ -88,11 +94,14 @@ async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False):
     root = tempfile.mkdtemp(prefix="everest-demo-")
     out.write(f"everest-agent demo: a {tasks}-point parameter sweep, everything in {root}\n")
     token = base64.urlsafe_b64encode(os.urandom(24)).decode()
-    platform = Platform({token: "demo-agent"}, reactor, heartbeat=5, files_dir=os.path.join(root, "platform-files"))
+    platform = Platform({token: "demo-agent"}, reactor, heartbeat=5, files_dir=os.path.join(root, "platform-files"),
+                        api_token_dir=os.path.join(root, "platform"))
     agent = None
     try:
         await listen(platform, reactor, 0)
         out.write(f"reference platform listening on {platform.http_url}\n")
+        out.write(f"its JSON API ({platform.http_url}/api/tasks) needs Authorization: Bearer "
+                  f"<the token in {platform.api_token_file}>\n")
 
         token_file = os.path.join(root, "token")
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -150,7 +159,8 @@ async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False):
             ticker.stop()
         elapsed = time.monotonic() - started
         progress.finish()
-        return _report(platform, task_ids, elapsed, out)
+        api_states = await _api_states(reactor, platform)
+        return _report(platform, task_ids, elapsed, out, api_states)
     finally:
         if agent is not None and agent.running:
             await agent.stopService()
@@ -161,7 +171,21 @@ async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False):
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _report(platform, task_ids, elapsed, out):
+async def _api_states(reactor, platform):
+    """The tasks' states as the JSON API reports them, asked with its token."""
+    import treq
+
+    response = await treq.get(
+        f"{platform.http_url}/api/tasks", reactor=reactor,
+        headers={"Authorization": "Bearer " + platform.api_token}, persistent=False,
+    )
+    body = await response.json() if response.code == 200 else await response.text()
+    if response.code != 200:
+        return {"error": f"GET /api/tasks: {response.code} {str(body)[:200]}"}
+    return {t["taskId"]: t["state"] for t in body}
+
+
+def _report(platform, task_ids, elapsed, out, api_states=None):
     header = f"{'task':12} {'state':8} {'exit':>4} {'stage-in':>9} {'run':>7} {'stage-out':>9}  note"
     out.write("\n" + header + "\n" + "-" * len(header) + "\n")
     problems = []
@@ -187,6 +211,11 @@ def _report(platform, task_ids, elapsed, out):
             f"{_fmt(info.get('stageInTime')):>9} {_fmt(info.get('runTime')):>7} "
             f"{_fmt(info.get('stageOutTime')):>9}  {note}\n"
         )
+    if api_states is not None:
+        if "error" in api_states:
+            problems.append(f"the JSON API: {api_states['error']}")
+        elif any(api_states.get(t) != platform.tasks[t].state for t in task_ids):
+            problems.append("the JSON API reports other states than the platform holds")
     if platform.violations:
         problems.append(f"protocol violations seen by the platform: {platform.violations}")
     out.write(

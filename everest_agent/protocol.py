@@ -18,6 +18,9 @@ PROTOCOL_VERSION = 1
 #: Largest frame (and message) either side accepts; bigger ones close with 1009.
 MAX_FRAME_SIZE = 1024 * 1024
 
+#: Deepest nesting of arrays and objects in a message (the message itself is 1).
+MAX_DEPTH = 64
+
 #: Inline input ``data`` may carry at most this many decoded bytes.
 MAX_INLINE_DATA = 64 * 1024
 
@@ -62,11 +65,12 @@ STAGING_IN = "STAGING_IN"
 QUEUED = "QUEUED"
 RUNNING = "RUNNING"
 STAGING_OUT = "STAGING_OUT"
+STAGED_OUT = "STAGED_OUT"  # Everest-dialect tasks only (section 8)
 DONE = "DONE"
 FAILED = "FAILED"
 CANCELED = "CANCELED"
 
-STATES = (ACCEPTED, STAGING_IN, QUEUED, RUNNING, STAGING_OUT, DONE, FAILED, CANCELED)
+STATES = (ACCEPTED, STAGING_IN, QUEUED, RUNNING, STAGING_OUT, STAGED_OUT, DONE, FAILED, CANCELED)
 TERMINAL = frozenset((DONE, FAILED, CANCELED))
 STATE_RANK = {s: i for i, s in enumerate(STATES)}
 for _s in TERMINAL:
@@ -143,9 +147,32 @@ def decode(payload):
         message = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(E_MALFORMED, f"not valid JSON: {e}") from None
+    except RecursionError:
+        # The C decoder gives up at the interpreter's recursion limit.
+        raise ProtocolError(E_MALFORMED, f"JSON nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise ProtocolError(E_MALFORMED, "a message must be a JSON array whose first item is its type")
+    if not _depth_within(message, MAX_DEPTH):
+        raise ProtocolError(E_MALFORMED, f"JSON nested deeper than {MAX_DEPTH} levels")
     return message
+
+
+def _depth_within(value, limit):
+    """
+    Whether no array or object in C{value} is nested more than C{limit}
+    deep.  Iterative: what the agent later does with a message (encode it,
+    store it, walk it) recurses, so depth is bounded here, once.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (list, dict)))
+        elif isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, (list, dict)))
+    return True
 
 
 def _check_arity(message, *counts):

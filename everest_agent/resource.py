@@ -2,9 +2,11 @@
 RESOURCE_STATE: what the platform is told about this resource, and when.
 
 Sent after each WELCOME, every C{heartbeat} seconds (the platform says how
-often), and when the slots in use change, at most once a second.
+often, within L{MIN_HEARTBEAT} and L{MAX_HEARTBEAT}), and when the slots in
+use change, at most once a second.
 """
 
+import math
 import os
 import time
 
@@ -34,6 +36,21 @@ def disk_free(path):
     except OSError:
         return 0
     return st.f_bavail * st.f_frsize
+
+
+#: Bounds of the platform's C{heartbeat}: a WELCOME asking for reports every
+#: millisecond must not make the agent flood the connection.
+MIN_HEARTBEAT = 1.0
+MAX_HEARTBEAT = 3600.0
+DEFAULT_HEARTBEAT = 30.0
+
+
+def clamp_heartbeat(heartbeat):
+    """The interval actually used for the platform's C{heartbeat}."""
+    if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or not math.isfinite(heartbeat) \
+            or heartbeat <= 0:
+        return DEFAULT_HEARTBEAT
+    return min(max(float(heartbeat), MIN_HEARTBEAT), MAX_HEARTBEAT)
 
 
 class ResourceMonitor:
@@ -89,6 +106,11 @@ class ResourceMonitor:
             self.sent += 1
 
     def welcomed(self, heartbeat):
+        used = clamp_heartbeat(heartbeat)
+        if used != heartbeat:
+            self.log.warn("The platform asks for a heartbeat of {asked!r} s; using {used} s",
+                          asked=heartbeat, used=used)
+        heartbeat = used
         self.lost()
         self._loop = task.LoopingCall(self.send)
         self._loop.clock = self._reactor

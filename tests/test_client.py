@@ -137,6 +137,9 @@ class ProtocolTests(SynchronousTestCase):
             (["ACK", "x"], "invalid-message"),
             (["WELCOME", {"ack": 0}], "invalid-message"),
             (b"\xff\xfe", "malformed"),
+            (b"[" * 200000, "malformed"),
+            (b'["TASK_SUBMIT", "deep", {"command": "true", "x": ' + b"[" * 500 + b"]" * 500 + b"}]", "malformed"),
+            (b'["ACK", ' + b"{\"a\": " * 100 + b"1" + b"}" * 100 + b"]", "malformed"),
         ]
         for message, code in cases:
             self.receive(message)
@@ -144,6 +147,15 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.agent.sender.errors[11][1]["taskId"], "nope")
         self.assertEqual(self.closed, [])
         self.assertEqual(self.agent.submitted, [])
+
+    def test_nesting_bound(self):
+        ok = "[" * protocol.MAX_DEPTH + '"X"' + "]" * protocol.MAX_DEPTH
+        self.assertEqual(protocol.decode(('["X", ' + ok[1:]).encode())[0], "X")
+        for payload in (b"[" * 200000, b'["X", ' + b"[" * protocol.MAX_DEPTH + b"]" * protocol.MAX_DEPTH + b"]",
+                        b'["X", ' + b'{"a": ' * protocol.MAX_DEPTH + b"1" + b"}" * protocol.MAX_DEPTH + b"]"):
+            e = self.assertRaises(protocol.ProtocolError, protocol.decode, payload)
+            self.assertEqual(e.code, "malformed")
+            self.assertIn("nested deeper than", e.message)
 
     def test_binary_frame_closes(self):
         self.proto.onMessage(b"\x00", True)

@@ -3,6 +3,7 @@ The configuration file: every mistake gives one line naming file, section and ke
 """
 
 import os
+import signal
 import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -123,6 +124,79 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("the file is empty", self.error(self.write(text)))
         os.unlink(self.token_file)
         self.assertIn("no such file", self.error(self.write(text)))
+
+    def _within(self, seconds, f, *args):
+        """Call C{f}, failing (not hanging) if it blocks for C{seconds}."""
+        def expired(signum, frame):
+            raise AssertionError(f"blocked for more than {seconds} s")
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return f(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    def test_token_file_fifo_does_not_hang(self):
+        os.unlink(self.token_file)
+        os.mkfifo(self.token_file, 0o600)
+        path = self.write(open(self.good()).read())
+        message = self._within(5, self.error, path)
+        self.assertIn("[platform] token_file", message)
+        self.assertIn("not a regular file", message)
+
+    def test_token_file_device_or_huge_file_refused_unread(self):
+        text = open(self.good()).read()
+        message = self._within(5, self.error, self.write(text.replace(self.token_file, "/dev/zero")))
+        self.assertIn("not a regular file", message)
+        with open(self.token_file, "wb") as f:
+            f.truncate(64 * 1024 * 1024)  # sparse: nothing to read but its size
+        message = self._within(5, self.error, self.write(text))
+        self.assertIn("too big for a token file", message)
+
+    def test_token_file_symlink_refused(self):
+        link = os.path.join(self.dir, "link")
+        os.symlink(self.token_file, link)
+        text = open(self.good()).read().replace(self.token_file, link)
+        self.assertIn("is a symbolic link", self.error(self.write(text)))
+
+    def test_token_file_mode_checked_before_reading(self):
+        os.chmod(self.token_file, 0o640)
+        real_read = os.read
+        reads = []
+
+        def read(fd, n):
+            reads.append(fd)
+            return real_read(fd, n)
+
+        self.patch(os, "read", read)
+        self.assertIn("others can read it (mode 0640)", self.error(self.write(open(self.good()).read())))
+        self.assertEqual(reads, [])
+
+    def test_non_ascii_token_never_shown(self):
+        text = open(self.good()).read()
+        for token in ("s3cr\u00e9t-token", "abc\u20acdef", "tab\there", "zero\u200bwidth"):
+            with open(self.token_file, "w", encoding="utf-8") as f:
+                f.write(token + "\n")
+            message = self.error(self.write(text))
+            self.assertIn("printable ASCII", message)
+            for part in (token, token[3:], token[:4], "position", "\u00e9", "\u20ac", "\\x", "\\u"):
+                self.assertNotIn(part, message)
+            inline = text.replace(f"token_file = {self.token_file}", f"token = {token}")
+            message = self.error(self.write(inline))
+            self.assertIn("printable ASCII", message)
+            self.assertNotIn(token, message)
+
+    def test_loopback_only_by_address(self):
+        for host in ("localhost", "127.0.0.1", "127.5.6.7", "::1", "[::1]", "LOCALHOST", "localhost."):
+            self.assertTrue(config.is_loopback(host), host)
+        for host in ("127.0.0.1.nip.io", "127.example.org", "localhost.evil.org", "::ffff:8.8.8.8",
+                     "128.0.0.1", "", None, "0.0.0.0"):
+            self.assertFalse(config.is_loopback(host), host)
+        text = open(self.good()).read()
+        path = self.write(text.replace("wss://everest.example.org", "ws://127.0.0.1.nip.io:8080"))
+        self.assertIn("plain ws:// to 127.0.0.1.nip.io", self.error(path))
 
     def test_inline_token_needs_private_config(self):
         text = open(self.good()).read().replace(f"token_file = {self.token_file}", "token = abc")

@@ -24,15 +24,20 @@ import errno
 import hashlib
 import json
 import os
+import re
+import struct
 import subprocess
 import time
 import uuid
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
 from twisted.trial.unittest import SkipTest, TestCase
 
 from everest_agent import protocol as P
 from everest_agent.platform import NotConnected
+from tests.support import TOKEN as TOKEN_OF_AGENT
 from tests.faults import (
     AgentProcess,
     ChaosProxy,
@@ -1012,6 +1017,123 @@ class FloodTests(FaultScenario):
         self.assertEqual(closes, expected_codes,
                          "the agent must close with 1003 (binary), 1007 (invalid UTF-8), 1009 (over 1 MiB); "
                          "None means it dropped the TCP connection without a close frame")
+
+
+class _Raw(protocol.Protocol):
+    """A second local connection: what a hostile local user opens by hand."""
+
+    def __init__(self):
+        self.data = b""
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+async def _connect_raw(port, payload=b""):
+    raw = _Raw()
+    try:
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), raw)
+    except ConnectError:  # refused (reset) as soon as accepted
+        raw.lost.callback(None)
+        return raw
+    if payload:
+        raw.transport.write(payload)
+    return raw
+
+
+def _frame(payload):
+    return struct.pack(">I", len(payload)) + payload
+
+
+class HostileLocalUserTests(FaultScenario):
+    """
+    Issue 11: another local user (a real second loopback connection) goes for
+    the task channel and the platform's API while tasks run; a hostile
+    WELCOME and deeply nested JSON hit the agent.  Nothing may be forged,
+    lost or run.
+    """
+
+    def channel_port(self):
+        found = re.search(r"Task channel listening on [^ ]+:(\d+)", self.agent.log_text())
+        return int(found.group(1)) if found else None
+
+    async def test_channel_intruders(self):
+        await self.start_agent({"task_channel": {"enabled": "yes"}})
+        await eventually(self.channel_port, what="the task channel to listen", diagnose=self.diagnose)
+        port = self.channel_port()
+        held = self.held(RUNNING, count=2)
+        self.submit(held.made)
+        await eventually(lambda: held.ready_or_fail(self.plat), timeout=45, what="tasks held in RUNNING",
+                         diagnose=self.diagnose)
+        ids = [e.task_id for e in held.expectations]
+        intruders = []
+        for task_id in ids:  # the ids show in ps; the credential does not
+            for opening in (task_id.encode(), f"{task_id}:{'0' * 48}".encode()):
+                intruders.append(await _connect_raw(port, _frame(b"\0" + opening) + _frame(b"FORGED")))
+        silent = [await _connect_raw(port, struct.pack(">I", 100)) for _ in range(100)]
+        for task_id in ids:
+            self.plat.platform.send_message(task_id, "for the task only")
+        for intruder in intruders:
+            await with_timeout(intruder.lost, 10, "the channel to close an intruder")
+        await eventually(lambda: sum(1 for s in silent if s.lost.called) >= 100 - 64, timeout=10,
+                         what="connections over the limit to be refused", diagnose=self.diagnose)
+        refused = sum(1 for s in silent if s.lost.called)
+        for s in silent:
+            if not s.lost.called:
+                s.transport.loseConnection()
+        held.release()
+        await self.finish("task channel: intruders with task ids, 100 silent connections", held.expectations,
+                          note=f"{len(intruders)} intruders closed, {refused}/100 silent refused at the limit")
+        self.assertEqual([i.data for i in intruders], [b""] * len(intruders))
+        for task_id in ids:
+            self.assertNotIn("FORGED", self.plat.platform.tasks[task_id].messages)
+
+    async def test_unauthenticated_api(self):
+        await self.start_agent()
+        held = self.held(RUNNING, count=2)
+        self.submit(held.made)
+        await eventually(lambda: held.ready_or_fail(self.plat), timeout=45, what="tasks held in RUNNING",
+                         diagnose=self.diagnose)
+        marker = os.path.join(self.root, "intruder-ran")
+        body = json.dumps({"spec": {"command": f"touch {marker}"}}).encode()
+        codes = []
+        for port in (self.plat.port, self.proxy.port):
+            for auth in (b"", b"Authorization: Bearer " + TOKEN_OF_AGENT.encode() + b"\r\n"):
+                raw = await _connect_raw(port, b"POST /api/tasks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + auth
+                                         + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await with_timeout(raw.lost, 10, "an answer from the API")
+                codes.append(int(raw.data.split(b" ", 2)[1]))
+        held.release()
+        await self.finish("unauthenticated POST /api/tasks while tasks run", held.expectations,
+                          note=f"answers {sorted(set(codes))}")
+        self.assertEqual(codes, [401] * 4)
+        self.assertEqual(sorted(self.plat.platform.tasks), sorted(e.task_id for e in held.expectations))
+        self.assertFalse(os.path.exists(marker))
+
+    async def test_hostile_welcome_and_deep_json(self):
+        await self.start_agent()
+        self.plat.platform.heartbeat = 0.001
+        self.proxy.cut()  # the next WELCOME asks for a report every millisecond
+        await self.disconnected()
+        await self.connected()
+        agent = self.plat.platform.agent()
+        before = agent.resource_count
+        self.plat.platform.send_raw(None, b"[" * 200000)
+        await sleep(3)
+        reports = agent.resource_count - before
+        await eventually(lambda: any(e.get("code") == "malformed" for e in agent.errors), timeout=10,
+                         what="an ERROR for the nested payload", diagnose=self.diagnose)
+        made = [self.tasks.make("after", exit_code=c) for c in (0, 4)]
+        self.submit(made)
+        await self.finish("WELCOME heartbeat 0.001 s, then '[' x 200,000", [e for _, _, e in made],
+                          note=f"{reports} RESOURCE_STATE in 3 s")
+        self.assertLessEqual(reports, 8)
+        self.assertNotIn("RecursionError", self.agent.log_text())
+        self.assertNotIn("CRITICAL", self.agent.log_text())
 
 
 class SlurmFaultScenario(FaultScenario):

@@ -1,6 +1,9 @@
 """
-The platform's HTTP JSON API under C{/api/}.  No authentication: the
-platform listens on loopback by default.
+The platform's HTTP JSON API under C{/api/}.  Every request needs the
+platform's API token (L{Platform.api_token <everest_agent.platform.core.Platform>}):
+C{Authorization: Bearer <token>}; without it the answer is 401, and a
+request body is not even read (L{everest_agent.platform.files.PlatformRequest}).
+Loopback does not keep other local users out.
 
     POST /api/tasks                {"spec": {...}, "taskId"?, "agent"?} -> 201 {"taskId"}
     GET  /api/tasks                -> [{taskId, agent, state, info}]
@@ -14,6 +17,8 @@ import json
 
 from twisted.logger import Logger
 from twisted.web import http, resource
+
+from everest_agent.platform.files import bearer_token
 
 log = Logger(namespace="everest_agent.platform.api")
 
@@ -52,6 +57,10 @@ class Api(resource.Resource):
         self.platform = platform
 
     def render(self, request):
+        if not self.platform.authorized("api", bearer_token(request)):
+            request.setHeader(b"www-authenticate", b'Bearer realm="everest"')
+            return _json(request, http.UNAUTHORIZED,
+                         {"error": "an API token is required: Authorization: Bearer <token>"})
         try:
             segments = [s.decode("utf-8") for s in request.postpath]
         except UnicodeDecodeError:

@@ -36,6 +36,8 @@ def main(argv=None):
         [FilteringLogObserver(textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(level)])]
     )
     platform_service = tap.makeService(options, reactor)
+    if platform_service.platform.api_token_file:
+        print(f"everest-platform: the API token is in {platform_service.platform.api_token_file}", flush=True)
     reactor.callWhenRunning(platform_service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", platform_service.stopService)
     reactor.run()

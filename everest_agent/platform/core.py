@@ -15,6 +15,7 @@ import hmac
 import itertools
 import json
 import os
+import secrets
 import tempfile
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -40,6 +41,27 @@ INCOMING = ".incoming"
 STATE_FILE_VERSION = 1
 
 _state_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+API_TOKEN_FILE = "api-token"
+
+
+def write_api_token(directory, token):
+    """
+    Write C{token} to C{directory/api-token}, mode 0600, replacing any
+    earlier one atomically; return its path.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, API_TOKEN_FILE)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".api-token-")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, token.encode("ascii") + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
 
 
 class StateNotReached(Exception):
@@ -374,6 +396,11 @@ class Platform:
         C{None} for no file store.
     @param files_auth: require C{Authorization: Bearer <agent token>} on the
         file store.
+    @param api_token: the credential of the JSON API (C{/api/}), a string;
+        when C{None}, a random one is made.
+    @param api_token_dir: with no C{api_token}, the directory to write the
+        made one to, as C{api-token} (mode 0600), for whoever runs the
+        platform; its path is logged (never the token).
     @param state_file: a JSON snapshot of agents' C{last_seq} and tasks,
         loaded now if it exists, written after changes (at most once a
         second, and always before an C{ACK} or C{WELCOME} goes out) and on
@@ -387,6 +414,8 @@ class Platform:
     @ivar malformed_messages: C{(agent name or peer, reason)} for each.
     @ivar file_requests: C{(method, path, authorized, had_authorization_header)}
         for each request to the file store.
+    @ivar api_token: the JSON API's bearer token.
+    @ivar api_token_file: where it was written, or C{None}.
     @ivar ws_url: C{ws://host:port/compute/agent/v1} once listening.
     @ivar http_url: C{http://host:port} once listening.
     """
@@ -401,7 +430,7 @@ class Platform:
     ack_save_ratio = 4.0
 
     def __init__(self, tokens, reactor=None, heartbeat=30, hello_timeout=10.0,
-                 files_dir=None, files_auth=True, state_file=None):
+                 files_dir=None, files_auth=True, state_file=None, api_token=None, api_token_dir=None):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -415,6 +444,15 @@ class Platform:
             self.tokens[token] = name
             if name not in self.agents:
                 self.agents[name] = Agent(name)
+        self.api_token_file = None
+        if api_token is None:
+            api_token = secrets.token_urlsafe(32)
+            if api_token_dir is not None:
+                self.api_token_file = write_api_token(api_token_dir, api_token)
+                log.info("API token (Authorization: Bearer) written to {path}", path=self.api_token_file)
+        elif not isinstance(api_token, str) or not api_token:
+            raise ValueError("the API token must be a non-empty string")
+        self.api_token = api_token
         self.heartbeat = heartbeat
         self.hello_timeout = hello_timeout
         self.files_dir = os.path.abspath(files_dir) if files_dir else None
@@ -745,6 +783,21 @@ class Platform:
             if hmac.compare_digest(known.encode("utf-8"), given):
                 found = name
         return found
+
+    def authorized(self, area, token):
+        """
+        Whether bearer C{token} (a string or C{None}) is valid for C{area}:
+        C{"api"} needs the API token; C{"files"} an agent's token or the API
+        token (whether the store requires one is C{files_auth}).  Constant
+        time.
+        """
+        if token is None:
+            return False
+        given = token.encode("utf-8", "surrogatepass")
+        ok = hmac.compare_digest(self.api_token.encode("utf-8"), given)
+        if area == "files":
+            ok = self.token_name(token) is not None or ok
+        return ok
 
     def set_urls(self, ws_url, http_url):
         self.ws_url = ws_url

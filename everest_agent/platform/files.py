@@ -7,6 +7,7 @@ never sits in memory and a reader never sees half a file.
 """
 
 import os
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web import http, resource, server, static
@@ -23,12 +24,18 @@ class PlatformRequest(server.Request):
     """
 
     _incoming = None
+    _refused = False
 
     def gotLength(self, length):
         platform = getattr(getattr(self.channel, "site", None), "platform", None)
         # The method and path are known to the channel, not yet to the request.
         command = getattr(self.channel, "_command", None)
         path = getattr(self.channel, "_path", None) or b""
+        if platform is not None and length != 0:
+            area = _area(command, path, platform)
+            if area is not None and not platform.authorized(area, bearer_token(self)):
+                self._refuse(command, path)
+                return
         if (
             platform is not None
             and platform.files_dir is not None
@@ -39,6 +46,33 @@ class PlatformRequest(server.Request):
             self._incoming = self.content.name
         else:
             super().gotLength(length)
+
+    def _refuse(self, command, path):
+        """
+        Answer 401 and close, before a byte of the body is read: it goes
+        nowhere (not to disk, not to memory) until the connection is gone.
+        """
+        self._refused = True
+        self.content = _Discard()
+        # No "100 Continue" after the answer: the client must not send the body.
+        self.requestHeaders.removeHeader(b"expect")
+        shown = path.split(b"?", 1)[0][:200].decode("ascii", "replace")
+        log.info("{method} {path}: no valid token; refused before reading the body",
+                 method=(command or b"?").decode("ascii", "replace"), path=shown)
+        body = b"a valid token is required: Authorization: Bearer <token>\n"
+        self.channel.transport.write(
+            b"HTTP/1.1 401 Unauthorized\r\n"
+            b'WWW-Authenticate: Bearer realm="everest"\r\n'
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n"
+            b"Connection: close\r\n\r\n" + body
+        )
+        self.channel.loseConnection()
+
+    def requestReceived(self, command, path, version):
+        if self._refused:
+            return  # already answered; the connection is closing
+        super().requestReceived(command, path, version)
 
     def take_incoming(self):
         """
@@ -62,6 +96,35 @@ class PlatformRequest(server.Request):
     def connectionLost(self, reason):
         self.discard_incoming()
         super().connectionLost(reason)
+
+
+class _Discard:
+    """The body of a refused request: written to nowhere."""
+
+    def write(self, data):
+        pass
+
+    def seek(self, *args):
+        return 0
+
+    def read(self, *args):
+        return b""
+
+    def close(self):
+        pass
+
+
+def _area(command, path, platform):
+    """Which credential a request with a body needs: C{"api"}, C{"files"} or C{None}."""
+    # As the resource tree will see it: segments URL-decoded, empty ones
+    # skipped (so neither "/%61pi/" nor "//api/" gets around this).
+    segments = [unquote_to_bytes(s) for s in path.split(b"?", 1)[0].split(b"/") if s]
+    first = segments[0] if segments else b""
+    if first == b"api":
+        return "api"
+    if command == b"PUT" and first == b"files" and platform.files_auth:
+        return "files"
+    return None
 
 
 def bearer_token(request):
@@ -114,7 +177,7 @@ class FileStore(resource.Resource):
         path = "/".join(segments) if segments is not None else repr(request.postpath)
         had_header = request.getHeader(b"authorization") is not None
         token = bearer_token(request)
-        authorized = token is not None and platform.token_name(token) is not None
+        authorized = token is not None and platform.authorized("files", token)
         platform.file_requests.append((method, path, authorized, had_header))
         if platform.files_auth and not authorized:
             log.info("{method} /files/{path}: unauthorized", method=method, path=path)

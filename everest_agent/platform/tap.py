@@ -11,6 +11,7 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
+from everest_agent.config import ConfigError, SecretFileError, check_token_text, read_secret_file
 from everest_agent.platform.core import Platform
 from everest_agent.platform.server import listen
 
@@ -28,6 +29,17 @@ def _split(value, what):
     if not _NAME.match(name):
         raise usage.UsageError(f"invalid agent name {name!r}")
     return name, rest
+
+
+def _read_token_file(path, option):
+    try:
+        token = read_secret_file(path)
+        check_token_text(token, f"{option} {path}")
+    except SecretFileError as e:
+        raise usage.UsageError(f"{option} {path}: {e}") from None
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    return token
 
 
 def load_tls(cert_path, key_path):
@@ -69,7 +81,8 @@ class Options(usage.Options):
     longdesc = (
         "Run the Everest reference platform: agents connect to "
         "/compute/agent/v1 with a WebSocket; /files/ is the file store and "
-        "/api/ a JSON API to submit and watch tasks, all on one port.  "
+        "/api/ a JSON API to submit and watch tasks (bearer token: "
+        "--api-token-file, or a new one in the file api-token), all on one port.  "
         "At least one --token or --token-file is required."
     )
     optParameters = [
@@ -93,6 +106,8 @@ class Options(usage.Options):
         super().__init__()
         self["tokens"] = {}
         self["tls"] = None
+        self["api-token"] = None
+        self["api-token-file"] = None
 
     def _add_token(self, name, token):
         if token in self["tokens"]:
@@ -114,14 +129,17 @@ class Options(usage.Options):
         NAME=PATH: an agent and a file holding its token (repeatable).
         """
         name, path = _split(value, "--token-file")
-        try:
-            with open(path, encoding="utf-8") as f:
-                token = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise usage.UsageError(f"cannot read the token file {path}: {e}") from None
-        if not token:
-            raise usage.UsageError(f"the token file {path} is empty")
-        self._add_token(name, token)
+        self._add_token(name, _read_token_file(path, "--token-file"))
+
+    def opt_api_token_file(self, value):
+        """
+        PATH: a file (mode 0600) holding the bearer token of the JSON API
+        (/api/).  Default: a new token, written to api-token in the
+        platform's directory (the --state-file's, else a new temporary
+        one), whose path is logged.
+        """
+        self["api-token"] = _read_token_file(value, "--api-token-file")
+        self["api-token-file"] = value
 
     def postOptions(self):
         if not self["tokens"]:
@@ -207,9 +225,18 @@ def makeService(options, reactor=None):
 
         filter_log_level(options["log-level"])
     files_dir = options["files-dir"]
+    directory = None
     if not files_dir:
-        files_dir = tempfile.mkdtemp(prefix="everest-platform-files-")
+        directory = tempfile.mkdtemp(prefix="everest-platform-")
+        files_dir = os.path.join(directory, "files")
         log.info("file store in {path}", path=files_dir)
+    if options["api-token"] is None and directory is None:
+        if options["state-file"]:
+            directory = os.path.dirname(os.path.abspath(options["state-file"]))
+            if os.stat(directory).st_mode & 0o022:
+                directory = None  # shared (e.g. /tmp): not a place for a secret
+        if directory is None:
+            directory = tempfile.mkdtemp(prefix="everest-platform-")
     platform = Platform(
         dict(options["tokens"]),
         reactor,
@@ -218,6 +245,8 @@ def makeService(options, reactor=None):
         files_dir=files_dir,
         files_auth=not options["no-files-auth"],
         state_file=options["state-file"],
+        api_token=options["api-token"],
+        api_token_dir=directory,
     )
     return PlatformService(platform, options["listen"], tls=options["tls"],
                            public_url=options["public-url"],
