@@ -23,13 +23,12 @@ through their descriptors, with bounds on the entries it looks at and the
 files it matches.
 """
 
-import fnmatch
 import os
 import posixpath
 import stat
 from collections import deque
 
-from everest_agent.paths import PathEscape
+from everest_agent.paths import PathEscape, _magic, _segment_matches as _matches
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
@@ -191,16 +190,6 @@ def open_output(task_dir, rel):
 
 class TooMany(Exception):
     """A pattern walked or matched more than its bound."""
-
-
-def _magic(segment):
-    return any(c in segment for c in "*?[")
-
-
-def _matches(name, segment):
-    if name.startswith(".") and not segment.startswith("."):
-        return False
-    return fnmatch.fnmatchcase(name, segment)
 
 
 class _Walk:
