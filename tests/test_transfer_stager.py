@@ -28,9 +28,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseDone
 from twisted.web import resource, server
 
-from everest_agent.transfer import errors, exchange, fastpath, jobs, producer as producing, sink
+from everest_agent.transfer import errors, exchange, fastpath, producer as producing, sink
 from everest_agent.transfer.errors import StagingError
-from everest_agent.transfer.jobs import FairLimiter as _FairLimiter, run_inline
+from everest_agent.transfer.jobs import FairLimiter as _FairLimiter
 from everest_agent.transfer.stager import Stager
 from everest_agent.transfer.retry import RetryPolicy
 from everest_agent.transfer.urls import public_url, same_origin
