@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from twisted.internet import defer, reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
@@ -167,6 +167,13 @@ class FileServer(resource.Resource):
             self.uploads[path] = request.content.read()
             request.setResponseCode(201)
             return b""
+        if path not in self.files and isinstance(action, tuple) and action[0] == "hold":
+            def refuse(_):  # held, then not found
+                if not request.finished and not request._disconnected:
+                    request.setResponseCode(404)
+                    request.finish()
+            action[1].addCallback(refuse)
+            return server.NOT_DONE_YET
         if path not in self.files:
             request.setResponseCode(404)
             return b"not found\n"
@@ -744,9 +751,17 @@ class StagingTests(TestCase):
         self.server.plans["/files/bad"] = [("hold", release)]
         stager = self.stager(cache_dir=True)
         d1 = defer.ensureDeferred(stager.stage_in(self.task_dir(), [{"path": "x", "uri": self.base + "/files/bad", "sha256": sha(data)}]))
+        await self.server.arrived(1)
+        # The second task asks for the same content while the first one's
+        # download is in flight, so it waits for that one.
         two = self.task_dir()
         d2 = defer.ensureDeferred(stager.stage_in(two, [{"path": "x", "uri": good, "sha256": sha(data)}]))
-        await self.server.arrived(1)
+        for _ in range(1000):
+            (job,) = stager._cached.jobs.values()
+            if len(job._waiters) == 2:
+                break
+            await deferLater(reactor, 0.002)
+        self.assertEqual(len(job._waiters), 2)
         release.callback(None)  # /files/bad is not there: 404
         await self.assertStagingFails(d1, "HTTP 404")
         await d2
