@@ -50,7 +50,7 @@ import os
 from urllib.parse import quote
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -100,6 +100,28 @@ def _write_inline(target, data, executable):
     except BaseException:
         remove(tmp)
         raise
+
+
+def _prepare_inputs(task_dir, inputs):
+    """Plan the inputs and write the inline ones (in a thread)."""
+    planned = _plan_inputs(task_dir, inputs)
+    for target, item in planned:
+        if "data" not in item:
+            continue
+        data = base64.b64decode(item["data"])
+        what = f"input {item['path']!r}"
+        if item.get("size") is not None and len(data) != item["size"]:
+            raise StagingError(f"{what}: size mismatch: expected {item['size']} bytes, got {len(data)}")
+        digest = hashlib.sha256(data).hexdigest()
+        if item.get("sha256") and digest != item["sha256"]:
+            raise StagingError(f"{what}: checksum mismatch: expected sha256 {item['sha256']}, got {digest}")
+        try:
+            _write_inline(target, data, bool(item.get("executable")))
+        except OSError as e:
+            raise StagingError(f"{what}: {io_failure(e).message}") from None
+        except paths.PathEscape as e:
+            raise StagingError(f"{what}: {e}") from None
+    return planned
 
 
 def _plan_inputs(task_dir, inputs):
@@ -213,6 +235,7 @@ class Stager:
         self._cached = None
         self._cache_failed = False
         self._opening = None
+        self._lane = succeed(None)
         self.bytes_out = 0
 
     @classmethod
@@ -329,30 +352,31 @@ class Stager:
 
     async def stage_in(self, task_dir, inputs):
         """Put every input in place, or raise L{StagingError}."""
-        planned = await mirror(self._run(_plan_inputs, task_dir, inputs))
-        for target, item in planned:
-            if "data" in item:
-                await self._write_inline(target, item)
+        planned = await self._in_order(_prepare_inputs, task_dir, inputs)
         downloads = [(t, i) for t, i in planned if "data" not in i]
         if downloads:
             await gather([self._input(task_dir, t, i) for t, i in downloads], fail_fast=True)
 
-    async def _write_inline(self, target, item):
-        data = base64.b64decode(item["data"])
-        what = f"input {item['path']!r}"
-        self._check(what, item, len(data), hashlib.sha256(data).hexdigest())
-        try:
-            await mirror(self._run(_write_inline, target, data, bool(item.get("executable"))))
-        except OSError as e:
-            raise StagingError(f"{what}: {io_failure(e).message}") from None
-        except paths.PathEscape as e:
-            raise StagingError(f"{what}: {e}") from None
+    def _in_order(self, f, *args):
+        """
+        Run C{f} in a thread after the jobs given here before it have
+        finished: tasks whose inputs are all inline are ready in the order
+        they came, as they would be without threads.
+        """
+        result = Deferred()
 
-    def _check(self, what, item, size, digest):
-        if item.get("size") is not None and size != item["size"]:
-            raise StagingError(f"{what}: size mismatch: expected {item['size']} bytes, got {size}")
-        if item.get("sha256") and digest != item["sha256"]:
-            raise StagingError(f"{what}: checksum mismatch: expected sha256 {item['sha256']}, got {digest}")
+        def start(_):
+            done = Deferred()
+
+            def finished(outcome):
+                done.callback(None)
+                return outcome
+
+            self._run(f, *args).addBoth(finished).chainDeferred(result)
+            return done
+
+        self._lane.addCallback(start)
+        return result
 
     async def _input(self, task_dir, target, item):
         what = f"input {item['path']!r}"
