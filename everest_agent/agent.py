@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from everest_agent import __version__, protocol
 from everest_agent.channel import TaskChannel, load_key as load_channel_key
 from everest_agent.client import AgentClientFactory, ConnectionService
+from everest_agent.config import check_directories
 from everest_agent.handlers import make_handler
 from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
@@ -31,8 +32,19 @@ from everest_agent.transfer.stager import Stager
 from everest_agent.status import StatusFile
 
 
+def _retention_text(policy):
+    if policy is None:
+        return "all"
+    kind, n = policy
+    return str(n) if kind == "count" else f"{n}s"
+
+
 class StateDirLocked(Exception):
     pass
+
+
+class UnsafeDirectory(Exception):
+    """work_dir or state_dir is someone else's, or others can write in it."""
 
 
 class EverestAgent(MultiService):
@@ -53,6 +65,12 @@ class EverestAgent(MultiService):
             self._fsync_pool = ThreadPool(minthreads=1, maxthreads=1, name="everest-fsync")
             sync_in_thread = lambda f: threads.deferToThreadPool(reactor, self._fsync_pool, f)  # noqa: E731
         commits = CommitGroup(reactor, sync_in_thread=sync_in_thread)
+        # Blocking file work on task directories (making them, removing old
+        # ones) runs on a pool of its own, never in the reactor thread.  One
+        # thread: task directories are made in the order tasks came, so
+        # tasks reach the slot pool first come, first served.
+        self._fs_pool = ThreadPool(minthreads=0, maxthreads=1, name="everest-fs")
+        blocking = lambda f, *args: threads.deferToThreadPool(reactor, self._fs_pool, f, *args)  # noqa: E731
         self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
         self.sender = Sender(self.outbox, reactor, wallclock)
@@ -60,7 +78,9 @@ class EverestAgent(MultiService):
         self.manager = TaskManager(
             self.registry, self.sender, self.handler, self.stager, agent.work_dir, agent.max_tasks,
             allowed_commands=config.security.allowed_commands,
-            keep_finished=agent.keep_finished, wallclock=wallclock,
+            allowed_environment=config.security.allowed_environment,
+            keep_finished=agent.keep_finished, wallclock=wallclock, blocking=blocking,
+            keep_task_dirs=agent.keep_task_dirs,
         )
         self.monitor = ResourceMonitor(
             reactor, self.sender, self.manager, self.handler, agent.hostname, agent.work_dir, wallclock
@@ -99,9 +119,14 @@ class EverestAgent(MultiService):
 
     def startService(self):
         agent = self.config.agent
+        problem = check_directories(self.config)
+        if problem:
+            raise UnsafeDirectory(problem)
         make_private_dir(agent.state_dir)
         os.makedirs(agent.work_dir, mode=0o700, exist_ok=True)
         self._take_lock(agent.state_dir)
+        self._fs_pool.start()
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fs_pool)
         if self._fsync_pool is not None:
             self._fsync_pool.start()
             # Whatever happens to the graceful stop, the thread must not keep
@@ -109,7 +134,8 @@ class EverestAgent(MultiService):
             self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fsync_pool)
         self.outbox.load()
         self.registry.load()
-        self.status.starting(handler=self.handler.name, slots=agent.max_tasks)  # operations
+        self.status.starting(handler=self.handler.name, slots=agent.max_tasks,  # operations
+                             keep_task_dirs=_retention_text(agent.keep_task_dirs))
         self.log.info(
             "everest-agent {version} starting: handler {handler}, {slots} slots, "
             "work_dir {work_dir}, {pending} messages to deliver",
@@ -171,6 +197,7 @@ class EverestAgent(MultiService):
             self._channel_port = None
         await self.stager.close()
         self._stop_fsync_pool()  # the journals have synced everything themselves
+        self._stop_fs_pool()
         if self._lock is not None:
             self.status.stopped()  # operations: before the lock goes
             os.close(self._lock)
@@ -179,6 +206,10 @@ class EverestAgent(MultiService):
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
+
+    def _stop_fs_pool(self):
+        if self._fs_pool.started:
+            self._fs_pool.stop()
 
     def _stop_fsync_pool(self):
         if self._fsync_pool is not None and self._fsync_pool.started:

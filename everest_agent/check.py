@@ -140,6 +140,14 @@ def check_directory(name, path, min_free, user, note=""):
     return Result(name, True, f"{path} writable, {free // MiB} MiB free{created}{note}")
 
 
+def check_ownership(config):
+    problem = agent_config.check_directories(config)
+    if problem:
+        message, _, fix = problem.partition("; fix: ")
+        return Result("ownership", False, message, fix or None)
+    return Result("ownership", True, f"state_dir and work_dir are {getpass.getuser()}'s alone")
+
+
 def _find(program, env):
     from everest_agent.handlers.command import find_executable
 
@@ -489,6 +497,7 @@ async def run_checks(config_path, reactor, env=None, timeout=15.0, out=None,
     note = f"; an agent is running on it (pid {pid})" if running else ""
     report(check_directory("state_dir", state_dir, min_free_state, user, note))
     report(check_directory("work_dir", config.agent.work_dir, min_free_work, user))
+    report(check_ownership(config))
     report(await check_handler(config, reactor, env, timeout))
     if getattr(getattr(config, "monitor", None), "listen", None) is not None:
         report(await check_monitor(config, reactor, running))

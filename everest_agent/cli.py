@@ -18,7 +18,9 @@ commands:
   status    what the agent is doing: connection, tasks, unacknowledged
             messages, recent failures (--config FILE, --json)
   demo      run a parameter sweep through a reference platform and an agent
-            on this machine (loopback only)
+            on this machine (loopback only), with a live progress line and
+            the platform's page to watch it in a browser (--tasks N; --keep
+            leaves both running to look and submit more tasks)
   version   print the version ({__version__})
 
 The agent runs as a twistd plugin:

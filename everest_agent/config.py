@@ -122,6 +122,29 @@ def _handler_type(value):
     return value
 
 
+def _env_names(value):
+    names = value.split()
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\*?", name):
+            raise ValueError(f"{name!r} is not an environment variable name (or a prefix ending with *)")
+    return names
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _retention(value):
+    """C{all} -> None (keep every one); C{N} -> ("count", N); C{N[smhd]} -> ("age", seconds)."""
+    value = value.strip().lower()
+    if value == "all":
+        return None
+    if value.isdigit():
+        return ("count", int(value))
+    if len(value) > 1 and value[:-1].isdigit() and value[-1] in _AGE_UNITS:
+        return ("age", int(value[:-1]) * _AGE_UNITS[value[-1]])
+    raise ValueError("must be a count (e.g. 1000), an age (e.g. 7d, 12h, 30m, 90s) or all")
+
+
 # -- operations ([agent] log_level, [monitor]): see everest_agent/tap.py, monitor.py --
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -171,6 +194,7 @@ SCHEMA = {
         "max_tasks": Key(_positive_int, os.cpu_count() or 1, "Slots: tasks (local: cores) in use at once. Default: the number of CPUs."),
         "hostname": Key(_text, "", "Name reported to the platform. Default: this machine's fully qualified name."),
         "kill_grace": Key(_positive_float, 10.0, "Seconds between SIGTERM and SIGKILL when a task is canceled or exceeds its timeLimit."),
+        "keep_task_dirs": Key(_retention, ("count", 1000), "Directories of finished, acknowledged tasks kept on disk: a count (the newest N, e.g. 1000), an age (e.g. 7d, 12h) or all; older ones are removed."),
         "keep_finished": Key(_non_negative_int, 10000, "Finished tasks remembered (for idempotent TASK_SUBMIT) after their report is acknowledged."),
         "on_stop": Key(_choice("leave", "cancel"), "leave", "What stopping the agent does to running tasks: leave them running (they are found again at the next start) or cancel them."),
         "log_level": Key(_log_level, "info", "Least important log messages written: debug, info, warn, error or critical (under twistd)."),
@@ -185,6 +209,7 @@ SCHEMA = {
     },
     "security": {
         "allowed_commands": Key(_regex_lines, [], "Regular expressions, one per line; when given, a task command must match one as a whole."),
+        "allowed_environment": Key(_env_names, [], "With allowed_commands: variables (or prefixes ending with *) a task's spec may set although they change what the shell or the loader runs (PATH, LD_*, BASH_ENV, ...)."),
     },
     "transfer": {
         "timeout": Key(_positive_float, 60.0, "Seconds to wait for a file server to connect and answer (its response headers; for an upload, after the last byte)."),
@@ -314,6 +339,74 @@ def from_parser(parser, path):
         if not getattr(agent, key):
             raise ConfigError(f"{path}: [agent] {key}: must not be empty")
     return config
+
+
+def directory_problem(key, path, uid=None):
+    """
+    What makes C{path} (the [agent] C{key} directory) unsafe, as one line
+    naming the directory and the fix, or None.
+
+    It must be owned by the agent's user and not writable by group or
+    others; each directory above it must be owned by root or that user and
+    not writable by group or others unless sticky (like C{/tmp}), or another
+    user could swap the directory or what is in it.  A directory that does
+    not exist yet is created by the agent (mode 0700): only its parents are
+    checked.
+    """
+    uid = os.geteuid() if uid is None else uid
+    user = _user_name(uid)
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        return f"[agent] {key} {path}: cannot check it: {e.strerror}"
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            return f"[agent] {key} {path}: not a directory; remove it or point [agent] {key} elsewhere"
+        if st.st_uid != uid:
+            return (f"[agent] {key} {path}: owned by {_user_name(st.st_uid)}, not by the agent's user "
+                    f"{user}; fix: chown -R {user} {path} && chmod 700 {path} (or use another directory)")
+        if st.st_mode & 0o022:
+            return (f"[agent] {key} {path}: writable by group or others (mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}); fix: chmod 700 {path}")
+    parent = os.path.dirname(os.path.realpath(path))
+    while True:
+        try:
+            pst = os.stat(parent)
+        except OSError:
+            pst = None
+        if pst is not None:
+            if pst.st_uid not in (0, uid):
+                return (f"[agent] {key} {path}: the directory above it, {parent}, is owned by "
+                        f"{_user_name(pst.st_uid)}, who could replace it; fix: use a directory "
+                        f"under one owned by root or {user}")
+            if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+                return (f"[agent] {key} {path}: the directory above it, {parent}, is writable by "
+                        f"group or others (mode {stat.S_IMODE(pst.st_mode):04o}); fix: chmod go-w {parent}")
+        up = os.path.dirname(parent)
+        if up == parent:
+            return None
+        parent = up
+
+
+def _user_name(uid):
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def check_directories(config):
+    """The first L{directory_problem} of C{work_dir} and C{state_dir}, or None."""
+    for key in ("state_dir", "work_dir"):
+        problem = directory_problem(key, getattr(config.agent, key))
+        if problem:
+            return problem
+    return None
 
 
 def is_loopback(host):

@@ -53,26 +53,44 @@ def _fmt(seconds):
 
 
 class Progress:
-    """Live progress: a redrawn bar on a terminal, plain lines otherwise."""
+    """
+    Live progress: on a terminal, one line redrawn in place (done/total, a
+    bar, tasks finished per second, failures, what is running); otherwise
+    one plain line per state change, for logs.
 
-    def __init__(self, platform, task_ids, out):
+    @param clock: monotonic seconds (injected for tests).
+    """
+
+    FINISHED = ("DONE", "FAILED", "CANCELED")
+
+    def __init__(self, platform, task_ids, out, clock=time.monotonic):
         self.platform = platform
         self.task_ids = task_ids
         self.out = out
         self.tty = out.isatty()
+        self.clock = clock
+        self.started = clock()
         self._seen = {t: 0 for t in task_ids}
+
+    def line(self):
+        """The terminal's progress line (without the carriage return)."""
+        counts = {}
+        for t in self.task_ids:
+            state = self.platform.tasks[t].state or "SUBMITTED"
+            counts[state] = counts.get(state, 0) + 1
+        finished = sum(counts.get(s, 0) for s in self.FINISHED)
+        total = len(self.task_ids)
+        elapsed = max(self.clock() - self.started, 1e-9)
+        width = 24
+        filled = width * finished // total if total else width
+        failed = counts.get("FAILED", 0) + counts.get("CANCELED", 0)
+        active = "  ".join(f"{s.lower()} {n}" for s, n in sorted(counts.items()) if s not in self.FINISHED)
+        return (f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{total} done  "
+                f"{finished / elapsed:.1f} tasks/s  {failed} failed" + (f"  ({active})" if active else ""))
 
     def update(self):
         if self.tty:
-            counts = {}
-            for t in self.task_ids:
-                state = self.platform.tasks[t].state or "SUBMITTED"
-                counts[state] = counts.get(state, 0) + 1
-            finished = sum(counts.get(s, 0) for s in ("DONE", "FAILED", "CANCELED"))
-            width = 30
-            filled = width * finished // len(self.task_ids)
-            parts = "  ".join(f"{s.lower()} {n}" for s, n in sorted(counts.items()))
-            self.out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {finished}/{len(self.task_ids)}  {parts}\x1b[K")
+            self.out.write(f"\r{self.line()}\x1b[K")
         else:
             for t in self.task_ids:
                 history = self.platform.tasks[t].history
@@ -87,9 +105,61 @@ class Progress:
             self.out.write("\n")
 
 
-async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False):
+def keep_running(platform, agent, out):
+    """
+    Say how to look at the kept platform and agent and submit more tasks.
+
+    The curl command reads the API token's header from a file (0600, next
+    to the platform's C{api-token}), so that the token is not on a command
+    line other users can see.
+    """
+    from everest_agent.platform import page_url
+
+    auth = ""
+    token = getattr(platform, "api_token", "") or ""
+    token_file = getattr(platform, "api_token_file", None)
+    if token and token_file:
+        header_file = os.path.join(os.path.dirname(token_file), "api-header")
+        fd = os.open(header_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"Authorization: Bearer {token}\n")
+        auth = f"-H @{header_file} "
+    monitor = getattr(agent, "monitor_service", None)
+    out.write(
+        "\nThe platform and the agent keep running (Ctrl-C stops them):\n"
+        f"  platform page: {page_url(platform)}\n"
+        + (f"  agent page:    {monitor.url}/\n" if monitor is not None and monitor.url else "")
+        + "  submit more tasks through the API, e.g.:\n"
+        f"    curl {auth}-H 'Content-Type: application/json' "
+        f"-d '{{\"spec\": {{\"command\": \"hostname\"}}}}' {platform.http_url}/api/tasks\n"
+    )
+    out.flush()
+
+
+def until_shutdown(reactor):
+    """
+    A Deferred firing when the reactor begins to shut down (Ctrl-C); the
+    shutdown then waits for the Deferred this returns second, fired by the
+    caller once it has cleaned up.
+    """
+    stopping, cleaned = defer.Deferred(), defer.Deferred()
+
+    def before_shutdown():
+        stopping.callback(None)
+        return cleaned
+
+    reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
+    return stopping, cleaned
+
+
+async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False, stop=None):
+    """
+    The sweep; with C{keep}, the platform and the agent then keep running
+    (and the directory is kept) until C{stop} fires, by default at the
+    reactor's shutdown (Ctrl-C).
+    """
     from everest_agent.agent import EverestAgent
-    from everest_agent.platform import Platform, listen
+    from everest_agent.platform import Platform, listen, page_url
 
     root = tempfile.mkdtemp(prefix="everest-demo-")
     out.write(f"everest-agent demo: a {tasks}-point parameter sweep, everything in {root}\n")
@@ -99,7 +169,8 @@ async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False):
     agent = None
     try:
         await listen(platform, reactor, 0)
-        out.write(f"reference platform listening on {platform.http_url}\n")
+        out.write(f"reference platform listening on {platform.http_url}\n"
+                  f"watch it in a browser: {page_url(platform)}\n")
         out.write(f"its JSON API ({platform.http_url}/api/tasks) needs Authorization: Bearer "
                   f"<the token in {platform.api_token_file}>\n")
 
@@ -119,6 +190,7 @@ async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False):
             f"max_tasks = {max(2, os.cpu_count() or 1)}\n"
             "[handler]\n"
             "type = local\n"
+            + ("[monitor]\nlisten = 127.0.0.1:0\n" if keep else "")
         ).encode())
         os.close(fd)
         config = agent_config.load(ini)
@@ -160,15 +232,32 @@ async def run_demo(reactor, tasks=20, out=sys.stdout, keep=False):
         elapsed = time.monotonic() - started
         progress.finish()
         api_states = await _api_states(reactor, platform)
-        return _report(platform, task_ids, elapsed, out, api_states)
+        code = _report(platform, task_ids, elapsed, out, api_states)
+        if keep:
+            cleaned = None
+            if stop is None:
+                stop, cleaned = until_shutdown(reactor)
+            keep_running(platform, agent, out)
+            try:
+                await stop
+            finally:
+                out.write("stopping the platform and the agent\n")
+                await _stop(agent, platform)
+                if cleaned is not None:
+                    cleaned.callback(None)
+        return code
     finally:
-        if agent is not None and agent.running:
-            await agent.stopService()
-        await platform.close()
+        await _stop(agent, platform)
         if keep:
             out.write(f"files kept in {root}\n")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+async def _stop(agent, platform):
+    if agent is not None and agent.running:
+        await agent.stopService()
+    await platform.close()
 
 
 async def _api_states(reactor, platform):
@@ -233,7 +322,9 @@ def main(argv):
 
     parser = argparse.ArgumentParser(prog="everest-agent demo", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20, help="points in the sweep (default 20)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--keep", action="store_true",
+                        help="after the sweep, keep the platform and the agent running (until Ctrl-C) to look "
+                             "at their pages and submit more tasks through the API; keep the directory")
     args = parser.parse_args(argv)
     if args.tasks < FAILING:
         parser.error(f"--tasks must be at least {FAILING}")

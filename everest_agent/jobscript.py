@@ -29,6 +29,8 @@ import os
 import re
 import shlex
 
+from everest_agent import paths
+
 #: Directory (inside the task directory) for the agent's own files.
 STATE_DIR = ".everest"
 #: The job script, relative to the task directory.
@@ -67,6 +69,7 @@ def job_script(request, shell="/bin/sh"):
         f"cd {q(request.directory)} || exit {CD_FAILED}",
         f"rm -f {q(EXIT_CODE_FILE)} {q(EXIT_CODE_FILE + '.tmp')}",
         f": >{q(STARTED_FILE)}",
+        "rm -f stdout stderr",
     ]
     # The task's variables are set in a subshell, so that a task setting
     # PATH or IFS cannot change how the rest of the script runs.
@@ -87,6 +90,7 @@ def job_script(request, shell="/bin/sh"):
         run = "env -- " + " ".join(odd) + " " + run
     lines += [
         f"exec {run}",
+        # (rm first: a link an earlier run of the task id left is not followed)
         ") </dev/null >stdout 2>stderr",
         "everest_status=$?",
         f"printf '%d\\n' \"$everest_status\" >{q(EXIT_CODE_FILE + '.tmp')} &&"
@@ -106,20 +110,26 @@ def write_job_script(request, shell="/bin/sh"):
     @return: the script's absolute path.
     """
     text = job_script(request, shell)
-    state_dir = os.path.join(request.directory, STATE_DIR)
-    os.makedirs(state_dir, exist_ok=True)
-    for stale in (EXIT_CODE_FILE, STARTED_FILE, JOB_OUTPUT_FILE):
-        try:
-            os.unlink(os.path.join(request.directory, stale))
-        except FileNotFoundError:
-            pass
-    path = os.path.join(request.directory, SCRIPT_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
-    return path
+    root = paths.open_task_dir_nofollow(request.directory)
+    try:
+        state = paths.fresh_dir(root, STATE_DIR)
+    finally:
+        os.close(root)
+    try:
+        for stale in (EXIT_CODE_FILE, STARTED_FILE, JOB_OUTPUT_FILE):
+            try:
+                os.unlink(os.path.basename(stale), dir_fd=state)
+            except FileNotFoundError:
+                pass
+        name = os.path.basename(SCRIPT_FILE)
+        fd = paths.open_file(state, name + ".tmp", os.O_WRONLY | os.O_CREAT, 0o755, follow=False)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            os.fchmod(f.fileno(), 0o755)
+        paths.replace_file(state, name + ".tmp", name)
+    finally:
+        os.close(state)
+    return os.path.join(request.directory, SCRIPT_FILE)
 
 
 def read_exit_code(directory):
@@ -128,13 +138,21 @@ def read_exit_code(directory):
 
     @return: an C{int}, or None if there is no exit-code file (the command
         has not ended, or was killed before it ended).
-    @raise ValueError: if the file holds something else than a number.
+    @raise ValueError: if the file holds something else than a number, or
+        is not a regular file (a link there was planted: it is not followed).
     """
     try:
-        with open(os.path.join(directory, EXIT_CODE_FILE), encoding="utf-8", errors="replace") as f:
-            text = f.read(100)
-    except FileNotFoundError:
+        root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = paths.open_file(root, EXIT_CODE_FILE, follow=False)
+        finally:
+            os.close(root)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except paths.PathEscape as e:
+        raise ValueError(str(e)) from None
+    with os.fdopen(fd, "rb") as f:
+        text = f.read(100).decode("utf-8", "replace")
     text = text.strip()
     if not re.fullmatch(r"-?[0-9]{1,10}", text):
         raise ValueError(f"{EXIT_CODE_FILE} holds {text!r}, not an exit status")

@@ -15,8 +15,9 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from everest_agent import protocol
+from everest_agent import paths, policy, protocol
 from everest_agent.protocol import ProtocolError, SpecError
+from everest_agent.retention import TaskDirRetention
 from everest_agent.worker import TaskWorker
 
 
@@ -40,6 +41,11 @@ def _damage(record):
     except SpecError as e:
         return f"its spec: {e}"
     return None
+
+
+def _make_task_dir(work_dir, task_id, log):
+    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    os.close(paths.open_task_dir(work_dir, task_id, log=log))
 
 
 class SlotPool:
@@ -127,7 +133,8 @@ class TaskManager(Service):
     log = Logger()
 
     def __init__(self, registry, sender, handler, stager, work_dir, slots, *,
-                 allowed_commands=(), keep_finished=10000, wallclock=time.time):
+                 allowed_commands=(), allowed_environment=(), keep_finished=10000,
+                 wallclock=time.time, blocking=None, keep_task_dirs=None):
         self.registry = registry
         self.sender = sender
         self.handler = handler
@@ -135,6 +142,12 @@ class TaskManager(Service):
         self.work_dir = work_dir
         self.pool = SlotPool(slots, clock=sender.clock)
         self.allowed_commands = list(allowed_commands)
+        self.allowed_environment = frozenset(allowed_environment)
+        #: C{blocking(f, *args)}: a Deferred of C{f(*args)} run off the reactor
+        #: thread (the agent gives a thread pool); default: right here (tests).
+        self.blocking = blocking or defer.maybeDeferred
+        self.retention = TaskDirRetention(work_dir, keep_task_dirs, self.blocking, registry,
+                                          sender.clock, wallclock)
         self.keep_finished = keep_finished
         self.wallclock = wallclock
         self.workers = {}  # task id -> TaskWorker of every unfinished task
@@ -221,6 +234,9 @@ class TaskManager(Service):
                 record["failure"] = f"the agent's record of this task is damaged: {damage}"
             self._start_worker(task_id, record)
         self._reported.extend(task_id for _, task_id in sorted(finished))
+        for task_id in self._reported:
+            self.retention.finished(task_id, self.registry.get(task_id).get("finished_at"), sweep=False)
+        self.retention.sweep()
         self._awaiting_ack = collections.deque(sorted(self._awaiting_ack))
         if resumed:
             self.log.info("Resuming {count} unfinished tasks", count=resumed)
@@ -233,6 +249,7 @@ class TaskManager(Service):
         # No slot freed by an abandoned worker goes to a queued task: what is
         # queued stays queued for the next start.
         self.pool.stop()
+        self.retention.stop()
         for worker in list(self.workers.values()):
             worker.abandon()
         self.registry.stop()
@@ -247,7 +264,7 @@ class TaskManager(Service):
         failure = None
         try:
             spec = protocol.validate_spec(spec)
-            self._check_command(spec["command"])
+            policy.check(spec, self.allowed_commands, self.allowed_environment)
             self.handler.slots_needed(spec["resourceRequirements"])
         except (SpecError, ValueError) as e:
             failure = str(e)
@@ -267,10 +284,6 @@ class TaskManager(Service):
         self.workers[task_id] = worker
         # ACCEPTED only once the task is on disk.
         record_d.addCallback(lambda _: worker.start())
-
-    def _check_command(self, command):
-        if self.allowed_commands and not any(p.fullmatch(command) for p in self.allowed_commands):
-            raise SpecError("command refused: it matches none of this agent's [security] allowed_commands")
 
     def _resend_state(self, task_id, record):
         state = record.get("state")
@@ -328,6 +341,14 @@ class TaskManager(Service):
     def task_dir(self, task_id):
         return os.path.join(self.work_dir, task_id)
 
+    def make_task_dir(self, task_id):
+        """
+        Create (or check) a task's directory off the reactor thread: a
+        planted link or someone else's directory there is moved aside
+        (L{paths.open_task_dir}).  @return: a Deferred.
+        """
+        return self.blocking(_make_task_dir, self.work_dir, task_id, self.log)
+
     def release(self, worker):
         if worker.holding:
             self.pool.release(worker.holding)
@@ -358,9 +379,11 @@ class TaskManager(Service):
     def _forget_later(self, task_id):
         self._unreported.discard(task_id)
         self._reported.append(task_id)
+        self.retention.finished(task_id, (self.registry.get(task_id) or {}).get("finished_at"))
         while len(self._reported) > self.keep_finished:
             old = self._reported.popleft()
             if old not in self._unreported:
+                self.retention.forgotten(old)
                 self.registry.forget(old)
 
     def hello_tasks(self):

@@ -1,7 +1,14 @@
 """
-An optional local HTTP endpoint for monitoring: C{/healthz} and C{/metrics}.
+An optional local HTTP endpoint for monitoring: a page at C{/},
+C{/status.json}, C{/healthz} and C{/metrics}.
 
 Off unless the configuration says C{[monitor] listen = 127.0.0.1:9108}.
+
+ - C{/} is a page for people (L{everest_agent.pages}): connection state and
+   since when, slots, queued/running/finished tasks, the last failures with
+   their reasons, messages awaiting acknowledgement, pilots when there are
+   any.  It redraws itself every two seconds from C{/status.json}
+   (L{status_snapshot}).
 
  - C{/healthz} answers 200 with a small JSON object while the agent runs
    (C{connected}, unfinished tasks, unacknowledged messages).  The agent is
@@ -28,7 +35,8 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from everest_agent import __version__, protocol
+from everest_agent import __version__, pages, protocol
+from everest_agent.status import _message_summary, public_url, recent_failures
 
 try:
     import prometheus_client
@@ -252,17 +260,82 @@ class HealthPage(resource.Resource):
         return json.dumps(body).encode() + b"\n"
 
 
-class IndexPage(resource.Resource):
+#: How the page groups task states.
+QUEUED_STATES = frozenset(("NEW", protocol.ACCEPTED, protocol.STAGING_IN, protocol.QUEUED))
+RUNNING_STATES = frozenset((protocol.RUNNING, protocol.STAGING_OUT, protocol.STAGED_OUT))
+
+#: Failed tasks listed on the page.
+PAGE_FAILURES = 10
+
+
+def status_snapshot(agent):
+    """
+    What the page shows, as a JSON-able dict, read from the live agent.
+
+    C{pilots} is there only when the agent has pilots to show: a list of
+    objects from C{agent.pilot_summary()}, if the agent has that method and
+    it returns a list.
+    """
+    manager = agent.manager
+    outbox = agent.outbox
+    pool = manager.pool
+    now = agent.wallclock()
+    status = getattr(agent, "status", None)
+    by_state = {}
+    for record in manager.registry.records.values():
+        state = record.get("state") or "NEW"
+        by_state[state] = by_state.get(state, 0) + 1
+    connection = dict(status.connection) if status is not None else {}
+    connection["connected"] = agent.sender.connected
+    oldest = outbox.oldest()
+    snapshot = {
+        "version": __version__,
+        "hostname": agent.config.agent.hostname,
+        "handler": agent.handler.name,
+        "platform": public_url(agent.config.platform.url),
+        "started": status.data.get("started") if status is not None else None,
+        "connection": connection,
+        "slots": {"total": pool.capacity, "busy": pool.used, "waiting": pool.queued},
+        "tasks": {
+            "queued": sum(n for s, n in by_state.items() if s in QUEUED_STATES),
+            "running": sum(n for s, n in by_state.items() if s in RUNNING_STATES),
+            "finished": sum(n for s, n in by_state.items() if s in protocol.TERMINAL),
+            "by_state": by_state,
+        },
+        "failures": recent_failures(manager.registry.records, PAGE_FAILURES),
+        "outbox": {
+            "pending": len(outbox),
+            "last_seq": outbox.last_seq,
+            "acked": outbox.acked,
+            "oldest": _message_summary(*oldest, now) if oldest is not None else None,
+        },
+        "time": now,
+    }
+    pilots = getattr(agent, "pilot_summary", None)
+    pilots = pilots() if callable(pilots) else None
+    if isinstance(pilots, list):
+        snapshot["pilots"] = pilots
+    return snapshot
+
+
+class StatusPage(resource.Resource):
     isLeaf = True
 
+    def __init__(self, agent):
+        super().__init__()
+        self.agent = agent
+
     def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return f"everest-agent {__version__}: /healthz, /metrics\n".encode()
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(status_snapshot(self.agent)).encode() + b"\n"
 
 
 def make_root(agent):
     root = resource.Resource()
-    root.putChild(b"", IndexPage())
+    root.putChild(b"", pages.StaticFile("monitor.html"))
+    root.putChild(b"static", pages.static_resource())
+    root.putChild(b"status.json", StatusPage(agent))
     root.putChild(b"healthz", HealthPage(agent))
     root.putChild(b"metrics", MetricsPage(agent))
     return root
@@ -312,7 +385,7 @@ class MonitorService(Service):
                 url=self.url,
             )
         else:
-            self.log.info("Monitor endpoint on {url}/metrics and {url}/healthz", url=self.url)
+            self.log.info("Monitor page on {url}/, metrics on {url}/metrics, health on {url}/healthz", url=self.url)
         status = getattr(self.agent, "status", None)
         if status is not None:
             status.data["monitor"] = self.url

@@ -308,6 +308,29 @@ def _message_summary(seq, message, now):
     return summary
 
 
+def recent_failures(records, count):
+    """
+    The C{count} most recently finished of the FAILED tasks in C{records}
+    (C{{task id: registry record}}), newest first, with their reasons.
+    """
+    failed = []
+    for task_id, record in records.items():
+        if record.get("state") != protocol.FAILED:
+            continue
+        info = record.get("info") or {}
+        job = record.get("job") or {}
+        failed.append({
+            "task_id": task_id,
+            "reason": info.get("reason") or record.get("failure") or "",
+            "exit_code": info.get("exitCode"),
+            "job_id": info.get("jobId") or (job.get("id") if job.get("batch") else None),
+            "created": record.get("created"),
+            "finished": record.get("finished_at") or record.get("finished_time"),
+        })
+    failed.sort(key=lambda f: (f["finished"] or f["created"] or 0), reverse=True)
+    return failed[:count]
+
+
 def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
     """
     Everything C{everest-agent status} shows, as a JSON-able dict.
@@ -324,24 +347,16 @@ def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
 
     by_state = {}
     unfinished = 0
-    failed = []
-    for task_id, record in records.items():
+    dirs_kept = dirs_removed = 0  # of finished tasks (see retention.py)
+    for record in records.values():
         state = record.get("state") or "NEW"
         by_state[state] = by_state.get(state, 0) + 1
         if not record.get("finished"):
             unfinished += 1
-        if state == protocol.FAILED:
-            info = record.get("info") or {}
-            failed.append({
-                "task_id": task_id,
-                "reason": info.get("reason") or record.get("failure") or "",
-                "exit_code": info.get("exitCode"),
-                "job_id": info.get("jobId") or ((record.get("job") or {}).get("id")
-                                                if (record.get("job") or {}).get("batch") else None),
-                "created": record.get("created"),
-                "finished": record.get("finished_at") or record.get("finished_time"),
-            })
-    failed.sort(key=lambda f: (f["finished"] or f["created"] or 0), reverse=True)
+        elif record.get("dir_removed"):
+            dirs_removed += 1
+        else:
+            dirs_kept += 1
 
     connection = dict((status or {}).get("connection") or {})
     if running is False and connection.get("state") not in (None, STOPPED):
@@ -359,13 +374,18 @@ def read_state(state_dir, now=None, failures=5, proc_locks="/proc/locks"):
             "unfinished": unfinished,
             "by_state": dict(sorted(by_state.items(), key=lambda kv: protocol.STATE_RANK.get(kv[0], -1))),
         },
+        "task_dirs": {
+            "kept": dirs_kept,
+            "removed": dirs_removed,
+            "policy": (status or {}).get("keep_task_dirs"),
+        },
         "outbox": {
             "pending": len(pending),
             "last_seq": last_seq,
             "acked": acked,
             "oldest": _message_summary(*pending[0], now) if pending else None,
         },
-        "failures": failed[:failures],
+        "failures": recent_failures(records, failures),
         "time": now,
     }
     return result
@@ -436,6 +456,11 @@ def format_state(state):
         lines.append(f"tasks: {tasks['unfinished']} unfinished of {tasks['total']} known ({parts})")
     else:
         lines.append("tasks: none known")
+    dirs = state.get("task_dirs") or {}
+    if dirs.get("kept") or dirs.get("removed"):
+        policy = f" (keep_task_dirs = {dirs['policy']})" if dirs.get("policy") else ""
+        lines.append(f"task directories: {dirs['kept']} of finished tasks kept{policy}, "
+                     f"{dirs['removed']} removed; plus one per unfinished task")
     outbox = state["outbox"]
     if outbox["pending"]:
         oldest = outbox["oldest"]

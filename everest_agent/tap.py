@@ -29,6 +29,9 @@ class Options(usage.Options):
             # One clear line and a non-zero exit, before anything connects
             # (a UsageError would bury it under twistd's whole usage text).
             raise SystemExit(f"everest-agent: {e}") from None
+        problem = agent_config.check_directories(self["parsed"])
+        if problem:
+            raise SystemExit(f"everest-agent: {self['config']}: {problem}")
 
 
 def filter_log_level(level, beginner=None):

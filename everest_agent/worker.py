@@ -23,13 +23,12 @@ slots are given back the moment its job ends, so the next queued task
 starts at the end of that reactor turn.
 """
 
-import os
-
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from everest_agent import protocol
 from everest_agent.interfaces import JobLost, JobNeverStarted, JobRequest, JobResult
+from everest_agent.paths import PathEscape
 from everest_agent.transfer.errors import StagingError
 
 
@@ -214,9 +213,11 @@ class TaskWorker:
         inputs = self.record["spec"]["inputs"]
         directory = self.manager.task_dir(self.task_id)
         try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+            await self._step(self.manager.make_task_dir(self.task_id))
         except OSError as e:
             raise StagingError(f"cannot create the task directory: {e.strerror}") from None
+        except PathEscape as e:
+            raise StagingError(f"cannot use the task directory: {e}") from None
         if inputs:
             await self.report(protocol.STAGING_IN)
             await self._step(

@@ -146,6 +146,17 @@ class PagesTests(SynchronousTestCase):
         # The two commands at the top are still there, first.
         self.assertLess(readme.index("everest-agent demo"), readme.index("\nOperations\n"))
 
+    def test_plain_install_commands(self):
+        """
+        The commands people copy install plainly: no workaround flag for the
+        twistd plugins (tests/test_install.py shows none is needed).
+        """
+        for name in ("README.rst", os.path.join(".ci", "run"), os.path.join("docs", "installation.rst")):
+            text = read(name)
+            self.assertNotIn("editable_mode", text, name)
+            self.assertNotIn("--config-settings", text, name)
+        self.assertIn("pip install -e '.[test]' && ", read("README.rst"))
+
     def test_every_metric_is_listed(self):
         from everest_agent import monitor
         from everest_agent.manager import SlotPool
@@ -203,3 +214,50 @@ class ServiceFileTests(SynchronousTestCase):
         problems = [line for line in (result.stdout + result.stderr).splitlines()
                     if "everest-agent.service" in line]
         self.assertEqual(problems, [])
+
+
+class SphinxBuildTests(SynchronousTestCase):
+    """
+    The documentation builds with Sphinx, warnings as errors (a broken
+    reference, a malformed table, a page outside the toctree all fail).
+    """
+
+    def test_html_builds_without_warnings(self):
+        try:
+            import sphinx  # noqa: F401
+        except ImportError:
+            raise __import__("unittest").SkipTest(
+                "Sphinx is not installed (pip install -e '.[docs]'); the documentation build is not checked")
+        import sys
+
+        out = os.path.abspath(self.mktemp())
+        result = subprocess.run(
+            [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+             "-d", os.path.join(out, "doctrees"), DOCS, os.path.join(out, "html")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        )
+        self.assertEqual(result.returncode, 0, f"sphinx-build -W failed:\n{result.stdout[-4000:]}")
+        for page in ("index", "configuration", "operations"):
+            self.assertTrue(os.path.exists(os.path.join(out, "html", page + ".html")))
+
+    def test_sphinx_sees_a_broken_reference(self):
+        """The build is strict enough to fail on a :doc: to a missing page."""
+        try:
+            import sphinx  # noqa: F401
+        except ImportError:
+            raise __import__("unittest").SkipTest("Sphinx is not installed (pip install -e '.[docs]')")
+        import sys
+
+        copy = os.path.abspath(self.mktemp())
+        docs = os.path.join(copy, "docs")
+        shutil.copytree(DOCS, docs, ignore=shutil.ignore_patterns("_build"))
+        os.makedirs(os.path.join(copy, "everest_agent"))
+        shutil.copy(os.path.join(ROOT, "everest_agent", "__init__.py"), os.path.join(copy, "everest_agent"))
+        with open(os.path.join(docs, "quickstart.rst"), "a", encoding="utf-8") as f:
+            f.write("\nSee :doc:`no-such-page`.\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html", docs, os.path.join(docs, "_build")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("no-such-page", result.stdout)

@@ -27,6 +27,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 import time
 import uuid
 
@@ -602,6 +603,90 @@ class LocalKillTests(FaultScenario):
         await self.connected()
         held.release()
         await self.finish("local: SIGTERM stop while RUNNING, start", held.expectations)
+
+
+class HostileTaskTests(FaultScenario):
+    """
+    Issue 11: a task that plants a link as a later task's directory, and a
+    task that flips a directory and a link during its own stage-out.
+    Nothing outside may be written or uploaded; the later task runs in a
+    directory of its own.
+    """
+
+    def outside(self):
+        outside = os.path.join(self.root, "outside")
+        os.makedirs(outside, exist_ok=True)
+        with open(os.path.join(outside, "data.txt"), "w") as f:
+            f.write("SECRET\n")
+        return outside
+
+    def untouched(self, outside):
+        def listing():
+            return "\n".join(sorted(os.listdir(outside))).encode()
+
+        return ("outside untouched", listing, b"data.txt")
+
+    async def test_planted_link_for_a_later_task_id(self):
+        await self.start_agent()
+        outside = self.outside()
+        victim_id, victim_spec, victim_expect = self.tasks.make("victim")
+        planter_id, planter_spec, planter_expect = self.tasks.make("planter")
+        planter_spec["command"] = f"ln -s {outside} ../{victim_id}; " + planter_spec["command"]
+        self.submit([(planter_id, planter_spec, planter_expect)])
+        await self.wait_reached([planter_id], P.DONE)
+        self.assertTrue(os.path.islink(os.path.join(self.root, "work", victim_id)))
+        self.submit([(victim_id, victim_spec, victim_expect)])
+        victim_expect.outputs.append(self.untouched(outside))
+        await self.finish("local: a task plants a link as a later task's directory",
+                          [planter_expect, victim_expect])
+        self.assertTrue(os.path.islink(os.path.join(self.root, "work", ".quarantine", f"{victim_id}.1")))
+
+    async def test_directory_flipped_to_a_link_during_stage_out(self):
+        await self.start_agent()
+        outside = self.outside()
+        task_id, spec, expect = self.tasks.make("flip")
+        names = [f"f{i}" for i in range(200)]
+        # out/fN hold "inside"; outside/fN would hold SECRET: a flipper left
+        # running in the background swaps out/ and a link for 5 s, as fast
+        # as it can.
+        for name in names:
+            with open(os.path.join(outside, name), "w") as f:
+                f.write("SECRET\n")
+        flipper = ("import os, time\n"
+                   "end = time.time() + 5\n"
+                   "while time.time() < end:\n"
+                   "    try:\n"
+                   "        os.rename('out', 'out.real'); os.symlink(%r, 'out')\n"
+                   "        os.unlink('out'); os.rename('out.real', 'out')\n"
+                   "    except OSError: pass\n" % outside)
+        with open(os.path.join(self.root, "flipper.py"), "w") as f:
+            f.write(flipper)
+        flip = (f"mkdir out; for n in {' '.join(names)}; do echo inside > out/$n; done; "
+                f"{sys.executable} {os.path.join(self.root, 'flipper.py')} >/dev/null 2>&1 & sleep 0.3; ")
+        spec["command"] = flip + spec["command"]
+        spec["outputs"] += [{"path": f"out/{n}", "uri": self.plat.platform.file_url(f"{task_id}/{n}")}
+                            for n in names]
+        leaked = os.path.join(self.plat.files_dir, task_id)
+
+        def secrets():
+            found = []
+            for name in names:
+                try:
+                    with open(os.path.join(leaked, name), "rb") as f:
+                        if f.read() != b"inside\n":
+                            found.append(name)
+                except OSError:
+                    pass
+            return " ".join(found).encode()
+
+        # Some uploads may fail (out/ was a link or missing at that moment):
+        # the task may end FAILED for that, but no upload carries SECRET.
+        expect.states = ("DONE", "FAILED")
+        expect.outputs = []
+        self.submit([(task_id, spec, expect)])
+        await self.finish("local: a task flips a directory and a link during stage-out", [expect])
+        self.assertEqual(secrets(), b"", "uploads that carried a file from outside")
+        self.assertEqual(sorted(os.listdir(outside)), sorted(["data.txt"] + names))
 
 
 class ConnectionTests(FaultScenario):

@@ -156,11 +156,11 @@ class CheckTests(TestCase):
         ini = agent_ini(self, self.platform.ws_url)
         results, text = await run_checks(ini)
         self.assertEqual([r.name for r in results.values()],
-                         ["config", "token", "state_dir", "work_dir", "handler", "platform"])
+                         ["config", "token", "state_dir", "work_dir", "ownership", "handler", "platform"])
         for result in results.values():
             self.assertIs(result.ok, True, result.line())
         lines = text.splitlines()
-        self.assertEqual(len(lines), 6)
+        self.assertEqual(len(lines), 7)
         self.assertTrue(all(line.startswith("ok    ") for line in lines), text)
         self.assertIn("HELLO/WELCOME in", results["platform"].message)
         self.assertIn("0 tasks listed", results["platform"].message)

@@ -6,7 +6,7 @@ task directory.
 
 import os
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from everest_agent import paths
 
@@ -188,3 +188,193 @@ class FindOutputsTests(PathsTestCase):
     def test_match_outputs_raises_on_escape(self):
         os.symlink(os.path.join(self.outside, "secret"), os.path.join(self.task, "s.dat"))
         self.assertRaises(paths.PathEscape, paths.match_outputs, self.task, "*.dat")
+
+
+class RaceTests(PathsTestCase):
+    """A task that swaps a directory and a link while the agent reads and writes (issue 11, item 5)."""
+
+    def flipper(self, victim):
+        """
+        Start another process that swaps directory C{victim} and a link to
+        the outside as fast as it can (what a hostile task does during
+        stage-out); @return: a function that stops it and returns its count
+        of rounds.
+        """
+        import subprocess
+        import sys
+
+        code = (
+            "import os, sys\n"
+            "victim, outside = sys.argv[1], sys.argv[2]\n"
+            "real, n = victim + '.real', 0\n"
+            "while True:\n"
+            "    try:\n"
+            "        os.rename(victim, real); os.symlink(outside, victim)\n"
+            "        os.unlink(victim); os.rename(real, victim)\n"
+            "    except OSError:\n"
+            "        # the agent made a directory in a gap: put it away, go on\n"
+            "        try:\n"
+            "            if os.path.islink(victim): os.unlink(victim)\n"
+            "            elif os.path.isdir(real) and os.path.lexists(victim):\n"
+            "                os.rename(victim, victim + '.made%d' % n)\n"
+            "            if os.path.isdir(real): os.rename(real, victim)\n"
+            "        except OSError: pass\n"
+            "    n += 1\n"
+            "    if n == 100: print('flipping', flush=True)\n"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, victim, self.outside], stdout=subprocess.PIPE
+        )
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+        self.assertEqual(process.stdout.readline(), b"flipping\n")
+
+        def finish():
+            alive = process.poll() is None
+            process.kill()
+            process.wait()
+            process.stdout.close()
+            self.assertTrue(alive, "the race loop stopped early")
+
+        return finish
+
+    def test_open_output_never_reads_outside(self):
+        self.make("d/secret")  # same name as the outside file, other content
+        finish = self.flipper(os.path.join(self.task, "d"))
+        read, refused = [], 0
+        for _ in range(60000):
+            if len(read) >= 1000:
+                break
+            try:
+                f = paths.open_output(self.task, "d/secret")
+            except (paths.PathEscape, OSError):
+                refused += 1  # (the old code also failed in the gaps)
+                continue
+            if f is not None:
+                with f:
+                    read.append(f.read())
+        finish()
+        self.assertNotIn(b"secret", read)
+        self.assertTrue(set(read) <= {b"d/secret"})
+
+    def test_input_target_and_create_never_write_outside(self):
+        os.makedirs(os.path.join(self.task, "d"))
+        finish = self.flipper(os.path.join(self.task, "d"))
+        for i in range(3000):
+            try:
+                target = paths.input_target(self.task, f"d/in{i}")
+                fd = paths.create_exclusive(paths.temporary_for(target))
+                os.close(fd)
+            except (paths.PathEscape, OSError):
+                pass
+        finish()
+        self.assertEqual(sorted(os.listdir(self.outside)), ["secret"])
+
+
+class DescriptorApiTests(PathsTestCase):
+    def setUp(self):
+        super().setUp()
+        self.fd = os.open(self.task, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, self.fd)
+
+    def test_fifo_refused_without_blocking(self):
+        os.mkfifo(os.path.join(self.task, "stdout"))
+        self.assertRaises(paths.PathEscape, paths.open_file, self.fd, "stdout")
+        self.assertRaises(paths.PathEscape, paths.open_output, self.task, "stdout")
+
+    def test_link_above_the_root_refused(self):
+        os.makedirs(os.path.join(self.task, "a"))
+        os.symlink("../..", os.path.join(self.task, "a", "up"))
+        self.assertRaises(paths.PathEscape, paths.open_file, self.fd, "a/up/" + os.path.basename(self.outside) + "/secret")
+
+    def test_absolute_link_inside_followed(self):
+        self.make("real/x")
+        os.symlink(os.path.join(self.task, "real"), os.path.join(self.task, "abs"))
+        fd = paths.open_file(self.fd, "abs/x")
+        with os.fdopen(fd, "rb") as f:
+            self.assertEqual(f.read(), b"real/x")
+
+    def test_writing_never_follows_the_last_link(self):
+        os.symlink(os.path.join(self.outside, "secret"), os.path.join(self.task, "out"))
+        fd = paths.open_file(self.fd, "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.write(fd, b"mine")
+        os.close(fd)
+        with open(os.path.join(self.outside, "secret")) as f:
+            self.assertEqual(f.read(), "secret")
+        self.assertFalse(os.path.islink(os.path.join(self.task, "out")))
+        # Without O_CREAT, a link is refused rather than replaced.
+        os.symlink(os.path.join(self.outside, "secret"), os.path.join(self.task, "out2"))
+        self.assertRaises(paths.PathEscape, paths.open_file, self.fd, "out2", os.O_WRONLY)
+
+    def test_open_dir_creates_inside_only(self):
+        os.symlink(self.outside, os.path.join(self.task, "link"))
+        self.assertRaises(paths.PathEscape, paths.open_dir, self.fd, "link/new", create=True)
+        self.assertEqual(os.listdir(self.outside), ["secret"])
+        fd = paths.open_dir(self.fd, "a/b", create=True)
+        os.close(fd)
+        self.assertTrue(os.path.isdir(os.path.join(self.task, "a", "b")))
+
+    def test_link_loop_ends(self):
+        os.symlink("loop2", os.path.join(self.task, "loop1"))
+        os.symlink("loop1", os.path.join(self.task, "loop2"))
+        self.assertRaises(paths.PathEscape, paths.open_file, self.fd, "loop1")
+        self.assertRaises(paths.PathEscape, paths.open_dir, self.fd, "loop1/x")
+
+
+class TaskDirTests(PathsTestCase):
+    """A task directory taken over by a planted link or another user (issue 11, item 4)."""
+
+    def setUp(self):
+        super().setUp()
+        self.work = self.task  # a work_dir
+
+    def test_creates_and_reopens(self):
+        fd = paths.open_task_dir(self.work, "t-1")
+        os.close(fd)
+        with open(os.path.join(self.work, "t-1", "kept"), "w"):
+            pass
+        fd = paths.open_task_dir(self.work, "t-1")
+        self.assertEqual(os.listdir(fd), ["kept"])
+        os.close(fd)
+
+    def test_planted_link_moved_aside(self):
+        # What a task did: ln -s /elsewhere ../victim-2-0
+        os.symlink(self.outside, os.path.join(self.work, "victim-2-0"))
+        fd = paths.open_task_dir(self.work, "victim-2-0")
+        with open(os.open("stdout", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("out")
+        os.close(fd)
+        self.assertEqual(os.listdir(self.outside), ["secret"])
+        self.assertFalse(os.path.islink(os.path.join(self.work, "victim-2-0")))
+        aside = os.path.join(self.work, paths.QUARANTINE, "victim-2-0.1")
+        self.assertEqual(os.readlink(aside), self.outside)
+
+    def test_someone_elses_directory_moved_aside(self):
+        import pwd
+
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            raise SkipTest("no user nobody")
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to make a directory owned by nobody")
+        theirs = os.path.join(self.work, "t-2")
+        os.makedirs(theirs)
+        with open(os.path.join(theirs, "run.sh"), "w") as f:
+            f.write("their script")
+        os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+        fd = paths.open_task_dir(self.work, "t-2")
+        self.assertEqual(os.fstat(fd).st_uid, os.geteuid())
+        self.assertEqual(os.listdir(fd), [])
+        os.close(fd)
+        self.assertTrue(os.path.isdir(os.path.join(self.work, paths.QUARANTINE, "t-2.1")))
+
+    def test_a_file_in_its_place_moved_aside(self):
+        with open(os.path.join(self.work, "t-3"), "w"):
+            pass
+        os.close(paths.open_task_dir(self.work, "t-3"))
+        self.assertTrue(os.path.isdir(os.path.join(self.work, "t-3")))
+        self.assertTrue(os.path.isfile(os.path.join(self.work, paths.QUARANTINE, "t-3.1")))
+
+    def test_bad_names(self):
+        for bad in ("", ".", "..", "a/b"):
+            self.assertRaises(paths.PathEscape, paths.open_task_dir, self.work, bad)

@@ -7,9 +7,11 @@ its own, through a small shell wrapper::
     /bin/sh -c WRAPPER everest-task TASK_DIR COMMAND
 
 started with C{posix_spawn} and C{POSIX_SPAWN_SETSID}, standard input from
-C{/dev/null} and standard output and error opened by the spawn itself onto
-the files C{stdout} and C{stderr} (their bytes never pass through the
-agent).  The wrapper C{cd}s to the task directory, runs COMMAND in a
+C{/dev/null} and standard output and error onto the files C{stdout} and
+C{stderr} (their bytes never pass through the agent), which the agent
+creates afresh through a descriptor of the task directory, never through a
+link an earlier run of the same task id left (L{paths.open_file}).  The
+wrapper C{cd}s to the task directory (given as descriptor 3), runs COMMAND in a
 subshell (a fork of the wrapper, not a second shell to load: the wrapper's
 C{$1}/C{$2} are cleared first), and as its last act writes the command's
 exit status to C{.everest/exitcode} and exits with it.  One C{exec} and one
@@ -40,7 +42,7 @@ from twisted.internet import defer, process
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from everest_agent import jobscript
+from everest_agent import jobscript, paths
 from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobNeverStarted, JobResult
 
 SHELL = "/bin/sh"
@@ -50,7 +52,10 @@ MARK = "everest-task"
 # Only shell built-ins after the command, so nothing can fail to start
 # between the command's end and its status reaching the disk.
 _WRAPPER = (
-    'cd -- "$1" || exit 126; '
+    # The task directory comes as descriptor 3, opened and checked by the
+    # agent ($1 only names it for a process listing): no path is resolved
+    # again between the agent's check and the cd.
+    'cd -P /proc/self/fd/3 && exec 3<&- || exit 126; '
     '(c=$2; set --; eval "$c"); '
     "s=$?; "
     f'echo "$s" > {jobscript.EXIT_CODE_FILE}; '
@@ -376,31 +381,40 @@ class LocalTaskHandler:
         environment.update(request.environment)
         directory = request.directory
         job = LocalJob(request, self._reactor, self.kill_grace)
+        fds = []
         try:
             if not self._fds_checked:
                 _close_inherited_fds()
                 self._fds_checked = True
+            # Nothing an earlier run of the same task id left is followed:
+            # a link in place of .everest, stdout or stderr is replaced
+            # (paths.fresh_dir, paths.open_file), the stale exit code removed.
+            fds.append(paths.open_task_dir_nofollow(directory))
+            fds.append(paths.fresh_dir(fds[0], jobscript.STATE_DIR))
             try:
-                os.mkdir(os.path.join(directory, jobscript.STATE_DIR))
-            except FileExistsError:
-                try:
-                    os.unlink(os.path.join(directory, jobscript.EXIT_CODE_FILE))  # a stale one
-                except FileNotFoundError:
-                    pass
+                os.unlink(os.path.basename(jobscript.EXIT_CODE_FILE), dir_fd=fds[1])
+            except FileNotFoundError:
+                pass
+            for name in ("stdout", "stderr"):
+                fds.append(paths.open_file(fds[0], name, _CREATE, 0o644, follow=False))
             pid = os.posix_spawn(
                 SHELL,
                 [SHELL, "-c", _WRAPPER, MARK, directory, request.command],
                 environment,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, os.path.join(directory, "stdout"), _CREATE, 0o644),
-                    (os.POSIX_SPAWN_OPEN, 2, os.path.join(directory, "stderr"), _CREATE, 0o644),
+                    (os.POSIX_SPAWN_DUP2, fds[2], 1),
+                    (os.POSIX_SPAWN_DUP2, fds[3], 2),
+                    (os.POSIX_SPAWN_DUP2, fds[0], 3),
                 ],
                 setsid=True,
                 setsigdef=_DEFAULT_SIGNALS,
             )
         except (OSError, ValueError) as e:
             return defer.fail(RuntimeError(f"cannot start the task: {getattr(e, 'strerror', None) or e}"))
+        finally:
+            for fd in fds:
+                os.close(fd)
         job.watch(pid)
         if not job.result.called:
             self._watch(job)

@@ -24,9 +24,9 @@ from everest_agent.platform.core import (
     StateNotReached,
     Task,
 )
-from everest_agent.platform.server import listen, make_site
+from everest_agent.platform.server import listen, make_site, page_url
 
 __all__ = [
     "Platform", "Session", "Task", "Agent", "StateNotReached", "NotConnected",
-    "LOST_REASON", "listen", "make_site",
+    "LOST_REASON", "listen", "make_site", "page_url",
 ]

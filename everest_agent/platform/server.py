@@ -1,7 +1,8 @@
 """
 One port for everything: a twisted.web L{Site} whose root serves the
-agents' WebSocket at C{/compute/agent/v1}, the file store at C{/files/} and
-the JSON API at C{/api/}.
+agents' WebSocket at C{/compute/agent/v1}, the file store at C{/files/},
+the JSON API at C{/api/} and, at C{/}, a page for people showing the agents
+and every task live (L{everest_agent.pages}; open L{page_url}).
 """
 
 from autobahn.twisted.resource import WebSocketResource
@@ -13,6 +14,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from everest_agent import pages
 from everest_agent.platform.api import Api
 from everest_agent.platform.files import FileStore, PlatformRequest
 from everest_agent.platform.ws import PlatformServerFactory
@@ -21,22 +23,28 @@ log = Logger(namespace="everest_agent.platform")
 
 
 class _Index(resource.Resource):
+    """C{/}: the page (C{platform.html}); C{/static/}: its CSS and scripts."""
+
     def __init__(self, platform):
         super().__init__()
         self.platform = platform
+        self.page = pages.StaticFile("platform.html")
+        self.putChild(b"static", pages.static_resource())
 
     def getChild(self, name, request):
         if name == b"":
-            return self
+            return self.page
         return resource.NoResource()
 
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return (
-            "Everest reference platform\n"
-            f"agents connect to {self.platform.ws_path}\n"
-            "API: /api/tasks, /api/agents; files: /files/<path>\n"
-        ).encode("utf-8")
+
+def page_url(platform):
+    """
+    The address of the platform's page, with the API token (if the platform
+    has one) in the fragment, which the browser keeps to itself: the page
+    reads it and sends it as C{Authorization: Bearer} to C{/api/}.
+    """
+    token = getattr(platform, "api_token", "") or ""
+    return f"{platform.http_url}/#token={token}" if token else f"{platform.http_url}/"
 
 
 def make_site(platform, reactor=None, ping_interval=30, ping_timeout=60):
