@@ -11,17 +11,20 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 
-def pool_runner(reactor, pool):
+def pool_runner(reactor, pool, start=None):
     """
-    C{run(f, *args)}: call C{f} in C{pool} (a started
+    C{run(f, *args)}: call C{f} in C{pool} (a
     L{twisted.python.threadpool.ThreadPool}); a Deferred fires with its
-    result on the reactor thread.  Once the pool is stopped it fails at
+    result on the reactor thread.  C{start()} is called before the first
+    job (default: C{pool.start}).  Once the pool is stopped it fails at
     once (Twisted's pool would drop the call and the Deferred never fire).
     """
 
     def run(f, *args):
         if pool.joined:
             return defer.fail(RuntimeError("the stager is closed"))
+        if not pool.started:
+            (start or pool.start)()
         return deferToThreadPool(reactor, pool, f, *args)
 
     return run

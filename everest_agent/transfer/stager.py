@@ -250,19 +250,27 @@ class Stager:
             reactor, ca_file, kwargs.get("timeout", 60.0), max_concurrent, context_factory
         )
         pool = ThreadPool(minthreads=0, maxthreads=threads or max_concurrent + 2, name="everest-transfer")
-        pool.start()
-        trigger = reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+        triggers = []
+
+        def start():
+            # On first use, so that a stager that never moves a file starts
+            # no threads (and needs nothing of the reactor but this).
+            pool.start()
+            triggers.append(reactor.addSystemEventTrigger("during", "shutdown", pool.stop))
 
         def close():
-            try:
-                reactor.removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError):
-                pass
-            if not pool.joined:
+            for trigger in triggers:
+                try:
+                    reactor.removeSystemEventTrigger(trigger)
+                except (ValueError, KeyError):
+                    pass
+            if pool.started:
                 pool.stop()
+            pool.joined = True
             return connections.closeCachedConnections()
 
-        return cls(reactor, http, platform_url, token, run=pool_runner(reactor, pool), on_close=close, **kwargs)
+        return cls(reactor, http, platform_url, token, run=pool_runner(reactor, pool, start),
+                   on_close=close, **kwargs)
 
     @classmethod
     def from_config(cls, config, reactor, **kwargs):
