@@ -21,6 +21,7 @@ from everest_agent import __version__, protocol
 from everest_agent.channel import TaskChannel, load_key as load_channel_key
 from everest_agent.client import AgentClientFactory, ConnectionService
 from everest_agent.config import check_directories
+from everest_agent.fsio import ThreadedFileIO
 from everest_agent.handlers import make_handler
 from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
@@ -56,7 +57,11 @@ class EverestAgent(MultiService):
         self.reactor = reactor
         agent = config.agent
         self.user_agent = f"everest-agent/{__version__}"
+        # Blocking file-system work runs in these threads (see fsio.py).
+        self.files = ThreadedFileIO(reactor)
         self.handler = handler if handler is not None else make_handler(config, reactor)
+        if hasattr(self.handler, "use_files"):
+            self.handler.use_files(self.files)
         # One commit group, outbox first.  Its fsyncs run in a thread of
         # their own, so the reactor goes on meanwhile (see journal.py).
         self._fsync_pool = None
@@ -65,21 +70,15 @@ class EverestAgent(MultiService):
             self._fsync_pool = ThreadPool(minthreads=1, maxthreads=1, name="everest-fsync")
             sync_in_thread = lambda f: threads.deferToThreadPool(reactor, self._fsync_pool, f)  # noqa: E731
         commits = CommitGroup(reactor, sync_in_thread=sync_in_thread)
-        # Blocking file work on task directories (making them, removing old
-        # ones) runs on a pool of its own, never in the reactor thread.  One
-        # thread: task directories are made in the order tasks came, so
-        # tasks reach the slot pool first come, first served.
-        self._fs_pool = ThreadPool(minthreads=0, maxthreads=1, name="everest-fs")
-        blocking = lambda f, *args: threads.deferToThreadPool(reactor, self._fs_pool, f, *args)  # noqa: E731
-        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits)
-        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits)
+        self.outbox = Outbox(agent.state_dir, reactor, fsync=fsync, group=commits, files=self.files)
+        self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits, files=self.files)
         self.sender = Sender(self.outbox, reactor, wallclock)
         self.stager = Stager.from_config(config, reactor)
         self.manager = TaskManager(
             self.registry, self.sender, self.handler, self.stager, agent.work_dir, agent.max_tasks,
             allowed_commands=config.security.allowed_commands,
             allowed_environment=config.security.allowed_environment,
-            keep_finished=agent.keep_finished, wallclock=wallclock, blocking=blocking,
+            keep_finished=agent.keep_finished, wallclock=wallclock, files=self.files,
             keep_task_dirs=agent.keep_task_dirs,
         )
         self.monitor = ResourceMonitor(
@@ -99,7 +98,9 @@ class EverestAgent(MultiService):
             self.manager.channel = self.channel
         self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
         self._lock = None
-        # Started in this order, stopped in reverse: the connection goes first.
+        # Started in this order, stopped in reverse: the connection goes
+        # first, the file-system threads last.
+        self.files.setServiceParent(self)
         self.sender.setServiceParent(self)
         if IService.providedBy(self.handler):
             self.handler.setServiceParent(self)
@@ -125,8 +126,6 @@ class EverestAgent(MultiService):
         make_private_dir(agent.state_dir)
         os.makedirs(agent.work_dir, mode=0o700, exist_ok=True)
         self._take_lock(agent.state_dir)
-        self._fs_pool.start()
-        self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fs_pool)
         if self._fsync_pool is not None:
             self._fsync_pool.start()
             # Whatever happens to the graceful stop, the thread must not keep
@@ -197,7 +196,6 @@ class EverestAgent(MultiService):
             self._channel_port = None
         await self.stager.close()
         self._stop_fsync_pool()  # the journals have synced everything themselves
-        self._stop_fs_pool()
         if self._lock is not None:
             self.status.stopped()  # operations: before the lock goes
             os.close(self._lock)
@@ -207,10 +205,6 @@ class EverestAgent(MultiService):
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
 
-    def _stop_fs_pool(self):
-        if self._fs_pool.started:
-            self._fs_pool.stop()
-
     def _stop_fsync_pool(self):
         if self._fsync_pool is not None and self._fsync_pool.started:
             self._fsync_pool.stop()
@@ -218,15 +212,10 @@ class EverestAgent(MultiService):
     # -- what the connection asks of the agent ------------------------------------
 
     def hello(self):
-        return {
-            "token": self.config.platform.token,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "agent": self.user_agent,
-            "hostname": self.config.agent.hostname,
-            "handler": self.handler.name,
-            "slots": self.config.agent.max_tasks,
-            "tasks": self.manager.hello_tasks(),
-        }
+        return protocol.hello(
+            self.config.platform.token, self.user_agent, self.config.agent.hostname,
+            self.handler.name, self.config.agent.max_tasks, self.manager.hello_tasks(),
+        )
 
     def dispatch_table(self):
         return {

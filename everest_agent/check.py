@@ -43,7 +43,8 @@ from twisted.internet import defer, ssl
 
 from everest_agent import __version__, protocol
 from everest_agent import config as agent_config
-from everest_agent.status import hello_tasks, lock_holder, read_outbox, read_registry
+from everest_agent.statedir import read_outbox, read_registry
+from everest_agent.status import hello_tasks, lock_holder
 
 MiB = 1024 * 1024
 
@@ -445,15 +446,10 @@ async def check_platform(config, reactor, timeout, running, pid):
             "run check as the agent's user",
         )
     listed = hello_tasks(records, acked)
-    hello = {
-        "token": config.platform.token,
-        "protocol": protocol.PROTOCOL_VERSION,
-        "agent": f"everest-agent/{__version__}",
-        "hostname": config.agent.hostname,
-        "handler": config.handler.type,
-        "slots": config.agent.max_tasks,
-        "tasks": listed,
-    }
+    hello = protocol.hello(
+        config.platform.token, f"everest-agent/{__version__}", config.agent.hostname,
+        config.handler.type, config.agent.max_tasks, listed,
+    )
     try:
         outcome = await round_trip(config, reactor, hello, timeout)
     except ValueError as e:  # a ca_file without certificates

@@ -28,13 +28,23 @@ regular flush.
 A crash can leave a torn last line; L{Journal.load} skips any line that is
 not a complete JSON object (and logs it), so a damaged journal never stops
 the agent.  L{Journal.rewrite} replaces the file atomically (write a
-temporary file, fsync, rename, fsync the directory) to compact it.
+temporary file, fsync, rename, fsync the directory) to compact it, in the
+calling thread (at load, before the agent serves anything).  While the agent
+runs, L{Journal.compact_soon} does the same off the reactor thread, through
+the agent's L{everest_agent.fsio.IFileIO}: it waits until no group fsync is
+in flight, writes what the members before it have queued, takes a snapshot
+of the records (everything queued for this journal is in it), and hands the
+temporary file, its fsync, the fsync of the members before it, the rename
+and the directory's fsync to a thread.  Meanwhile this journal and the
+members after it keep their new records queued (so none is ever ahead of a
+member before it); once the new file is in place, the records the snapshot
+covered are reported durable and the group writes what waited.
 """
 
 import json
 import os
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
@@ -63,10 +73,17 @@ class Journal:
     #: Seconds to wait before trying again after a failed write (disk full).
     retry_delay = 1.0
 
-    def __init__(self, path, reactor, fsync=True):
+    def __init__(self, path, reactor, fsync=True, files=None):
+        """
+        @param files: an L{everest_agent.fsio.IFileIO} for compaction off
+            the reactor thread (L{compact_soon}); without it compaction runs
+            in the calling thread.
+        """
         self.path = path
         self._reactor = reactor
         self._fsync = fsync
+        self._files = files
+        self._compaction = None  # the Deferred of the compaction under way
         self._queue = []  # encoded lines waiting for the next flush
         self._waiting = []  # their Deferreds
         self._flush_call = None
@@ -147,6 +164,8 @@ class Journal:
             order, for the next try, and nothing is reported durable (or
             sent) before it is.
         """
+        if self._compaction is not None:
+            return False  # records wait for the new file (see compact_soon)
         if self._queue:
             lines, self._queue = self._queue, []
             try:
@@ -219,7 +238,7 @@ class Journal:
         """
         if self._group is not None:
             self._group.write_ahead()
-        elif not self._write_queued(sync=False):
+        elif self._compaction is None and not self._write_queued(sync=False):
             self._schedule(self.retry_delay)
 
     def _fire(self):
@@ -256,6 +275,8 @@ class Journal:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        if self._compaction is not None:
+            return  # it flushes when it is over
         if self._write_queued():
             self._fire()
         else:
@@ -283,19 +304,7 @@ class Journal:
         if self.failing:
             raise OSError("cannot compact while writes are failing")
         tmp = self.path + ".tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                if self._fsync:
-                    os.fsync(f.fileno())
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        self._write_temporary(data)
         self.close()
         os.replace(tmp, self.path)
         if self._fsync:
@@ -319,13 +328,121 @@ class Journal:
             return False
         return True
 
+    def compact_soon(self, snapshot):
+        """
+        Compact the journal to C{snapshot()} off the reactor thread (see the
+        module docstring), or at once without an L{IFileIO}.  Does nothing
+        while a compaction is under way or writes fail.  If the disk refuses,
+        it is logged and the old file stays (the next compaction tries again).
+
+        @param snapshot: a callable returning the records, called when the
+            compaction starts.
+        """
+        if self._files is None:
+            self.compact(snapshot())
+            return
+        if self._compaction is not None or self.failing:
+            return
+        self._compaction = Deferred()
+        if self._group is not None:
+            self._group.when_quiet(lambda: self._start_compaction(snapshot))
+        else:
+            self._start_compaction(snapshot)
+
+    def _start_compaction(self, snapshot):
+        before = []
+        if self._group is not None:
+            before = self._group.journals[: self._group.journals.index(self)]
+            # What the snapshot reflects must be in the files before it.
+            self._group.write_ahead()
+        if any(j.failing for j in before):
+            self._compaction_over(None, OSError("writes are failing"), None, None, ())
+            return
+        records = snapshot()
+        data = b"".join(_dumps(r).encode("utf-8") + b"\n" for r in records)
+        # Everything queued or written for this journal is in the snapshot.
+        queued = (self._queue, self._waiting)
+        self._queue, self._waiting = [], []
+        unsynced = self._take_unsynced()
+        fds = [(j._file.fileno(), j._fsync) for j in before if j._file is not None]
+        self._files.run(self._replace_file, data, fds).addBoth(
+            lambda result: self._compaction_over(
+                len(records), result.value if isinstance(result, Failure) else None, queued, unsynced, fds
+            )
+        )
+
+    def _replace_file(self, data, earlier_fds):
+        """In a file-system thread: put C{data} in the journal's place, durably."""
+        self._write_temporary(data)
+        for fd, really in earlier_fds:
+            if really:
+                os.fsync(fd)
+        os.replace(self.path + ".tmp", self.path)
+        if self._fsync:
+            fsync_directory(os.path.dirname(self.path) or ".")
+
+    def _compaction_over(self, count, error, queued, unsynced, fds):
+        done, self._compaction = self._compaction, None
+        if error is None:
+            self.close()  # the old file; the next append opens the new one
+            self.lines = count
+            self.flushes += 1
+            self._written += unsynced[2] + queued[1]
+            self.failing = False
+        else:
+            self.log.warn(
+                "Cannot compact {path} now: {error}",
+                path=self.path, error=getattr(error, "strerror", None) or str(error),
+            )
+            if queued is not None:
+                self._restore_unsynced(unsynced)
+                self._queue[:0] = queued[0]
+                self._waiting[:0] = queued[1]
+        if self._group is not None:
+            self._group._fire()
+            self._group.schedule()
+        else:
+            self._fire()
+            if self._queue:
+                self._schedule()
+        done.callback(error is None)
+
+    def _write_temporary(self, data):
+        tmp = self.path + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
     def close(self):
         if self._file is not None:
             self._file.close()
             self._file = None
 
     def stop(self):
-        """Flush what is queued (fsync included, at once) and close the file."""
+        """
+        Flush what is queued (fsync included, at once) and close the file,
+        after the compaction under way if there is one.
+
+        @return: a Deferred that fires when that is done.
+        """
+        if self._compaction is not None:
+            waiting = Deferred()
+            self._compaction.addBoth(lambda _: self.stop().chainDeferred(waiting))
+            return waiting
+        self._stop_now()
+        return succeed(None)
+
+    def _stop_now(self):
         try:
             if self._group is not None:
                 self._group.sync_now()
@@ -372,6 +489,7 @@ class CommitGroup:
         self._call = None
         self._sync_in_thread = sync_in_thread
         self._in_flight = None  # [(journal, taken)] of the fsync running in the other thread
+        self._quiet = []  # what waits for no fsync to be in flight (compactions)
         self._generation = 0  # bumped when sync_now overtakes an fsync in flight
 
     def add(self, journal):
@@ -402,10 +520,24 @@ class CommitGroup:
         failure the members after it wait too, and all try again later.
         """
         for journal in self.journals:
+            if journal._compaction is not None:
+                return False  # the rest waits for the compaction, which flushes again
             if not journal._write_queued(sync=sync):
                 self.schedule(self.retry_delay)
                 return False
         return True
+
+    def when_quiet(self, f):
+        """Call C{f} once no fsync is in flight (now, if none is)."""
+        if self._in_flight is None:
+            f()
+        else:
+            self._quiet.append(f)
+
+    def _run_quiet(self):
+        quiet, self._quiet = self._quiet, []
+        for f in quiet:
+            f()
 
     def _cancel_call(self):
         if self._call is not None and self._call.active():
@@ -440,10 +572,12 @@ class CommitGroup:
             for journal, taken in batch:
                 journal._sync_failed(taken, error)
             self.schedule(self.retry_delay)
+            self._run_quiet()
             return
         for journal, taken in batch:
             journal._synced(taken)
         self._fire()
+        self._run_quiet()
         if any(j._unsynced_lines or j._queue for j in self.journals):
             self.schedule()
 
@@ -459,6 +593,7 @@ class CommitGroup:
         self._generation += 1
         for journal, taken in batch:
             journal._restore_unsynced(taken)
+        self._run_quiet()
         if not self._write_all(sync=True):
             return False
         self._fire()

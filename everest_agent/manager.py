@@ -16,9 +16,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from everest_agent import paths, policy, protocol
+from everest_agent.fsio import InlineFileIO
 from everest_agent.protocol import ProtocolError, SpecError
 from everest_agent.retention import TaskDirRetention
-from everest_agent.worker import TaskWorker
+from everest_agent.worker import Phase, TaskContext, TaskWorker
 
 
 def _damage(record):
@@ -29,9 +30,9 @@ def _damage(record):
         record["spec"] = protocol.validate_spec(record.get("spec"))
         if record.get("state") is not None and record.get("state") not in protocol.STATE_RANK:
             return f"unknown state {record.get('state')!r}"
-        if record.get("phase", "new") not in ("new", "staged", "submitting", "submitted", "ended"):
+        if record.get("phase", Phase.NEW) not in tuple(Phase):
             return f"unknown phase {record.get('phase')!r}"
-        if record.get("phase") == "ended":
+        if record.get("phase") == Phase.ENDED:
             result = record.get("result") or {}
             if set(result) != {"exit_code", "reason", "canceled"}:
                 return "its result is incomplete"
@@ -41,11 +42,6 @@ def _damage(record):
     except SpecError as e:
         return f"its spec: {e}"
     return None
-
-
-def _make_task_dir(work_dir, task_id, log):
-    os.makedirs(work_dir, mode=0o700, exist_ok=True)
-    os.close(paths.open_task_dir(work_dir, task_id, log=log))
 
 
 class SlotPool:
@@ -134,7 +130,12 @@ class TaskManager(Service):
 
     def __init__(self, registry, sender, handler, stager, work_dir, slots, *,
                  allowed_commands=(), allowed_environment=(), keep_finished=10000,
-                 wallclock=time.time, blocking=None, keep_task_dirs=None):
+                 wallclock=time.time, files=None, keep_task_dirs=None):
+        """
+        @param files: the L{everest_agent.fsio.IFileIO} that does the blocking
+            work on task directories (making them, removing old ones);
+            default: inline, for tests.
+        """
         self.registry = registry
         self.sender = sender
         self.handler = handler
@@ -143,14 +144,13 @@ class TaskManager(Service):
         self.pool = SlotPool(slots, clock=sender.clock)
         self.allowed_commands = list(allowed_commands)
         self.allowed_environment = frozenset(allowed_environment)
-        #: C{blocking(f, *args)}: a Deferred of C{f(*args)} run off the reactor
-        #: thread (the agent gives a thread pool); default: right here (tests).
-        self.blocking = blocking or defer.maybeDeferred
-        self.retention = TaskDirRetention(work_dir, keep_task_dirs, self.blocking, registry,
+        files = files if files is not None else InlineFileIO()
+        self.retention = TaskDirRetention(work_dir, keep_task_dirs, files.run, registry,
                                           sender.clock, wallclock)
         self.keep_finished = keep_finished
         self.wallclock = wallclock
         self.workers = {}  # task id -> TaskWorker of every unfinished task
+        self.context = TaskContext(self, files.batch(self._make_task_dir))
         self._awaiting_ack = collections.deque()  # (terminal seq, task id), in seq order
         self._unreported = set()  # tasks not finished, or finished but not acknowledged
         self._reported = collections.deque()  # finished and acknowledged, oldest first
@@ -252,7 +252,7 @@ class TaskManager(Service):
         self.retention.stop()
         for worker in list(self.workers.values()):
             worker.abandon()
-        self.registry.stop()
+        return self.registry.stop()
 
     # -- platform commands ----------------------------------------------------
 
@@ -271,11 +271,11 @@ class TaskManager(Service):
             spec = None
         # One info line per task is enough at thousands of tasks a second: its end.
         self.log.debug("Task {task_id} submitted", task_id=task_id)
-        fields = {"state": None, "phase": "new", "created": self.wallclock()}
+        fields = {"state": None, "phase": Phase.NEW, "created": self.wallclock()}
         if failure is not None:
             fields["failure"] = failure
         record_d = self.registry.create(task_id, spec, **fields)
-        worker = TaskWorker(self, task_id, self.registry.get(task_id))
+        worker = TaskWorker(self.context, task_id, self.registry.get(task_id))
         self._unreported.add(task_id)
         if self.stopping:
             # Accepted, and started when the agent starts again.
@@ -341,19 +341,16 @@ class TaskManager(Service):
     def task_dir(self, task_id):
         return os.path.join(self.work_dir, task_id)
 
-    def make_task_dir(self, task_id):
+    def _make_task_dir(self, path):
         """
-        Create (or check) a task's directory off the reactor thread: a
-        planted link or someone else's directory there is moved aside
-        (L{paths.open_task_dir}).  @return: a Deferred.
+        Create (or check) a task's directory; blocking, so the context runs
+        it in the file-system threads, the directories of one reactor turn
+        in one hop.  A planted link or someone else's directory there is
+        moved aside (L{paths.open_task_dir}).
         """
-        return self.blocking(_make_task_dir, self.work_dir, task_id, self.log)
-
-    def release(self, worker):
-        if worker.holding:
-            self.pool.release(worker.holding)
-            worker.holding = 0
-            self.slots_changed()
+        work_dir, name = os.path.split(path)
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+        os.close(paths.open_task_dir(work_dir, name, log=self.log))
 
     def slots_changed(self):
         for listener in self.slot_listeners:
@@ -395,7 +392,7 @@ class TaskManager(Service):
         return self.pool.used, self.pool.queued
 
     def _start_worker(self, task_id, record):
-        worker = TaskWorker(self, task_id, record)
+        worker = TaskWorker(self.context, task_id, record)
         self.workers[task_id] = worker
         worker.start()
         return worker

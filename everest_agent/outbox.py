@@ -18,14 +18,19 @@ import os
 from collections import OrderedDict
 
 from everest_agent.journal import Journal
+from everest_agent.statedir import replay_outbox
 
 
 class Outbox:
     #: Compact when the journal has this many more records than pending messages.
     compact_slack = 10000
 
-    def __init__(self, state_dir, reactor, fsync=True, group=None):
-        self._journal = Journal(os.path.join(state_dir, "outbox.jsonl"), reactor, fsync)
+    def __init__(self, state_dir, reactor, fsync=True, group=None, files=None):
+        """
+        @param files: an L{everest_agent.fsio.IFileIO}: compaction while
+            the agent runs goes through it, off the reactor thread.
+        """
+        self._journal = Journal(os.path.join(state_dir, "outbox.jsonl"), reactor, fsync, files)
         if group is not None:
             group.add(self._journal)
         self._pending = OrderedDict()  # seq -> message, durable or not
@@ -35,20 +40,10 @@ class Outbox:
 
     def load(self):
         """Read the journal back after a (re)start, then compact it."""
-        pending = {}
-        for record in self._journal.load():
-            if "seq" in record:
-                seq = record["seq"]
-                pending[seq] = record["msg"]
-                self.last_seq = max(self.last_seq, seq)
-            elif "ack" in record:
-                self.acked = max(self.acked, record["ack"])
-            elif "next" in record:
-                self.last_seq = max(self.last_seq, record["next"] - 1)
-        self._pending = OrderedDict(
-            (seq, msg) for seq, msg in sorted(pending.items()) if seq > self.acked
-        )
-        self.last_seq = max(self.last_seq, self.acked)
+        pending, last_seq, acked = replay_outbox(self._journal.load())
+        self._pending = OrderedDict(pending)
+        self.last_seq = max(self.last_seq, last_seq)
+        self.acked = max(self.acked, acked)
         self.durable_seq = self.last_seq
         self._compact()
 
@@ -92,7 +87,7 @@ class Outbox:
             del pending[first]
         self._journal.append_nowait({"ack": seq})
         if self._journal.lines > len(pending) + self.compact_slack:
-            self._compact()
+            self._journal.compact_soon(self._records)
         return True
 
     def durable_pending(self):
@@ -109,10 +104,15 @@ class Outbox:
             return item
         return None
 
-    def _compact(self):
+    def _records(self):
+        """What a compacted journal holds."""
         records = [{"next": self.last_seq + 1}, {"ack": self.acked}]
         records.extend({"seq": s, "msg": m} for s, m in self._pending.items())
-        self._journal.compact(records)
+        return records
+
+    def _compact(self):
+        self._journal.compact(self._records())
 
     def stop(self):
-        self._journal.stop()
+        """@return: a Deferred firing once everything is on disk and the file closed."""
+        return self._journal.stop()

@@ -129,6 +129,25 @@ class SpecError(ValueError):
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+def hello(token, agent, hostname, handler, slots, tasks):
+    """
+    The body of the agent's C{HELLO} (the agent's and C{check}'s).
+
+    @param agent: the agent's name and version (C{everest-agent/1.2}).
+    @param tasks: the ids of the tasks the agent still knows (not finished,
+        or finished with a report not yet acknowledged).
+    """
+    return {
+        "token": token,
+        "protocol": PROTOCOL_VERSION,
+        "agent": agent,
+        "hostname": hostname,
+        "handler": handler,
+        "slots": slots,
+        "tasks": list(tasks),
+    }
+
+
 def encode(message):
     """
     Encode one message (a list whose first item is its type) as the UTF-8

@@ -90,8 +90,12 @@ class TaskRegistry:
     #: Bytes of dropped specs and inline data in the journal that make it compact.
     compact_bytes = 64 << 20
 
-    def __init__(self, state_dir, reactor, fsync=True, group=None):
-        self._journal = Journal(os.path.join(state_dir, "tasks.jsonl"), reactor, fsync)
+    def __init__(self, state_dir, reactor, fsync=True, group=None, files=None):
+        """
+        @param files: an L{everest_agent.fsio.IFileIO}: compaction while
+            the agent runs goes through it, off the reactor thread.
+        """
+        self._journal = Journal(os.path.join(state_dir, "tasks.jsonl"), reactor, fsync, files)
         if group is not None:
             group.add(self._journal)
         self.records = {}  # task id -> merged record
@@ -139,7 +143,7 @@ class TaskRegistry:
         self.live_bytes = max(0, self.live_bytes - weight)
         self.dead_bytes += weight
         if self.dead_bytes > self.compact_bytes and self.dead_bytes > self.live_bytes:
-            self.compact()
+            self._journal.compact_soon(self._snapshot)
 
     def write_ahead(self):
         """Put what is queued in the file now (with its commit group), fsync later."""
@@ -152,15 +156,19 @@ class TaskRegistry:
 
     def _maybe_compact(self):
         if self._journal.lines > len(self.records) * 2 + self.compact_slack:
-            self.compact()
+            self._journal.compact_soon(self._snapshot)
 
-    def compact(self):
+    def _snapshot(self):
         for record in self.records.values():
             if record.get("finished"):
                 small_record(record)  # a finished task is never run again
-        if self._journal.compact(list(self.records.values())):
-            self.dead_bytes = 0
-            self.live_bytes = sum(spec_weight(r.get("spec")) for r in self.records.values())
+        self.dead_bytes = 0
+        self.live_bytes = sum(spec_weight(r.get("spec")) for r in self.records.values())
+        return list(self.records.values())
+
+    def compact(self):
+        self._journal.compact(self._snapshot())
 
     def stop(self):
-        self._journal.stop()
+        """@return: a Deferred firing once everything is on disk and the file closed."""
+        return self._journal.stop()

@@ -137,4 +137,4 @@ class Sender(Service):
 
     def stopService(self):
         super().stopService()
-        self.outbox.stop()
+        return self.outbox.stop()

@@ -28,8 +28,7 @@ import time
 from twisted.logger import Logger
 
 from everest_agent import __version__, protocol
-from everest_agent.journal import Journal
-from everest_agent.registry import merge_records
+from everest_agent.statedir import read_outbox, read_registry
 from everest_agent.transfer.urls import public_url
 
 STATUS_FILE = "status.json"
@@ -237,35 +236,6 @@ def lock_holder(state_dir, proc_locks="/proc/locks"):
     if pid is None:
         return None, None
     return (True if _pid_alive(pid) else False), pid
-
-
-def _journal_records(path):
-    return Journal(path, None).load()
-
-
-def read_registry(state_dir):
-    """Task records merged like L{TaskRegistry.load}, without compacting."""
-    return merge_records(_journal_records(os.path.join(state_dir, "tasks.jsonl")))
-
-
-def read_outbox(state_dir):
-    """
-    The outbox as L{Outbox.load} sees it, without compacting.
-
-    @return: C{(pending, last_seq, acked)}: C{pending} is a list of
-        C{(seq, message)} in seq order.
-    """
-    pending, last_seq, acked = {}, 0, 0
-    for record in _journal_records(os.path.join(state_dir, "outbox.jsonl")):
-        if "seq" in record and isinstance(record["seq"], int):
-            pending[record["seq"]] = record.get("msg")
-            last_seq = max(last_seq, record["seq"])
-        elif isinstance(record.get("ack"), int):
-            acked = max(acked, record["ack"])
-        elif isinstance(record.get("next"), int):
-            last_seq = max(last_seq, record["next"] - 1)
-    items = [(seq, msg) for seq, msg in sorted(pending.items()) if seq > acked]
-    return items, max(last_seq, acked), acked
 
 
 def hello_tasks(records, acked):

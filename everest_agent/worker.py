@@ -21,7 +21,13 @@ Only what a restart needs waits for the disk: the task's own record
 batch handler.  Everything else rides the next group commit, and a task's
 slots are given back the moment its job ends, so the next queued task
 starts at the end of that reactor turn.
+
+The worker reaches the rest of the agent only through its L{TaskContext}
+(built once by the manager): the registry's records, the reports, the
+handler, the stager, the slots and the task directories.
 """
+
+import enum
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -32,11 +38,108 @@ from everest_agent.paths import PathEscape
 from everest_agent.transfer.errors import StagingError
 
 
+class Phase(str, enum.Enum):
+    """Where a task is in its life, as recorded in its C{phase} field."""
+
+    NEW = "new"
+    STAGED = "staged"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    ENDED = "ended"
+
+    def __str__(self):
+        return self.value
+
+
+class TaskContext:
+    """
+    What a L{TaskWorker} may use of the agent, and nothing else.
+
+    @ivar handler: the L{everest_agent.interfaces.ITaskHandler}.
+    @ivar stager: moves the task's inputs and outputs.
+    """
+
+    def __init__(self, manager, make_directory):
+        """
+        @param manager: the L{everest_agent.manager.TaskManager}.
+        @param make_directory: a callable taking a task directory's path
+            and returning a Deferred that fires once the directory exists
+            (the manager's goes through the file-system threads).
+        """
+        self._manager = manager
+        self._make_directory = make_directory
+
+    @property
+    def handler(self):
+        return self._manager.handler
+
+    @property
+    def stager(self):
+        return self._manager.stager
+
+    def wallclock(self):
+        return self._manager.wallclock()
+
+    @property
+    def stopping(self):
+        """True while the agent stops: no job is started any more."""
+        return self._manager.stopping
+
+    def record(self, task_id, **fields):
+        """Change some fields of the task's record. @return: a Deferred of their durability."""
+        return self._manager.registry.update(task_id, **fields)
+
+    def write_ahead(self):
+        """Put the records queued so far in their file now (fsync later)."""
+        self._manager.registry.write_ahead()
+
+    def report(self, task_id, state, info):
+        """
+        Send a TASK_STATE reliably.
+
+        @return: C{(seq, d)}: the message's seq, and a Deferred firing with
+            it once it is durable.
+        """
+        d = self._manager.sender.task_state(task_id, state, info)
+        return self._manager.sender.outbox.last_seq, d
+
+    def finished(self, seq, task_id):
+        """The task's terminal report is durable as C{seq}."""
+        self._manager.terminal_reported(seq, task_id)
+
+    def acquire(self, slots):
+        """@return: a (cancellable) Deferred firing once C{slots} are the task's."""
+        return self._manager.pool.acquire(slots)
+
+    def release(self, slots):
+        """Give back C{slots} a task held."""
+        self._manager.pool.release(slots)
+        self._manager.slots_changed()
+
+    def slots_changed(self):
+        self._manager.slots_changed()
+
+    def task_dir(self, task_id):
+        return self._manager.task_dir(task_id)
+
+    def make_task_dir(self, task_id):
+        """@return: a Deferred firing once the task's directory exists."""
+        return self._make_directory(self.task_dir(task_id))
+
+    def environment(self, task_id):
+        """What the agent adds to a task's environment."""
+        environment = {"EVEREST_TASK_ID": task_id}
+        channel = self._manager.channel
+        if channel is not None:
+            environment.update(channel.environment(task_id))
+        return environment
+
+
 class TaskWorker:
     log = Logger()
 
-    def __init__(self, manager, task_id, record):
-        self.manager = manager
+    def __init__(self, context, task_id, record):
+        self.context = context
         self.task_id = task_id
         self.record = record
         self.state = record.get("state")
@@ -64,21 +167,21 @@ class TaskWorker:
             return defer.succeed(None)
         if not protocol.may_follow(self.state, state):
             if extra:
-                self.manager.registry.update(self.task_id, **extra)
+                self.context.record(self.task_id, **extra)
             return defer.succeed(None)
         self.state = state
         # The message first, then the record, in the same commit group:
         # after the agent dies the record is never ahead of the outbox.
-        d = self.manager.sender.task_state(self.task_id, state, info)
-        fields = dict(extra or (), state=state, state_seq=self.manager.sender.outbox.last_seq)
+        seq, d = self.context.report(self.task_id, state, info)
+        fields = dict(extra or (), state=state, state_seq=seq)
         if state in protocol.TERMINAL:
-            fields.update(finished=True, info=info, finished_at=self.manager.wallclock(),
+            fields.update(finished=True, info=info, finished_at=self.context.wallclock(),
                           terminal_seq=fields["state_seq"])
         elif info:
             fields["info"] = info
-        self.manager.registry.update(self.task_id, **fields)
+        self.context.record(self.task_id, **fields)
         if state in protocol.TERMINAL:
-            d.addCallback(self.manager.terminal_reported, self.task_id)
+            d.addCallback(self.context.finished, self.task_id)
         return d
 
     # -- life -----------------------------------------------------------------
@@ -121,30 +224,34 @@ class TaskWorker:
     def _request(self):
         spec = self.record["spec"]
         environment = dict(spec["environment"])
-        environment["EVEREST_TASK_ID"] = self.task_id
-        if self.manager.channel is not None:
-            environment.update(self.manager.channel.environment(self.task_id))
+        environment.update(self.context.environment(self.task_id))
         return JobRequest(
             task_id=self.task_id,
-            directory=self.manager.task_dir(self.task_id),
+            directory=self.context.task_dir(self.task_id),
             command=spec["command"],
             environment=environment,
             requirements=spec["resourceRequirements"],
         )
 
+    def release(self):
+        """Give back the slots the task holds, if any."""
+        if self.holding:
+            holding, self.holding = self.holding, 0
+            self.context.release(holding)
+
     async def _live(self):
-        registry = self.manager.registry
+        context = self.context
         if self.state is None:
             await self.report(protocol.ACCEPTED)
         if self.record.get("failure"):  # a bad spec or a refused command: nothing runs
             await self._finish(protocol.FAILED, JobResult(None, self.record["failure"]))
             return
         times = self.record.setdefault("times", {})
-        clock = self.manager.wallclock
+        clock = self.context.wallclock
         submitted = None  # the 'submitted' record, when it goes out with RUNNING
         try:
-            phase = self.record.get("phase", "new")
-            if phase == "new":
+            phase = Phase(self.record.get("phase", Phase.NEW))
+            if phase == Phase.NEW:
                 if self.cancel_requested:
                     raise defer.CancelledError()
                 start = clock()
@@ -152,34 +259,34 @@ class TaskWorker:
                 times["stageInTime"] = round(clock() - start, 6)
                 if self.record["spec"]["inputs"]:
                     # (Without inputs, staging again after a restart costs nothing.)
-                    registry.update(self.task_id, phase="staged", times=times)
-                phase = "staged"
-            if phase == "staged":
+                    context.record(self.task_id, phase=Phase.STAGED, times=times)
+                phase = Phase.STAGED
+            if phase == Phase.STAGED:
                 await self._acquire_slots()
-                if self.abandoned or self.manager.stopping:
+                if self.abandoned or self.context.stopping:
                     return  # the agent is stopping: the next start runs it
-                handler = self.manager.handler
+                handler = context.handler
                 # Recorded before the job exists: a restart from here looks
                 # for the job instead of starting a second one.
-                submitting = registry.update(self.task_id, phase="submitting", times=times)
+                submitting = context.record(self.task_id, phase=Phase.SUBMITTING, times=times)
                 if handler.durable_jobs:
                     await self._step(submitting)
                 else:
-                    registry.write_ahead()
+                    context.write_ahead()
                 self.job = await handler.submit(self._request())
-                submitted = {"phase": "submitted", "job": self._job_record()}
+                submitted = {"phase": Phase.SUBMITTED, "job": self._job_record()}
                 if self.job.batch:
-                    registry.update(self.task_id, **submitted)
+                    context.record(self.task_id, **submitted)
                     submitted = None  # else it goes with RUNNING, in the same turn
-                phase = "submitted"
-            elif phase in ("submitting", "submitted"):
+                phase = Phase.SUBMITTED
+            elif phase in (Phase.SUBMITTING, Phase.SUBMITTED):
                 await self._acquire_slots(report=False)
                 job = self.record.get("job") or {}
                 self.job = await self._find_or_submit(job.get("id"))
                 if job.get("id") != self.job.job_id:
-                    registry.update(self.task_id, phase="submitted", job=self._job_record())
-                phase = "submitted"
-            if phase == "submitted":
+                    context.record(self.task_id, phase=Phase.SUBMITTED, job=self._job_record())
+                phase = Phase.SUBMITTED
+            if phase == Phase.SUBMITTED:
                 result = await self._run(submitted)
             else:
                 result = JobResult(**self.record["result"])
@@ -197,41 +304,41 @@ class TaskWorker:
             await self._finish(protocol.FAILED, JobResult(None, str(e) or e.__class__.__name__))
             return
         finally:
-            self.manager.release(self)
+            self.release()
         await self._stage_out_and_finish(result)
 
     async def _find_or_submit(self, job_id):
         """After a restart: find the job a previous agent started, or start it."""
         request = self._request()
         try:
-            return await self.manager.handler.reattach(request, job_id)
+            return await self.context.handler.reattach(request, job_id)
         except JobNeverStarted:
             self.log.info("Task {task_id} was never started; starting it now", task_id=self.task_id)
-            return await self.manager.handler.submit(request)
+            return await self.context.handler.submit(request)
 
     async def _stage_in(self):
         inputs = self.record["spec"]["inputs"]
-        directory = self.manager.task_dir(self.task_id)
+        directory = self.context.task_dir(self.task_id)
         try:
-            await self._step(self.manager.make_task_dir(self.task_id))
+            await self._step(self.context.make_task_dir(self.task_id))
         except OSError as e:
-            raise StagingError(f"cannot create the task directory: {e.strerror}") from None
+            raise StagingError(f"cannot create the task directory: {e.strerror or e}") from None
         except PathEscape as e:
             raise StagingError(f"cannot use the task directory: {e}") from None
         if inputs:
             await self.report(protocol.STAGING_IN)
             await self._step(
-                defer.Deferred.fromCoroutine(self.manager.stager.stage_in(directory, inputs))
+                defer.Deferred.fromCoroutine(self.context.stager.stage_in(directory, inputs))
             )
 
     async def _acquire_slots(self, report=True):
-        self.slots = self.manager.handler.slots_needed(self.record["spec"]["resourceRequirements"])
-        d = self.manager.pool.acquire(self.slots)
+        self.slots = self.context.handler.slots_needed(self.record["spec"]["resourceRequirements"])
+        d = self.context.acquire(self.slots)
         if not d.called and report:
             self.report(protocol.QUEUED)
         await self._step(d)
         self.holding = self.slots
-        self.manager.slots_changed()
+        self.context.slots_changed()
 
     def _job_record(self):
         return {"id": self.job.job_id, "batch": bool(self.job.batch)}
@@ -245,22 +352,22 @@ class TaskWorker:
             job.cancel()
         if job.batch:
             self.report(protocol.QUEUED, **self._job_info())
-        clock = self.manager.wallclock
+        clock = self.context.wallclock
         ran = await self._step(_ran(job))
         started = clock()
         if ran:
             self.report(protocol.RUNNING, submitted, **self._job_info())
         result = await self._step(job.result)
-        self.manager.release(self)
+        self.release()
         times = self.record.setdefault("times", {})
         times["runTime"] = round(clock() - started, 6)
         if self.record["spec"]["outputs"]:
             # Outputs to send: a restart from here sends them (again)
             # instead of waiting for a job that is gone.  Without any, the
             # terminal state is recorded in this same turn.
-            self.manager.registry.update(
+            self.context.record(
                 self.task_id,
-                phase="ended",
+                phase=Phase.ENDED,
                 times=times,
                 result={"exit_code": result.exit_code, "reason": result.reason, "canceled": result.canceled},
             )
@@ -272,14 +379,14 @@ class TaskWorker:
             return
         outputs_spec = self.record["spec"]["outputs"]
         uploaded, errors = [], []
-        clock = self.manager.wallclock
+        clock = self.context.wallclock
         start = clock()
         if outputs_spec:
             await self.report(protocol.STAGING_OUT)
             try:
                 uploaded, errors = await self._step(
                     defer.Deferred.fromCoroutine(
-                        self.manager.stager.stage_out(self.manager.task_dir(self.task_id), outputs_spec)
+                        self.context.stager.stage_out(self.context.task_dir(self.task_id), outputs_spec)
                     )
                 )
             except defer.CancelledError:

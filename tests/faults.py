@@ -45,7 +45,7 @@ from twisted.web import resource, server
 
 from everest_agent import protocol as P
 from everest_agent.platform import Platform, listen
-from everest_agent.registry import merge_records
+from everest_agent import statedir
 from tests.support import TOKEN, write_private
 
 AGENT_NAME = "agent"
@@ -557,53 +557,24 @@ def kill_marked(mark):
 # Reading the agent's state directory from outside (read only).
 
 
-def _journal(path):
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def read_outbox(state_dir):
     """C{(last_seq, acked, {seq: message} pending)} from C{outbox.jsonl}."""
-    last = acked = 0
-    messages = {}
-    for record in _journal(os.path.join(state_dir, "outbox.jsonl")):
-        if "seq" in record:
-            messages[record["seq"]] = record["msg"]
-            last = max(last, record["seq"])
-        elif "ack" in record:
-            acked = max(acked, record["ack"])
-        elif "next" in record:
-            last = max(last, record["next"] - 1)
-    last = max(last, acked)
-    return last, acked, {s: m for s, m in messages.items() if s > acked}
+    pending, last, acked = statedir.read_outbox(state_dir)
+    return last, acked, dict(pending)
 
 
 def durable_seqs(state_dir):
     """C{(seqs written as messages, highest ack written)} in C{outbox.jsonl}."""
     seqs, acked = set(), 0
-    for record in _journal(os.path.join(state_dir, "outbox.jsonl")):
-        if "seq" in record:
+    for record in statedir.read_journal(os.path.join(state_dir, statedir.OUTBOX_FILE)):
+        if isinstance(record.get("seq"), int):
             seqs.add(record["seq"])
-        elif "ack" in record:
+        elif isinstance(record.get("ack"), int):
             acked = max(acked, record["ack"])
     return seqs, acked
 
 
-def read_registry(state_dir):
-    """Task id -> merged record, from C{tasks.jsonl}."""
-    return merge_records(_journal(os.path.join(state_dir, "tasks.jsonl")))
+read_registry = statedir.read_registry
 
 
 # ---------------------------------------------------------------------------

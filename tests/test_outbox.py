@@ -7,6 +7,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from everest_agent.fsio import StallingFileIO
 from everest_agent.journal import CommitGroup, Journal
 from everest_agent.outbox import Outbox
 from everest_agent.sender import Sender
@@ -308,6 +309,116 @@ class ThreadedSyncTests(SynchronousTestCase):
         self.assertEqual(self.load(self.outbox), [{"compacted": 1}, {"m": 2}])
 
 
+class CompactionOffTheReactorTests(SynchronousTestCase):
+    """L{Journal.compact_soon}: compaction through a file system that stalls."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.thread = FakeSyncThread()
+        self.files = StallingFileIO(self.clock, delay=None)
+        self.group = CommitGroup(self.clock, sync_in_thread=self.thread)
+        self.outbox = self.group.add(Journal(self.mktemp(), self.clock, files=self.files))
+        self.registry = self.group.add(Journal(self.mktemp(), self.clock, files=self.files))
+
+    def load(self, journal):
+        return Journal(journal.path, self.clock).load()
+
+    def test_compaction_runs_in_the_file_system_threads(self):
+        """
+        Nothing of the compaction runs in the calling thread: the old file
+        stays until the stalled work is done, records appended meanwhile
+        wait, and then go into the new file after the snapshot.
+        """
+        before = self.registry.append({"r": 1})
+        self.clock.advance(0)
+        self.thread.finish()
+        self.assertTrue(before.called)
+        covered = self.registry.append({"r": 2})  # queued, so in the snapshot
+        self.registry.compact_soon(lambda: [{"snapshot": 1}])
+        self.assertEqual(self.files.pending, 1)
+        later = self.registry.append({"r": 3})
+        self.clock.advance(0)
+        self.assertEqual(self.load(self.registry), [{"r": 1}])
+        self.assertFalse(covered.called or later.called)
+        self.files.release()
+        self.assertTrue(covered.called)
+        self.assertEqual(self.load(self.registry), [{"snapshot": 1}])
+        self.clock.advance(0)
+        self.thread.finish()
+        self.assertTrue(later.called)
+        self.assertEqual(self.load(self.registry), [{"snapshot": 1}, {"r": 3}])
+        self.assertEqual(self.registry.lines, 2)
+
+    def test_waits_for_the_fsync_in_flight(self):
+        self.registry.append({"r": 1})
+        self.clock.advance(0)
+        self.registry.compact_soon(lambda: [{"snapshot": 1}])
+        self.assertEqual(self.files.pending, 0)  # the fsync of {"r": 1} is still running
+        self.thread.finish()
+        self.assertEqual(self.files.pending, 1)
+        self.files.release()
+        self.assertEqual(self.load(self.registry), [{"snapshot": 1}])
+
+    def test_later_member_never_ahead_of_an_earlier_one(self):
+        """
+        While the outbox compacts, the registry's records wait; the
+        outbox's snapshot is on disk before any of them.
+        """
+        self.outbox.compact_soon(lambda: [{"next": 5}])
+        record = self.registry.append({"r": 1})
+        self.clock.advance(0)
+        self.assertEqual(self.load(self.registry), [])
+        self.files.release()
+        self.clock.advance(0)
+        self.assertEqual(self.load(self.registry), [{"r": 1}])
+        self.thread.finish()
+        self.assertTrue(record.called)
+
+    def test_earlier_member_written_and_synced_before_the_snapshot(self):
+        synced = []
+        real = os.fsync
+        from everest_agent import journal as journal_module
+
+        self.patch(journal_module.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+        self.outbox.append({"m": 1})
+        self.registry.compact_soon(lambda: [{"snapshot": 1}])
+        self.assertEqual(self.load(self.outbox), [{"m": 1}])  # written before the snapshot
+        self.files.release()
+        self.assertIn(self.outbox._file.fileno(), synced)
+
+    def test_refused_compaction_keeps_the_old_file_and_every_record(self):
+        from everest_agent import journal as journal_module
+
+        self.registry.append({"r": 1})
+        self.clock.advance(0)
+        self.thread.finish()
+        self.registry.compact_soon(lambda: [{"snapshot": 1}])
+        waiting = self.registry.append({"r": 2})
+        real_replace = os.replace
+
+        def full(*args):
+            raise OSError(28, "No space left on device")
+
+        self.patch(journal_module.os, "replace", full)
+        self.files.release()
+        self.patch(journal_module.os, "replace", real_replace)
+        self.assertEqual(self.load(self.registry), [{"r": 1}])
+        self.clock.advance(0)
+        self.thread.finish()
+        self.assertTrue(waiting.called)
+        self.assertEqual(self.load(self.registry), [{"r": 1}, {"r": 2}])
+
+    def test_stop_waits_for_the_compaction(self):
+        self.registry.append({"r": 1})
+        self.registry.compact_soon(lambda: [{"snapshot": 1}])
+        self.registry.append({"r": 2})
+        stopped = self.registry.stop()
+        self.assertNoResult(stopped)
+        self.files.release()
+        self.successResultOf(stopped)
+        self.assertEqual(self.load(self.registry), [{"snapshot": 1}, {"r": 2}])
+
+
 class OutboxTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
@@ -359,6 +470,29 @@ class OutboxTests(SynchronousTestCase):
         self.assertLess(box._journal.lines, 15)
         box.stop()
         self.assertEqual(self.outbox().last_seq, 50)
+
+    def test_compaction_while_running_is_off_the_reactor(self):
+        """An ACK that compacts hands the work to the file-system threads."""
+        files = StallingFileIO(self.clock, delay=2.0)
+        box = Outbox(self.dir, self.clock, fsync=False, files=files)
+        box.load()
+        box.compact_slack = 10
+        for _ in range(20):
+            box.put(lambda seq: ["X", seq])
+            self.clock.advance(0)
+            box.ack(box.last_seq)
+        self.assertEqual(files.calls, 1)  # one compaction at a time
+        self.clock.advance(2.0)
+        box.put(lambda seq: ["X", seq])  # records of the stall, then this: compact again
+        self.clock.advance(0)
+        box.ack(box.last_seq)
+        self.assertEqual(files.calls, 2)
+        self.clock.advance(2.0)
+        self.assertLess(box._journal.lines, 5)
+        self.successResultOf(box.stop())
+        box = Outbox(self.dir, self.clock, fsync=False)
+        box.load()
+        self.assertEqual((box.last_seq, box.acked, len(box)), (21, 21, 0))
 
     def test_ack_beyond_last_seq_is_clamped(self):
         box = self.outbox()

@@ -660,6 +660,49 @@ class PollTests(HandlerTestMixin, SynchronousTestCase):
         self.assertEqual(self.slurm.jobs[job.job_id]["state"], "PENDING")
 
 
+class FileWorkOffTheReactorTests(HandlerTestMixin, SynchronousTestCase):
+    """Job scripts and exit-code files go through the handler's IFileIO."""
+
+    def setUp(self):
+        super().setUp()
+        from everest_agent.fsio import StallingFileIO, reactor_thread_guard
+
+        self.files = StallingFileIO(self.clock, delay=2.0)
+        self.handler.use_files(self.files)
+        guard = reactor_thread_guard(self.files)
+        self.patch(jobscript, "write_job_script", guard(jobscript.write_job_script))
+        self.patch(jobscript, "read_exit_code", guard(jobscript.read_exit_code))
+        self.patch(jobscript, "job_started", guard(jobscript.job_started))
+        self.handler.use_files(self.files)  # again, to take the guarded functions
+
+    def test_burst_of_submissions_one_hop(self):
+        ds = [self.handler.submit(self.request(f"t{i}")) for i in range(10)]
+        self.clock.advance(0)
+        self.assertEqual(self.files.calls, 1)
+        for d in ds:
+            self.assertNoResult(d)
+        self.clock.advance(2.0)
+        jobs = [self.successResultOf(d) for d in ds]
+        self.assertEqual(len({job.job_id for job in jobs}), 10)
+
+    def test_exit_codes_of_one_poll_in_one_hop(self):
+        ds = [self.handler.submit(self.request(f"t{i}")) for i in range(50)]
+        for _ in range(4):  # max_submit at a time
+            self.clock.advance(0)
+            self.clock.advance(2.0)
+        jobs = [self.successResultOf(d) for d in ds]
+        for n, job in enumerate(jobs):
+            self.slurm.set(job.job_id, "COMPLETED", exit_code=n % 3)
+            write_exit_code(job.request.directory, n % 3)
+        calls = self.files.calls
+        self.poll()
+        self.assertEqual(self.files.calls, calls + 1)  # fifty files, one hop
+        self.assertNoResult(jobs[0].result)
+        self.clock.advance(2.0)
+        self.assertEqual([self.successResultOf(job.result).exit_code for job in jobs],
+                         [n % 3 for n in range(50)])
+
+
 class CancelTests(HandlerTestMixin, SynchronousTestCase):
     def test_cancel(self):
         job = self.submit()

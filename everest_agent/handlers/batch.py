@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from everest_agent import jobscript
+from everest_agent.fsio import InlineFileIO
 from everest_agent.handlers.command import CommandError, command_name, run_command
 from everest_agent.interfaces import IJob, ITaskHandler, JobResult
 
@@ -228,6 +229,7 @@ class BatchTaskHandler(service.Service):
         self._run_command = run
         self.exit_code_polls = int(exit_code_polls)
         self.user = user or _current_user()
+        self.use_files(InlineFileIO())
         self.jobs = {}  # job id -> BatchJob, the active ones
         self._limiter = defer.DeferredSemaphore(self.max_submit)
         self._timer = None
@@ -238,6 +240,16 @@ class BatchTaskHandler(service.Service):
         self.polls = 0
         self.poll_failures = 0  # status queries that failed or timed out
         self.last_poll_duration = None  # seconds the last poll took
+
+    def use_files(self, files):
+        """
+        Do the handler's file work (job scripts, exit-code files) through
+        C{files}, an L{everest_agent.fsio.IFileIO}: the agent passes its
+        file-system threads; the default runs it inline (tests).
+        """
+        self.files = files
+        self._write_script = files.batch(jobscript.write_job_script)
+        self._read_end = files.batch(read_end)
 
     # ------------------------------------------------------------------
     # Construction from the configuration file.
@@ -305,7 +317,7 @@ class BatchTaskHandler(service.Service):
         except ValueError as e:
             raise SubmitError(str(e)) from None
         try:
-            script = jobscript.write_job_script(request)
+            script = yield self._write_script(request)
         except (ValueError, OSError) as e:
             raise SubmitError(f"cannot write the job script: {e}") from None
         argv = self.submit_argv(request, script)
@@ -400,11 +412,8 @@ class BatchTaskHandler(service.Service):
             if not job.done:
                 self._schedule(0)
             return job
-        try:
-            code = jobscript.read_exit_code(request.directory)
-        except ValueError:
-            code = None
-        if code is not None or jobscript.job_started(request.directory):
+        code, _, started = yield self._read_end(request.directory)
+        if code is not None or started:
             # It ran, but the scheduler has forgotten it (and its id).
             job = BatchJob(self, request, None)
             self.log.warn(
@@ -545,6 +554,7 @@ class BatchTaskHandler(service.Service):
         ids = list(self.jobs)
         if not ids:
             return
+        ended = []  # (job, status): their exit-code files are read in one hop
         gone = []
         for chunk in chunks(ids, self.chunk_size):
             try:
@@ -565,7 +575,7 @@ class BatchTaskHandler(service.Service):
                 if status is None:
                     gone.append(job)
                 else:
-                    self._apply(job, status)
+                    self._apply(job, status, ended)
         if gone:
             gone_ids = [job.job_id for job in gone]
             details = {}
@@ -578,12 +588,19 @@ class BatchTaskHandler(service.Service):
                         "their exit-code files decide",
                         error=str(e),
                     )
-            for job in gone:
-                if not job.done:
-                    self._ended(job, details.get(job.job_id))
+            ended += [(job, details.get(job.job_id)) for job in gone]
+        if ended:
+            ends = await defer.gatherResults([self._read_end(job.request.directory) for job, _ in ended])
+            for (job, status), end in zip(ended, ends):
+                self._ended(job, status, end)
 
-    def _apply(self, job, status):
-        """Act on one status report for an active job."""
+    def _apply(self, job, status, ended=None):
+        """
+        Act on one status report for an active job.  An ended job's
+        exit-code file is read (off the reactor thread) before its end is
+        decided: with the others of the same poll if C{ended} (a list) is
+        given, else at once.
+        """
         job.state = status.state
         if status.phase == QUEUED:
             if job.phase is None:
@@ -597,7 +614,10 @@ class BatchTaskHandler(service.Service):
             if not job.running.called:
                 job.running.callback(None)
         elif status.phase == ENDED:
-            self._ended(job, status)
+            if ended is not None:
+                ended.append((job, status))
+            else:
+                self._read_end(job.request.directory).addCallback(lambda end: self._ended(job, status, end))
         else:
             self.log.warn(
                 "Job {job_id} (task {task_id}) is in state {state}, which this agent does not know; "
@@ -607,20 +627,15 @@ class BatchTaskHandler(service.Service):
                 state=status.state,
             )
 
-    def _ended(self, job, status):
+    def _ended(self, job, status, end):
         """
         A job ended (C{status} is how the scheduler saw its end, or None if
-        the scheduler forgot it): decide its result.
+        the scheduler forgot it): decide its result from that and C{end},
+        what L{read_end} found in its directory.
         """
         if job.done:
             return
-        unreadable = None
-        try:
-            code = jobscript.read_exit_code(job.request.directory)
-        except ValueError as e:
-            code, unreadable = None, str(e)
-        except OSError as e:
-            code, unreadable = None, f"cannot read {jobscript.EXIT_CODE_FILE}: {e}"
+        code, unreadable, started = end
         state = status.state if status is not None else "gone"
         if job.cancel_requested:
             result = JobResult(code, "canceled", canceled=True)
@@ -643,11 +658,11 @@ class BatchTaskHandler(service.Service):
                 status.exit_code if status is not None else None,
                 self.no_exit_code_reason(job, status, unreadable),
             )
-        self._finish(job, result, state)
+        self._finish(job, result, state, started)
 
-    def _finish(self, job, result, state):
+    def _finish(self, job, result, state, started=False):
         self.jobs.pop(job.job_id, None)
-        if not job.running.called and (result.exit_code is not None or jobscript.job_started(job.request.directory)):
+        if not job.running.called and (result.exit_code is not None or started):
             job.running.callback(None)
         self.log.info(
             "Job {job_id} (task {task_id}) ended, scheduler state {state}: "
@@ -819,6 +834,23 @@ class BatchTaskHandler(service.Service):
     def query_resources(self):
         """@return: a Deferred firing with a dict for RESOURCE_STATE.scheduler."""
         return defer.succeed({})
+
+
+def read_end(directory):
+    """
+    What an ended job left in its task directory (blocking: run in the
+    file-system threads).
+
+    @return: C{(exit code or None, why it is unreadable or None, whether
+        the job script started)}.
+    """
+    try:
+        code, unreadable = jobscript.read_exit_code(directory), None
+    except ValueError as e:
+        code, unreadable = None, str(e)
+    except OSError as e:
+        code, unreadable = None, f"cannot read {jobscript.EXIT_CODE_FILE}: {e}"
+    return code, unreadable, code is not None or jobscript.job_started(directory)
 
 
 def _id_key(job_id):

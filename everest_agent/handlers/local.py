@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from everest_agent import jobscript, paths
+from everest_agent.fsio import InlineFileIO
 from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobNeverStarted, JobResult
 
 SHELL = "/bin/sh"
@@ -155,9 +156,10 @@ class _LocalJobBase:
     log = Logger()
     batch = False
 
-    def __init__(self, request, clock, kill_grace):
+    def __init__(self, request, clock, kill_grace, files=None):
         self.request = request
         self._clock = clock
+        self._files = files if files is not None else InlineFileIO()  # for /proc and the exit-code file
         self._grace = kill_grace
         self.pid = None
         self.job_id = None
@@ -194,7 +196,10 @@ class _LocalJobBase:
 
     def _kill(self):
         self._kill_call = None
-        if group_alive(self.pid):
+        self._files.run(group_alive, self.pid).addCallback(self._killing)
+
+    def _killing(self, alive):
+        if alive:
             self.log.info(
                 "Task {task_id} outlived its grace period; sending SIGKILL to its group",
                 task_id=self.request.task_id,
@@ -222,7 +227,12 @@ class _LocalJobBase:
         self._await_call = None
         if self._kill_call is None:
             return  # _kill() has finished the job
-        if group_alive(self.pid):
+        self._files.run(group_alive, self.pid).addCallback(self._group_seen)
+
+    def _group_seen(self, alive):
+        if self._kill_call is None:
+            return  # _kill() has finished the job meanwhile
+        if alive:
             self._await_call = self._clock.callLater(0.05, self._await_group)
             return
         self._kill_call.cancel()
@@ -239,12 +249,17 @@ class _LocalJobBase:
         if status is not None and status[0] is not None:
             # The wrapper exits with the status it recorded (or 126 when it
             # could not enter the directory, and then recorded nothing).
-            recorded = status[0]
-        else:
-            try:
-                recorded = jobscript.read_exit_code(self.request.directory)
-            except (ValueError, OSError):
-                recorded = None
+            self._decide(status[0])
+        elif not self._reading:
+            self._reading = True
+            self._files.run(_recorded_exit_code, self.request.directory).addCallback(self._decide)
+
+    _reading = False
+
+    def _decide(self, recorded):
+        if self.result.called:
+            return
+        status = self._status
         exit_code = recorded
         sig = status[1] if status is not None else None
         if self._why_killed == "canceled":
@@ -313,10 +328,12 @@ class LocalJob(_LocalJobBase):
 class ReattachedJob(_LocalJobBase):
     """A task found again after a restart: its end is seen by polling."""
 
-    def __init__(self, request, clock, kill_grace, pid, start, elapsed):
-        super().__init__(request, clock, kill_grace)
+    def __init__(self, request, clock, kill_grace, pid, start, elapsed, files=None):
+        super().__init__(request, clock, kill_grace, files)
         self._start = start  # tells the wrapper from a later process with its pid
         self._started(pid, elapsed)
+        self._start_of = self._files.batch(process_start)
+        self._checking = []  # Deferreds waiting for the lookup under way
 
     _close_watch = None
 
@@ -328,8 +345,12 @@ class ReattachedJob(_LocalJobBase):
         # While it is being stopped, look for its end more often than the
         # handler's poll does, so a cancel is reported promptly.
         self._close_watch = None
-        if not self.check() and not self.result.called:
-            self._close_watch = self._clock.callLater(0.05, self._watch_closely)
+
+        def again(ended):
+            if not ended and not self.result.called:
+                self._close_watch = self._clock.callLater(0.05, self._watch_closely)
+
+        self.check().addCallback(again)
 
     def _finish(self):
         if self._close_watch is not None and self._close_watch.active():
@@ -338,10 +359,30 @@ class ReattachedJob(_LocalJobBase):
         super()._finish()
 
     def check(self):
-        """Called by the handler's poll; True once the job has ended."""
+        """
+        Called by the handler's poll.  Its process is looked up in /proc in
+        the file-system threads (with the other jobs' of the same poll).
+
+        @return: a Deferred firing with True once the job has ended.
+        """
+        if self._ended:
+            return defer.succeed(True)
+        waiting = defer.Deferred()
+        self._checking.append(waiting)
+        if len(self._checking) == 1:  # else a lookup is under way: its answer is this one's too
+            self._start_of(self.pid).addCallback(self._seen)
+        return waiting
+
+    def _seen(self, start):
+        ended = self._ended_now(start)
+        waiting, self._checking = self._checking, []
+        for d in waiting:
+            d.callback(ended)
+
+    def _ended_now(self, start):
         if self._ended:
             return True
-        if process_start(self.pid) != self._start:
+        if start != self._start:
             self._leader_ended()
             return True
         return False
@@ -362,6 +403,18 @@ class LocalTaskHandler:
         self._watched = set()  # running jobs, checked every POLL_INTERVAL
         self._poll = None
         self._fds_checked = False
+        self.use_files(InlineFileIO())
+
+    def use_files(self, files):
+        """
+        Do the handler's blocking work (each spawn, which creates the task's
+        files; /proc lookups; exit-code files) through C{files}, an
+        L{everest_agent.fsio.IFileIO}: the agent passes its file-system
+        threads; the default runs it inline.  The spawns of one reactor turn
+        go in one hop.
+        """
+        self.files = files
+        self._spawn = files.batch(_spawn_wrapper)
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -379,46 +432,22 @@ class LocalTaskHandler:
     def submit(self, request):
         environment = dict(self._environ)
         environment.update(request.environment)
-        directory = request.directory
-        job = LocalJob(request, self._reactor, self.kill_grace)
-        fds = []
-        try:
-            if not self._fds_checked:
-                _close_inherited_fds()
-                self._fds_checked = True
-            # Nothing an earlier run of the same task id left is followed:
-            # a link in place of .everest, stdout or stderr is replaced
-            # (paths.fresh_dir, paths.open_file), the stale exit code removed.
-            fds.append(paths.open_task_dir_nofollow(directory))
-            fds.append(paths.fresh_dir(fds[0], jobscript.STATE_DIR))
-            try:
-                os.unlink(os.path.basename(jobscript.EXIT_CODE_FILE), dir_fd=fds[1])
-            except FileNotFoundError:
-                pass
-            for name in ("stdout", "stderr"):
-                fds.append(paths.open_file(fds[0], name, _CREATE, 0o644, follow=False))
-            pid = os.posix_spawn(
-                SHELL,
-                [SHELL, "-c", _WRAPPER, MARK, directory, request.command],
-                environment,
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, fds[2], 1),
-                    (os.POSIX_SPAWN_DUP2, fds[3], 2),
-                    (os.POSIX_SPAWN_DUP2, fds[0], 3),
-                ],
-                setsid=True,
-                setsigdef=_DEFAULT_SIGNALS,
-            )
-        except (OSError, ValueError) as e:
-            return defer.fail(RuntimeError(f"cannot start the task: {getattr(e, 'strerror', None) or e}"))
-        finally:
-            for fd in fds:
-                os.close(fd)
-        job.watch(pid)
-        if not job.result.called:
-            self._watch(job)
-        return defer.succeed(job)
+        job = LocalJob(request, self._reactor, self.kill_grace, self.files)
+        first = not self._fds_checked
+        self._fds_checked = True
+
+        def spawned(pid):
+            job.watch(pid)
+            if not job.result.called:
+                self._watch(job)
+            return job
+
+        def failed(f):
+            f.trap(OSError, ValueError)
+            e = f.value
+            raise RuntimeError(f"cannot start the task: {getattr(e, 'strerror', None) or e}")
+
+        return self._spawn((request.directory, request.command, environment, first)).addCallbacks(spawned, failed)
 
     def reattach(self, request, job_id):
         """
@@ -428,44 +457,32 @@ class LocalTaskHandler:
         is this task's wrapper counts.  A task that ended meanwhile reports
         the exit status its wrapper wrote.
         """
-        directory = request.directory
-        pid = start = None
-        if job_id:
-            # "<pid>", or "<pid>:<start ticks>" as older versions recorded it.
-            pid_text, _, start_text = job_id.partition(":")
-            if not pid_text.isdigit():
-                return defer.fail(JobLost(f"the task's recorded job id {job_id!r} is not a pid"))
-            pid = int(pid_text)
-            start = process_start(pid)
-            if start is None or not _is_wrapper(pid, directory) or start_text not in ("", str(start)):
-                pid = None  # ended (or the pid now belongs to another process)
-        elif not os.path.isdir(os.path.join(directory, jobscript.STATE_DIR)):
-            # Made just before every spawn: without it, nothing was started.
-            return defer.fail(JobNeverStarted("the task was never started (the agent stopped first)"))
-        else:
-            candidate = _find_wrapper(directory)
-            if candidate is not None and _is_wrapper(candidate, directory):
-                pid, start = candidate, process_start(candidate)
+        # /proc and the task directory are looked at in the file-system threads.
+        return self.files.run(_find_task, request.directory, job_id).addCallback(self._found, request)
+
+    def _found(self, found, request):
+        pid, start, age = found
         if pid is None:
             return self._ended_while_away(request)
-        job = ReattachedJob(request, self._reactor, self.kill_grace, pid, start, _age(start))
+        job = ReattachedJob(request, self._reactor, self.kill_grace, pid, start, age, self.files)
         self.log.info("Task {task_id} found again: pid {pid}", task_id=request.task_id, pid=pid)
         self._watch(job)
-        return defer.succeed(job)
+        return job
 
     def _ended_while_away(self, request):
-        try:
-            exit_code = jobscript.read_exit_code(request.directory)
-        except (ValueError, OSError) as e:
-            return defer.fail(JobLost(f"the task's exit status file is damaged: {e}"))
-        if exit_code is None:
-            return defer.fail(
-                JobLost("the task ended while the agent was away, leaving no exit status (killed?)")
-            )
-        job = ReattachedJob(request, self._reactor, self.kill_grace, 0, 0, 0.0)
-        job._cancel_limit()
-        job._leader_ended()
-        return defer.succeed(job)
+        def read(exit_code):
+            if exit_code is None:
+                raise JobLost("the task ended while the agent was away, leaving no exit status (killed?)")
+            job = ReattachedJob(request, self._reactor, self.kill_grace, 0, 0, 0.0, self.files)
+            job._cancel_limit()
+            job._leader_ended()
+            return job
+
+        def damaged(f):
+            f.trap(ValueError, OSError)
+            raise JobLost(f"the task's exit status file is damaged: {f.value}")
+
+        return self.files.run(jobscript.read_exit_code, request.directory).addCallbacks(read, damaged)
 
     def _watch(self, job):
         self._watched.add(job)
@@ -492,6 +509,89 @@ class LocalTaskHandler:
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+def _spawn_wrapper(item):
+    """
+    Start a task's wrapper (blocking, in the file-system threads: the spawn
+    creates the task's files).  C{item} is C{(directory, command,
+    environment, first)}; the first spawn of the agent also makes inherited
+    descriptors close-on-exec.
+
+    @return: the wrapper's pid.
+    """
+    directory, command, environment, first = item
+    if first:
+        _close_inherited_fds()
+    fds = []
+    try:
+        # Nothing an earlier run of the same task id left is followed: a
+        # link in place of .everest, stdout or stderr is replaced
+        # (paths.fresh_dir, paths.open_file), the stale exit code removed.
+        fds.append(paths.open_task_dir_nofollow(directory))
+        fds.append(paths.fresh_dir(fds[0], jobscript.STATE_DIR))
+        try:
+            os.unlink(os.path.basename(jobscript.EXIT_CODE_FILE), dir_fd=fds[1])
+        except FileNotFoundError:
+            pass
+        for name in ("stdout", "stderr"):
+            fds.append(paths.open_file(fds[0], name, _CREATE, 0o644, follow=False))
+        return os.posix_spawn(
+            SHELL,
+            [SHELL, "-c", _WRAPPER, MARK, directory, command],
+            environment,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, fds[2], 1),
+                (os.POSIX_SPAWN_DUP2, fds[3], 2),
+                (os.POSIX_SPAWN_DUP2, fds[0], 3),
+            ],
+            setsid=True,
+            setsigdef=_DEFAULT_SIGNALS,
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _find_task(directory, job_id):
+    """
+    Look for a task's live wrapper after a restart (blocking: /proc and the
+    task directory).
+
+    @return: C{(pid, start ticks, age in seconds)}, or C{(None, None,
+        None)} if it is not running.
+    @raise JobLost: if C{job_id} is not a pid.
+    @raise JobNeverStarted: if no job was ever started for the task.
+    """
+    pid = start = None
+    if job_id:
+        # "<pid>", or "<pid>:<start ticks>" as older versions recorded it.
+        pid_text, _, start_text = job_id.partition(":")
+        if not pid_text.isdigit():
+            raise JobLost(f"the task's recorded job id {job_id!r} is not a pid")
+        pid = int(pid_text)
+        start = process_start(pid)
+        if start is None or not _is_wrapper(pid, directory) or start_text not in ("", str(start)):
+            pid = None  # ended (or the pid now belongs to another process)
+    elif not os.path.isdir(os.path.join(directory, jobscript.STATE_DIR)):
+        # Made just before every spawn: without it, nothing was started.
+        raise JobNeverStarted("the task was never started (the agent stopped first)")
+    else:
+        candidate = _find_wrapper(directory)
+        if candidate is not None and _is_wrapper(candidate, directory):
+            pid, start = candidate, process_start(candidate)
+    if pid is None:
+        return None, None, None
+    return pid, start, _age(start)
+
+
+def _recorded_exit_code(directory):
+    """The exit status in a task's exit-code file, or None if none is readable (blocking)."""
+    try:
+        return jobscript.read_exit_code(directory)
+    except (ValueError, OSError):
+        return None
 
 
 #: Every signal a task starts with at its default action, whatever the agent

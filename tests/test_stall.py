@@ -1,0 +1,112 @@
+"""
+A file system that stalls: the agent keeps talking to the platform.
+
+The agent's file-system threads are replaced by ones that sleep 2 s before
+every call (a hung NFS server, a Lustre lock storm).  Meanwhile the reactor
+must answer WebSocket pings and handle platform messages within 100 ms,
+and every task still ends once the file system answers.
+"""
+
+import os
+import threading
+import time
+
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+
+from everest_agent import agent as agent_module
+from everest_agent import config as agent_config
+from everest_agent import protocol as P
+from everest_agent.fsio import ThreadedFileIO
+from tests.support import agent_ini, eventually, start_platform
+
+STALL = 2.0
+LIMIT = 0.1
+
+
+class StallingThreads(ThreadedFileIO):
+    """The agent's threads, on a file system where every call takes 2 s more."""
+
+    calls = 0
+
+    def run(self, f, *args, **kwargs):
+        StallingThreads.calls += 1
+
+        def stalled():
+            time.sleep(STALL)
+            return f(*args, **kwargs)
+
+        return super().run(stalled)
+
+
+def guard(f):
+    """Fail a blocking call made on the reactor's thread."""
+    home = threading.get_ident()
+
+    def guarded(*args, **kwargs):
+        if threading.get_ident() == home:
+            raise AssertionError(f"{f.__name__} called on the reactor thread")
+        return f(*args, **kwargs)
+
+    return guarded
+
+
+class StallingFileSystemTests(TestCase):
+    timeout = 60
+
+    async def test_pings_and_messages_answered_while_the_disk_stalls(self):
+        platform = await start_platform(self, heartbeat=1)
+        self.patch(agent_module, "ThreadedFileIO", StallingThreads)
+        StallingThreads.calls = 0
+        ini = agent_ini(self, platform.ws_url, sections={"agent": {"max_tasks": "20"}})
+        agent = agent_module.EverestAgent(agent_config.load(ini), reactor, fsync=False)
+        agent.startService()
+        self.addCleanup(lambda: agent.stopService() if agent.running else None)
+        session = await platform.wait_connected()
+
+        # Whatever must not happen on the reactor thread fails there.
+        self.patch(os, "makedirs", guard(os.makedirs))
+        self.patch(os, "posix_spawn", guard(os.posix_spawn))
+
+        lag = []
+        last = [reactor.seconds()]
+
+        def tick():
+            now = reactor.seconds()
+            lag.append(now - last[0] - 0.01)
+            last[0] = now
+
+        ticker = task.LoopingCall(tick)
+        ticker.start(0.01, now=False)
+        self.addCleanup(lambda: ticker.running and ticker.stop())
+
+        start = reactor.seconds()
+        ids = [platform.submit({"command": "true"}) for _ in range(20)]
+        await defer.gatherResults([platform.wait_for(i, P.ACCEPTED) for i in ids])
+        accepted = reactor.seconds() - start
+
+        pings, errors = [], []
+        connection = session.connection
+        for n in range(8):  # over the first stalls (task directories, then the spawns)
+            pong = defer.Deferred()
+            connection.onPong = lambda payload, pong=pong: pong.called or pong.callback(None)
+            sent = reactor.seconds()
+            connection.sendPing(b"p%d" % n)
+            await pong
+            pings.append(reactor.seconds() - sent)
+            before = len(platform.agent().errors)
+            sent = reactor.seconds()
+            platform.send_raw(None, [P.TASK_CANCEL, f"nosuch-{n}"])
+            await eventually(lambda: len(platform.agent().errors) > before, timeout=5, what="ERROR reply")
+            errors.append(reactor.seconds() - sent)
+            await task.deferLater(reactor, 0.25, lambda: None)
+
+        self.assertEqual([t.state for t in platform.tasks.values() if t.task_id in ids and t.state == P.DONE], [])
+        self.assertGreater(StallingThreads.calls, 0)
+        records = await defer.gatherResults([platform.wait_for(i) for i in ids])
+        self.assertEqual({r.state for r in records}, {P.DONE})
+        ticker.stop()
+        self.assertLess(accepted, LIMIT, f"ACCEPTED of 20 tasks took {accepted:.3f} s")
+        self.assertLess(max(pings), LIMIT, f"ping round trips {pings}")
+        self.assertLess(max(errors), LIMIT + 0.02, f"TASK_CANCEL -> ERROR round trips {errors}")
+        self.assertLess(max(lag), LIMIT, f"the reactor was late by up to {max(lag):.3f} s")
