@@ -29,7 +29,7 @@ from everest_agent.outbox import Outbox
 from everest_agent.registry import TaskRegistry
 from everest_agent.resource import ResourceMonitor
 from everest_agent.sender import Sender
-from everest_agent.staging import Stager
+from everest_agent.transfer.stager import Stager
 from everest_agent.status import StatusFile
 
 

@@ -12,7 +12,8 @@ Layout under the cache directory::
 
     sha256/<hh>/<64 hex digits>      the content, mode 0444
     sha256/<hh>/<64 hex digits>.x    the same content, executable (0555)
-    tmp/                             downloads in progress (emptied on open)
+    tmp/<id>/                        downloads in progress of one open cache
+    tmp/<id>.lock                    held (flock) while that cache is open
 
 where C{<hh>} is the first two hex digits.  The executable variant is a
 separate file (an inode has one mode); it is made by a local copy of the
@@ -35,14 +36,19 @@ removes the cache's own name for it: tasks that got it by hard link keep
 their file.  Content larger than C{max_size} is still shared by the tasks
 that ask for it at the same time, then dropped.
 
-One cache directory belongs to one agent (the agent's state directory lock
-makes sure of that); nothing here is safe against another process changing
-the directory behind its back, beyond the verification above.
+Several agents may share a cache directory (two agents with one
+C{work_dir}): each open cache downloads into a C{tmp/} directory of its own,
+whose lock file it holds for as long as it is open, and opening a cache
+removes only the C{tmp/} directories whose lock nobody holds (their agent is
+gone).  Entries themselves are only ever replaced by a rename of complete,
+verified content, so the agents' indexes may differ but never their bytes.
 
 Everything here is synchronous and quick (stat, rename, unlink); hashing
 and copying are done by the caller, in a thread.
 """
 
+import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -142,8 +148,15 @@ class ContentCache:
         self._entries = OrderedDict()  # key -> Entry, least recently used first
         self.total = 0
         self.evictions = 0
-        self._tmp = os.path.join(self.directory, "tmp")
+        self._tmp_root = os.path.join(self.directory, "tmp")
+        self._tmp = None  # this cache's own directory in tmp/, once open
+        self._lock = None
         self._store = os.path.join(self.directory, "sha256")
+
+    @property
+    def tmp_dir(self):
+        """Where this (open) cache's downloads in progress are."""
+        return self._tmp
 
     # -- opening ----------------------------------------------------------------
 
@@ -154,10 +167,10 @@ class ContentCache:
 
         @raise OSError: if the directory cannot be created or read.
         """
-        os.makedirs(self._tmp, mode=0o755, exist_ok=True)
+        os.makedirs(self._tmp_root, mode=0o755, exist_ok=True)
         os.makedirs(self._store, mode=0o755, exist_ok=True)
-        for name in os.listdir(self._tmp):
-            _remove(os.path.join(self._tmp, name))
+        self._sweep_tmp()
+        self._claim_tmp()
         found = []
         for sub in os.listdir(self._store):
             subdir = os.path.join(self._store, sub)
@@ -185,6 +198,47 @@ class ContentCache:
             "Content cache {directory}: {count} files, {total} bytes (limit {limit})",
             directory=self.directory, count=len(self._entries), total=self.total, limit=self.max_size,
         )
+
+    def _claim_tmp(self):
+        """Make and lock this cache's own temporary directory."""
+        name = uuid.uuid4().hex
+        fresh = os.path.join(self._tmp_root, f".{name}.new")
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Locked before it has its name: a sweep never sees it unlocked.
+            os.replace(fresh, os.path.join(self._tmp_root, f"{name}.lock"))
+            os.mkdir(os.path.join(self._tmp_root, name), 0o755)
+        except BaseException:
+            os.close(fd)
+            _remove(fresh)
+            raise
+        self._lock = fd
+        self._tmp = os.path.join(self._tmp_root, name)
+
+    def _sweep_tmp(self):
+        """Remove what the caches of agents that are gone left in C{tmp/}."""
+        names = set(os.listdir(self._tmp_root))
+        for name in names:
+            path = os.path.join(self._tmp_root, name)
+            if name.endswith(".lock") or name.endswith(".new"):
+                if not _unlocked(path):
+                    continue
+                owned = name[1:-4] if name.endswith(".new") else name[:-5]
+                _remove(os.path.join(self._tmp_root, owned))
+                _remove(path)
+            elif f"{name}.lock" not in names or not os.path.exists(f"{path}.lock"):
+                # A directory whose lock is gone, or a file of the layout
+                # before per-cache directories.
+                _remove(path)
+
+    def close(self):
+        """Give up this cache's temporary directory (what is in it is lost)."""
+        if self._lock is not None:
+            _remove(self._tmp)
+            _remove(f"{self._tmp}.lock")
+            os.close(self._lock)
+            self._lock = None
 
     # -- looking up -------------------------------------------------------------
 
@@ -351,6 +405,21 @@ class ContentCache:
                 continue
             self.drop(entry, why="least recently used")
             self.evictions += 1
+
+
+def _unlocked(path):
+    """Whether nobody holds the lock file C{path} (it may be removed then)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        return e.errno not in (errno.ENOENT,)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _isreg(st):

@@ -220,6 +220,10 @@ SCHEMA = {
         "max_concurrent": Key(_positive_int, 8, "Transfers (downloads and uploads) running at once, shared fairly among tasks."),
         "cache_dir": Key(_path, "", "Directory of the content cache for inputs that give a sha256. Default: .cache in work_dir (same file system, so inputs are hard-linked)."),
         "cache_size": Key(parse_size, 10 << 30, "Largest size of the content cache, in bytes or with a suffix K, M, G, T (powers of 1024), e.g. 10G. 0 turns the cache off."),
+        "stage_out_timeout": Key(_positive_float, 86400.0, "Seconds one task's stage-out may take; uploads still running then are stopped and fail the task."),
+        "max_stage_out": Key(parse_size, 1 << 40, "Largest total size of one task's outputs, in bytes or with a suffix K, M, G, T; outputs beyond it fail the task."),
+        "max_output_entries": Key(_positive_int, 1_000_000, "Directory entries one output pattern may look at; a pattern that needs more fails the task."),
+        "max_output_files": Key(_positive_int, 100_000, "Files one output pattern may match; a pattern that matches more fails the task."),
     },
     "pilot": {
         "enabled": Key(_bool, False, "Pilot mode: run tasks inside a few batch jobs (pilots) of the [handler] type instead of one job per task."),

@@ -24,12 +24,12 @@ import json
 import os
 import sys
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
 from everest_agent import __version__, protocol
 from everest_agent.statedir import read_outbox, read_registry
+from everest_agent.transfer.urls import public_url
 
 STATUS_FILE = "status.json"
 LOCK_FILE = "lock"
@@ -39,19 +39,6 @@ STARTING = "starting"
 CONNECTED = "connected"
 DISCONNECTED = "disconnected"
 STOPPED = "stopped"
-
-
-def public_url(url):
-    """C{url} without user information, query or fragment (nothing secret)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return "?"
 
 
 def write_private_atomically(path, data):

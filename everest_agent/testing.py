@@ -107,7 +107,7 @@ class FakeStager:
         if self.hold_in is not None:
             await self.hold_in
         if self.fail_in:
-            from everest_agent.staging import StagingError
+            from everest_agent.transfer.errors import StagingError
 
             raise StagingError(self.fail_in)
 

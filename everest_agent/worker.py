@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from everest_agent import protocol
 from everest_agent.interfaces import JobLost, JobNeverStarted, JobRequest, JobResult
 from everest_agent.paths import PathEscape
-from everest_agent.staging import StagingError
+from everest_agent.transfer.errors import StagingError
 
 
 class Phase(str, enum.Enum):

@@ -9,7 +9,6 @@ uses real time (a fraction of a second).
 """
 
 import base64
-import errno
 import hashlib
 import os
 import shutil
@@ -22,14 +21,14 @@ from urllib.parse import unquote
 from twisted.internet import defer, reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import ResponseDone
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
-from everest_agent import staging
-from everest_agent.staging import Stager, StagingError, _FairLimiter, same_origin
+from everest_agent.transfer import errors, fastpath, producer as producing, sink
+from everest_agent.transfer.errors import StagingError
+from everest_agent.transfer.stager import Stager
+from everest_agent.transfer.urls import same_origin
 
 PLATFORM_TOKEN = "secret-token"
 
@@ -162,10 +161,19 @@ class FileServer(resource.Resource):
             request.setResponseCode(action[1])
             request.setHeader(b"retry-after", str(action[2]).encode())
             return b""
+        if request.method == b"PUT" and isinstance(action, tuple) and action[0] == "hold":
+            return server.NOT_DONE_YET  # never answers
         if request.method == b"PUT":
             self.uploads[path] = request.content.read()
             request.setResponseCode(201)
             return b""
+        if path not in self.files and isinstance(action, tuple) and action[0] == "hold":
+            def refuse(_):  # held, then not found
+                if not request.finished and not request._disconnected:
+                    request.setResponseCode(404)
+                    request.finish()
+            action[1].addCallback(refuse)
+            return server.NOT_DONE_YET
         if path not in self.files:
             request.setResponseCode(404)
             return b"not found\n"
@@ -277,7 +285,7 @@ class StagingTests(TestCase):
         if kwargs.get("cache_dir") is True:
             kwargs["cache_dir"] = os.path.abspath(self.mktemp())
             kwargs.setdefault("cache_size", 1 << 30)
-        stager = Stager(
+        stager = Stager.with_client(
             reactor, kwargs.pop("platform_url", self.platform_url), kwargs.pop("token", PLATFORM_TOKEN),
             **kwargs,
         )
@@ -287,14 +295,14 @@ class StagingTests(TestCase):
     def first_bytes(self):
         """A Deferred that fires when a download's body starts arriving."""
         d = Deferred()
-        original = staging._BodyReceiver.dataReceived
+        original = sink.BodyReceiver.dataReceived
 
         def dataReceived(receiver, data):
             original(receiver, data)
             if not d.called:
                 d.callback(None)
 
-        self.patch(staging._BodyReceiver, "dataReceived", dataReceived)
+        self.patch(sink.BodyReceiver, "dataReceived", dataReceived)
         return d
 
     def task_dir(self):
@@ -348,7 +356,7 @@ class StagingTests(TestCase):
             self.assertNoPartials(task)
             if cache:
                 self.assertEqual(len(stager.cache), 0)
-                self.assertEqual(os.listdir(os.path.join(stager.cache.directory, "tmp")), [])
+                self.assertEqual(os.listdir(stager.cache.tmp_dir), [])
 
     async def test_size_mismatch_announced(self):
         data = payload(5000)
@@ -640,12 +648,12 @@ class StagingTests(TestCase):
         arriving = self.first_bytes()
         ds = [defer.ensureDeferred(stager.stage_in(self.task_dir(), [item])) for _ in range(2)]
         await arriving
-        (job,) = stager._jobs.values()
+        (job,) = stager._cached.jobs.values()
         for d in ds:
             d.cancel()
         for d in ds:
             self.failureResultOf(d, CancelledError)
-        self.assertEqual(stager._jobs, {})
+        self.assertEqual(stager._cached.jobs, {})
         # A task that comes now starts a fresh download, not waiting for the
         # abandoned one to clean up.
         later = self.task_dir()
@@ -654,7 +662,7 @@ class StagingTests(TestCase):
             self.assertEqual(f.read(), data)
         self.assertEqual(self.server.count("GET"), 2)
         await job._d  # the abandoned download cleans up, then ends
-        self.assertEqual(os.listdir(os.path.join(stager.cache.directory, "tmp")), [])
+        self.assertEqual(os.listdir(stager.cache.tmp_dir), [])
         self.assertEqual(stager.limiter.active, 0)
 
     async def test_eviction_keeps_tasks_files(self):
@@ -679,13 +687,18 @@ class StagingTests(TestCase):
         cache = stager.cache
         entry = cache.get(sha(a), False)
         cache.pin(entry)  # as while a task verifies or links it
-        await stager.stage_in(self.task_dir(), [{"path": "b", "uri": ub, "sha256": sha(b)}])
+        task = self.task_dir()
+        await stager.stage_in(task, [{"path": "b", "uri": ub, "sha256": sha(b)}])
+        # a is the least recently used, but in use: b, no longer in use
+        # once its task has it, is what goes.
         self.assertTrue(os.path.exists(entry.path))
         self.assertIs(cache.get(sha(a), False), entry)
-        self.assertGreater(cache.total, 100000)  # over the limit while in use
-        cache.unpin(entry)
-        self.assertFalse(os.path.exists(entry.path))
+        self.assertIsNone(cache.get(sha(b), False))
         self.assertLessEqual(cache.total, 100000)
+        with open(os.path.join(task, "b"), "rb") as f:
+            self.assertEqual(f.read(), b)
+        cache.unpin(entry)
+        self.assertTrue(os.path.exists(entry.path))
 
     async def test_corrupt_cache_entry_refetched(self):
         data = payload(50000)
@@ -738,9 +751,17 @@ class StagingTests(TestCase):
         self.server.plans["/files/bad"] = [("hold", release)]
         stager = self.stager(cache_dir=True)
         d1 = defer.ensureDeferred(stager.stage_in(self.task_dir(), [{"path": "x", "uri": self.base + "/files/bad", "sha256": sha(data)}]))
+        await self.server.arrived(1)
+        # The second task asks for the same content while the first one's
+        # download is in flight, so it waits for that one.
         two = self.task_dir()
         d2 = defer.ensureDeferred(stager.stage_in(two, [{"path": "x", "uri": good, "sha256": sha(data)}]))
-        await self.server.arrived(1)
+        for _ in range(1000):
+            (job,) = stager._cached.jobs.values()
+            if len(job._waiters) == 2:
+                break
+            await deferLater(reactor, 0.002)
+        self.assertEqual(len(job._waiters), 2)
         release.callback(None)  # /files/bad is not there: 404
         await self.assertStagingFails(d1, "HTTP 404")
         await d2
@@ -1023,7 +1044,7 @@ class StagingTests(TestCase):
     async def test_upload_reports_size_and_sha256(self):
         task = self.task_dir()
         # Several blocks, the last one short.
-        data = payload(3 * staging.READ_SIZE + 12345)
+        data = payload(3 * producing.READ_SIZE + 12345)
         with open(os.path.join(task, "big"), "wb") as f:
             f.write(data)
         open(os.path.join(task, "empty"), "wb").close()
@@ -1045,15 +1066,15 @@ class StagingTests(TestCase):
         # The body goes through Twisted's own TCP transport, tuned to send
         # whole blocks (see UploadProducerTests for what that buys).
         seen = []
-        original = staging._tune_for_upload
+        original = fastpath.tune_upload
 
-        def spy(transport):
-            seen.append(transport)
-            original(transport)
+        def spy(consumer, block):
+            seen.append(fastpath.upload_transport(consumer))
+            return original(consumer, block)
 
-        self.patch(staging, "_tune_for_upload", spy)
+        self.patch(fastpath, "tune_upload", spy)
         task = self.task_dir()
-        data = payload(2 * staging.READ_SIZE + 1)
+        data = payload(2 * producing.READ_SIZE + 1)
         with open(os.path.join(task, "out"), "wb") as f:
             f.write(data)
         uploaded, errors = await self.stager().stage_out(task, [{"path": "out", "uri": self.base + "/up/out"}])
@@ -1061,7 +1082,7 @@ class StagingTests(TestCase):
         self.assertEqual(self.server.uploads["/up/out"], data)
         self.assertEqual(len(seen), 1)
         self.assertIsInstance(seen[0], FileDescriptor)
-        self.assertEqual((seen[0].bufferSize, seen[0].SEND_LIMIT), (staging.READ_SIZE - 1, staging.READ_SIZE))
+        self.assertEqual((seen[0].bufferSize, seen[0].SEND_LIMIT), (producing.READ_SIZE - 1, producing.READ_SIZE))
 
     async def test_upload_500_then_success(self):
         task = self.task_dir()
@@ -1107,7 +1128,7 @@ class StagingTests(TestCase):
         stager = Stager.from_config(config, reactor)
         self.addCleanup(stager.close)
         self.assertEqual(stager.limiter.limit, 3)
-        self.assertEqual((stager._stall_timeout, stager._retries, stager._max_delay), (7.0, 2, 9.0))
+        self.assertEqual((stager._stall_timeout, stager.policy.retries, stager.policy.max_delay), (7.0, 2, 9.0))
         self.assertEqual(stager.cache.directory, os.path.join(work, ".cache"))
         config.transfer.cache_size = 0
         stager = Stager.from_config(config, reactor)
@@ -1149,7 +1170,7 @@ class NginxTests(TestCase):
         data = payload(5 << 20)
         with open(os.path.join(self.root, "www", "in.bin"), "wb") as f:
             f.write(data)
-        stager = Stager(reactor, "wss://platform.example/agent", "t", cache_dir=os.path.join(self.root, "cache"),
+        stager = Stager.with_client(reactor, "wss://platform.example/agent", "t", cache_dir=os.path.join(self.root, "cache"),
                         cache_size=1 << 30)
         self.addCleanup(stager.close)
         item = {"path": "in.bin", "uri": self.base + "/in.bin", "sha256": sha(data), "size": len(data)}
@@ -1196,333 +1217,3 @@ http {{
     }}
 }}
 """
-
-
-class FairLimiterTests(SynchronousTestCase):
-    def test_limit_and_fairness(self):
-        limiter = _FairLimiter(2)
-        a = [limiter.acquire("A") for _ in range(4)]
-        self.assertEqual([d.called for d in a], [True, True, False, False])
-        b = limiter.acquire("B")
-        c = limiter.acquire("C")
-        self.assertFalse(b.called)
-        limiter.release("A")  # A holds 1, B and C none: B, which waited longer than C
-        self.assertTrue(b.called)
-        self.assertEqual((a[2].called, c.called), (False, False))
-        limiter.release("B")  # A holds 1, C none: C, although A asked first
-        self.assertTrue(c.called)
-        self.assertFalse(a[2].called)
-        limiter.release("A")
-        limiter.release("C")
-        self.assertTrue(a[2].called and a[3].called)
-        self.assertEqual(limiter.active, 2)
-        self.assertEqual(limiter.held, {"A": 2})
-
-    def test_fewest_held_first(self):
-        limiter = _FairLimiter(3)
-        held = [limiter.acquire("A") for _ in range(3)]
-        self.assertTrue(all(d.called for d in held))
-        more_a = limiter.acquire("A")
-        b = limiter.acquire("B")
-        limiter.release("A")
-        self.assertTrue(b.called)  # B holds none, A holds two
-        self.assertFalse(more_a.called)
-        limiter.release("B")
-        self.assertTrue(more_a.called)
-
-    def test_cancel_waiting(self):
-        limiter = _FairLimiter(1)
-        first = limiter.acquire("A")
-        second = limiter.acquire("B")
-        second.cancel()
-        self.failureResultOf(second, CancelledError)
-        limiter.release("A")
-        self.assertEqual(limiter.active, 0)
-        self.assertTrue(first.called)
-        self.assertEqual(limiter.waiting(), 0)
-
-
-class BackoffTests(SynchronousTestCase):
-    def test_delays_grow_with_jitter_and_cap(self):
-        class Fixed:
-            def __init__(self, value):
-                self.value = value
-
-            def random(self):
-                return self.value
-
-        low = Stager(Clock(), "wss://p/", "t", retry_initial_delay=1.0, retry_max_delay=10.0, random=Fixed(0.0))
-        high = Stager(Clock(), "wss://p/", "t", retry_initial_delay=1.0, retry_max_delay=10.0, random=Fixed(1.0))
-        self.assertEqual([low._delay(n) for n in (1, 2, 3, 4, 5, 6)], [0.5, 1.0, 2.0, 4.0, 5.0, 5.0])
-        self.assertEqual([high._delay(n) for n in (1, 2, 3, 4, 5, 6)], [1.0, 2.0, 4.0, 8.0, 10.0, 10.0])
-        self.assertEqual(low._delay(1, retry_after=30), 10.0)
-        self.assertEqual(low._delay(1, retry_after=3), 3)
-
-    def test_classification(self):
-        from twisted.internet import error
-        from twisted.web._newclient import ResponseNeverReceived
-        from twisted.python.failure import Failure
-
-        self.assertTrue(staging._network_failure(error.ConnectionRefusedError(), "GET", "http://h/x").transient)
-        self.assertTrue(staging._network_failure(ResponseNeverReceived([Failure(error.ConnectionLost())]), "GET", "http://h/x").transient)
-        self.assertFalse(staging._network_failure(ValueError("bad url"), "GET", "http://h/x").transient)
-        self.assertIn("disk full", staging._io_failure(OSError(errno.ENOSPC, "No space left on device")).message)
-        self.assertNotIn("secret", staging._shown("https://user:pw@h/x?sig=secret"))
-
-
-class FakeWorkers:
-    """Thread jobs that run only when the test says so."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def run(self, f, *args):
-        d = Deferred()
-        self.jobs.append((f, args, d))
-        return d
-
-    def step(self):
-        f, args, d = self.jobs.pop(0)
-        d.callback(f(*args))
-
-    def finish(self):
-        while self.jobs:
-            self.step()
-
-
-class FakeTransport:
-    def __init__(self):
-        self.paused = False
-        self.stopped = False
-        self.pauses = 0
-
-    def pauseProducing(self):
-        self.paused = True
-        self.pauses += 1
-
-    def resumeProducing(self):
-        self.paused = False
-
-    def stopProducing(self):
-        self.stopped = True
-
-
-class BackpressureTests(SynchronousTestCase):
-    """A disk slower than the network pauses the socket: memory stays bounded."""
-
-    def test_slow_disk_pauses_the_transport(self):
-        path = os.path.abspath(self.mktemp())
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
-        workers = FakeWorkers()
-        writer = staging._FileWriter(fd, workers)
-        watchdog = staging._Watchdog(Clock(), None)
-        receiver = staging._BodyReceiver(writer, None, watchdog, 10.0)
-        transport = FakeTransport()
-        receiver.makeConnection(transport)
-        chunk = 256 * 1024
-        data = payload(80 * chunk)
-        sent = 0
-        while not transport.paused and sent < len(data):
-            receiver.dataReceived(data[sent:sent + chunk])
-            sent += chunk
-        self.assertTrue(transport.paused)
-        # Paused just past the high-water mark, with one write and one hash
-        # job in flight and the rest queued (not more).
-        self.assertEqual(sent, staging.HIGH_WATER + chunk)
-        self.assertLessEqual(writer.backlog, staging.HIGH_WATER + chunk)
-        self.assertEqual(len(workers.jobs), 2)
-        # The disk catches up: resumed once the backlog is at the low mark.
-        while transport.paused:
-            workers.step()
-        self.assertLessEqual(writer.backlog, staging.LOW_WATER)
-        while sent < len(data):
-            receiver.dataReceived(data[sent:sent + chunk])
-            sent += chunk
-            self.assertLessEqual(writer.backlog, staging.HIGH_WATER + chunk)
-            if transport.paused:
-                while transport.paused:
-                    workers.step()
-        receiver.connectionLost(Failure(ResponseDone()))
-        self.assertTrue(self.successResultOf(receiver.done))
-        d = writer.drain()
-        workers.finish()
-        self.successResultOf(d)
-        os.close(fd)
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), data)
-        self.assertEqual(writer.hash.hexdigest(), sha(data))
-        self.assertGreater(transport.pauses, 1)
-        self.assertFalse(transport.stopped)
-
-    def test_write_error_aborts(self):
-        path = os.path.abspath(self.mktemp())
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        workers = FakeWorkers()
-        writer = staging._FileWriter(fd, workers, hashing=False)
-        receiver = staging._BodyReceiver(writer, None, staging._Watchdog(Clock(), None), 10.0)
-        transport = FakeTransport()
-        receiver.makeConnection(transport)
-        receiver.dataReceived(b"x" * staging.BATCH)
-        f, args, d = workers.jobs.pop(0)
-        d.errback(Failure(OSError(errno.ENOSPC, "No space left on device")))
-        failure = self.failureResultOf(receiver.done, staging._Failed)
-        self.assertIn("disk full", failure.value.message)
-        self.assertTrue(transport.stopped)
-        done = writer.dispose(unlink=path)
-        self.successResultOf(done)
-        self.assertFalse(os.path.exists(path))
-
-
-class FakeReactor:
-    def __init__(self):
-        self.writers = set()
-
-    def addWriter(self, descriptor):
-        self.writers.add(descriptor)
-
-    def removeWriter(self, descriptor):
-        self.writers.discard(descriptor)
-
-    def addReader(self, descriptor):
-        pass
-
-    def removeReader(self, descriptor):
-        pass
-
-
-class FakeSocket(FileDescriptor):
-    """
-    Twisted's own buffering, pausing and resuming (L{FileDescriptor}) over a
-    "kernel" that takes at most C{room} bytes per send (None: all it is
-    offered, up to C{SEND_LIMIT} as Twisted's TCP transport does).
-    """
-
-    def __init__(self):
-        super().__init__(FakeReactor())
-        self.connected = 1
-        self.room = None
-        self.offered = []  # what each send was given (the objects themselves)
-        self.received = []
-
-    def writeSomeData(self, data):
-        self.offered.append(data)
-        limited = memoryview(data)[: self.SEND_LIMIT]
-        n = len(limited) if self.room is None else min(self.room, len(limited))
-        self.received.append(bytes(limited[:n]))
-        return n
-
-    def writable(self):
-        return self in self.reactor.writers
-
-
-class LengthConsumer:
-    """Stands for twisted.web's consumer of a request body."""
-
-    def __init__(self, transport):
-        self._consumer = transport
-
-    def write(self, data):
-        self._consumer.write(data)
-
-
-class UploadProducerTests(SynchronousTestCase):
-    """L{staging._FileProducer} feeding Twisted's transport buffering."""
-
-    def start(self, data):
-        path = os.path.abspath(self.mktemp())
-        with open(path, "wb") as f:
-            f.write(data)
-        fd = os.open(path, os.O_RDONLY)
-        self.addCleanup(os.close, fd)
-        self.reads = []
-        workers = FakeWorkers()
-        original = workers.run
-
-        def run(f, *args):
-            d = original(f, *args)
-            d.addCallback(lambda block: self.reads.append(block) or block)
-            return d
-
-        workers.run = run
-        producer = staging._FileProducer(fd, len(data), workers)
-        socket_ = FakeSocket()
-        socket_.registerProducer(producer, True)
-        done = producer.startProducing(LengthConsumer(socket_))
-        return producer, workers, socket_, done
-
-    def run_until(self, workers, socket_, done):
-        for _ in range(100000):
-            if done.called and not socket_.writable():
-                return
-            if socket_.writable():
-                socket_.doWrite()
-            elif workers.jobs:
-                workers.step()
-            else:
-                self.fail("the upload is stuck")
-        self.fail("the upload does not end")
-
-    def test_whole_blocks_sent_as_read(self):
-        block = staging.READ_SIZE
-        data = payload(5 * block + 777)
-        producer, workers, socket_, done = self.start(data)
-        self.assertEqual((socket_.bufferSize, socket_.SEND_LIMIT), (block - 1, block))
-        self.run_until(workers, socket_, done)
-        self.successResultOf(done)
-        self.assertEqual(b"".join(socket_.received), data)
-        self.assertEqual(producer.hash.hexdigest(), sha(data))
-        self.assertEqual(producer.sent, len(data))
-        # One send per block, each given the very bytes object that was
-        # read and hashed: Twisted joined nothing, nothing was copied.
-        self.assertEqual([len(r) for r in self.reads], [block] * 5 + [777])
-        self.assertEqual(len(socket_.offered), len(self.reads))
-        for offered, read in zip(socket_.offered, self.reads):
-            self.assertIs(offered, read)
-
-    def test_a_full_socket_stops_the_reading(self):
-        block = staging.READ_SIZE
-        data = payload((staging.PREFETCH + 6) * block + 5)
-        producer, workers, socket_, done = self.start(data)
-        socket_.room = 0  # the peer reads nothing
-        for _ in range(100):
-            if socket_.writable():
-                socket_.doWrite()
-            if workers.jobs:
-                workers.step()
-        # One block in the transport, PREFETCH read ahead, and no more.
-        self.assertTrue(socket_.producerPaused)
-        self.assertEqual(workers.jobs, [])
-        self.assertEqual(len(self.reads), staging.PREFETCH + 1)
-        self.assertEqual(producer.sent, block)
-        self.assertNoResult(done)
-        # The peer reads slowly, a part of a block at a time: all of it
-        # arrives, in order, and the hash is that of what was sent.
-        socket_.room = 300 * 1024
-        self.run_until(workers, socket_, done)
-        self.successResultOf(done)
-        self.assertEqual(b"".join(socket_.received), data)
-        self.assertEqual(producer.hash.hexdigest(), sha(data))
-        self.assertLessEqual(len(self.reads), staging.PREFETCH + 1 + 6)
-
-    def test_stop_producing_stops_reading(self):
-        data = payload(4 * staging.READ_SIZE)
-        producer, workers, socket_, done = self.start(data)
-        workers.step()
-        producer.stopProducing()
-        while workers.jobs:
-            workers.step()
-        self.assertLessEqual(len(self.reads), 2)
-        self.assertNoResult(done)
-
-    def test_empty_file(self):
-        producer, workers, socket_, done = self.start(b"")
-        self.successResultOf(done)
-        self.assertEqual(workers.jobs, [])
-        self.assertEqual(producer.hash.hexdigest(), sha(b""))
-
-    def test_only_a_socket_transport_is_tuned(self):
-        tls_like = SimpleNamespace(bufferSize=65536)
-        staging._tune_for_upload(tls_like)
-        staging._tune_for_upload(None)
-        self.assertEqual(vars(tls_like), {"bufferSize": 65536})

@@ -33,6 +33,7 @@ class CacheTests(SynchronousTestCase):
     def open(self, size=1000):
         cache = ContentCache(self.dir, size, clock=self.time)
         cache.open()
+        self.addCleanup(cache.close)
         return cache
 
     def add(self, data, executable=False, cache=None):
@@ -53,7 +54,7 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual(x.path, entry.path + ".x")
         self.assertEqual(os.stat(x.path).st_mode & 0o777, 0o555)
         self.assertEqual(self.cache.total, 20)
-        self.assertEqual(os.listdir(os.path.join(self.dir, "tmp")), [])
+        self.assertEqual(os.listdir(self.cache.tmp_dir), [])
 
     def test_lru_eviction(self):
         a, b, c = (self.add(bytes([n]) * 400) for n in (1, 2, 3))
@@ -181,3 +182,42 @@ class ParseSizeTests(SynchronousTestCase):
     def test_bad(self):
         for text in ("", "x", "-1", "10Q", "1..2G", "G"):
             self.assertRaises(ValueError, parse_size, text)
+
+
+class SharedDirectoryTests(SynchronousTestCase):
+    """Two agents with one work_dir open one cache directory."""
+
+    def test_opening_keeps_the_other_agents_downloads(self):
+        directory = os.path.abspath(self.mktemp())
+        first = ContentCache(directory, 1 << 20)
+        first.open()
+        self.addCleanup(first.close)
+        in_flight = first.temporary()
+        with open(in_flight, "wb") as f:
+            f.write(b"half a download")
+        second = ContentCache(directory, 1 << 20)
+        second.open()
+        self.addCleanup(second.close)
+        self.assertTrue(os.path.exists(in_flight))
+        self.assertNotEqual(first.tmp_dir, second.tmp_dir)
+        # first still completes its download into the shared store.
+        entry = first.add(sha(b"half a download"), False, in_flight, 15)
+        first.unpin(entry)
+        self.assertTrue(os.path.exists(entry.path))
+
+    def test_what_a_gone_agent_left_is_removed(self):
+        directory = os.path.abspath(self.mktemp())
+        gone = ContentCache(directory, 1 << 20)
+        gone.open()
+        leftover = gone.temporary()
+        with open(leftover, "wb") as f:
+            f.write(b"x")
+        # The process died: its lock is released, its files stay behind.
+        os.close(gone._lock)
+        gone._lock = None
+        again = ContentCache(directory, 1 << 20)
+        again.open()
+        self.addCleanup(again.close)
+        self.assertFalse(os.path.exists(leftover))
+        self.assertEqual(sorted(os.listdir(os.path.join(directory, "tmp"))),
+                         sorted([os.path.basename(again.tmp_dir), os.path.basename(again.tmp_dir) + ".lock"]))
