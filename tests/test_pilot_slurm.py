@@ -5,6 +5,7 @@ multi-core tasks, a pilot canceled under running tasks, idle pilots
 ending, and a pilot that cannot connect back.
 """
 
+import os
 import subprocess
 
 from twisted.trial.unittest import TestCase
@@ -193,5 +194,48 @@ class PilotTorqueWrapperTests(PilotSlurmCase):
         self.platform.cancel(sleeping)
         record = await self.platform.wait_for(sleeping)
         self.assertEqual(record.state, "CANCELED")
+        self.assertEqual(handler.submitted_pilots, 1)
+        self.assertEqual(self.platform.violations, [])
+
+
+class PilotSgeTests(PilotSlurmCase):
+    """The same on the real Grid Engine: pilots are ordinary jobs of the sge handler."""
+
+    from tests.test_sge import REAL_SGE_PROBLEM, SGE_BIN
+
+    skip = REAL_SGE_PROBLEM or None
+    handler_type = "sge"
+    cancel_command = os.path.join(SGE_BIN, "qdel")
+
+    async def start(self, **pilot):
+        self.platform = await start_platform(self, heartbeat=1)
+        sections = pilot_sections(self.handler_type, **pilot)
+        sections["handler"]["command_dir"] = self.SGE_BIN
+        self.agent = start_agent(self, self.platform, sections=sections)
+        self.addCleanup(self.cancel_pilots)
+        await self.platform.wait_connected()
+        return self.agent.handler
+
+    async def test_tasks_cancel_and_loss_through_sge_pilots(self):
+        handler = await self.start(max_pilots="1")
+        self.assertEqual(handler.name, "sge")
+        ids = [self.platform.submit({"command": f"exit {i % 2}"}) for i in range(6)]
+        for i, task_id in enumerate(ids):
+            record = await self.platform.wait_for(task_id)
+            self.assertEqual(record.info["exitCode"], i % 2)
+            self.assertEqual(record.info["jobId"], list(handler.pilots.values())[0].job_id)
+        sleeping = self.platform.submit({"command": "sleep 300"})
+        await self.platform.wait_for(sleeping, "RUNNING")
+        self.platform.cancel(sleeping)
+        record = await self.platform.wait_for(sleeping)
+        self.assertEqual(record.state, "CANCELED")
+        # qdel of the pilot under a running task: the task fails naming the job.
+        lost = self.platform.submit({"command": "sleep 300"})
+        await self.platform.wait_for(lost, "RUNNING")
+        job_id = list(handler.pilots.values())[0].job_id
+        subprocess.run([self.cancel_command, job_id], check=False, capture_output=True)
+        record = await self.platform.wait_for(lost)
+        self.assertEqual(record.state, "FAILED")
+        self.assertIn(job_id, record.info["reason"])
         self.assertEqual(handler.submitted_pilots, 1)
         self.assertEqual(self.platform.violations, [])
