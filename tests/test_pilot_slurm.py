@@ -40,6 +40,19 @@ class PilotSlurmCase(TestCase):
         await self.platform.wait_connected()
         return self.agent.handler
 
+    async def exit_codes_and_cancel(self, handler):
+        """Real exit codes through one pilot, each reported with its job id; then a cancel."""
+        ids = [self.platform.submit({"command": f"exit {i % 2}"}) for i in range(6)]
+        for i, task_id in enumerate(ids):
+            record = await self.platform.wait_for(task_id)
+            self.assertEqual(record.info["exitCode"], i % 2)
+            self.assertEqual(record.info["jobId"], list(handler.pilots.values())[0].job_id)
+        sleeping = self.platform.submit({"command": "sleep 300"})
+        await self.platform.wait_for(sleeping, "RUNNING")
+        self.platform.cancel(sleeping)
+        record = await self.platform.wait_for(sleeping)
+        self.assertEqual(record.state, "CANCELED")
+
     def cancel_pilots(self):
         ids = [r.job_id for r in self.agent.handler.pilots.values() if r.job_id]
         if ids:
@@ -184,16 +197,7 @@ class PilotTorqueWrapperTests(PilotSlurmCase):
     async def test_tasks_and_cancel_through_torque_pilots(self):
         handler = await self.start(max_pilots="1")
         self.assertEqual(handler.name, "torque")
-        ids = [self.platform.submit({"command": f"exit {i % 2}"}) for i in range(6)]
-        for i, task_id in enumerate(ids):
-            record = await self.platform.wait_for(task_id)
-            self.assertEqual(record.info["exitCode"], i % 2)
-            self.assertEqual(record.info["jobId"], list(handler.pilots.values())[0].job_id)
-        sleeping = self.platform.submit({"command": "sleep 300"})
-        await self.platform.wait_for(sleeping, "RUNNING")
-        self.platform.cancel(sleeping)
-        record = await self.platform.wait_for(sleeping)
-        self.assertEqual(record.state, "CANCELED")
+        await self.exit_codes_and_cancel(handler)
         self.assertEqual(handler.submitted_pilots, 1)
         self.assertEqual(self.platform.violations, [])
 
@@ -219,16 +223,7 @@ class PilotSgeTests(PilotSlurmCase):
     async def test_tasks_cancel_and_loss_through_sge_pilots(self):
         handler = await self.start(max_pilots="1")
         self.assertEqual(handler.name, "sge")
-        ids = [self.platform.submit({"command": f"exit {i % 2}"}) for i in range(6)]
-        for i, task_id in enumerate(ids):
-            record = await self.platform.wait_for(task_id)
-            self.assertEqual(record.info["exitCode"], i % 2)
-            self.assertEqual(record.info["jobId"], list(handler.pilots.values())[0].job_id)
-        sleeping = self.platform.submit({"command": "sleep 300"})
-        await self.platform.wait_for(sleeping, "RUNNING")
-        self.platform.cancel(sleeping)
-        record = await self.platform.wait_for(sleeping)
-        self.assertEqual(record.state, "CANCELED")
+        await self.exit_codes_and_cancel(handler)
         # qdel of the pilot under a running task: the task fails naming the job.
         lost = self.platform.submit({"command": "sleep 300"})
         await self.platform.wait_for(lost, "RUNNING")
