@@ -933,7 +933,7 @@ class TaskFactory:
         plat = platform or self.plat.platform
         text = f"result of {task_id}\n".encode() * 3
         blob = _blob(task_id)
-        steps = [f'echo "run ${{SLURM_JOB_ID:-}}" >> {self.runs}/{task_id}']
+        steps = [f'echo "run ${{SLURM_JOB_ID:-${{JOB_ID:-}}}}" >> {self.runs}/{task_id}']
         if gate:
             steps.append(f"while [ ! -e {self.gates}/{task_id} ]; do sleep 0.05; done")
         if seconds:
@@ -1201,6 +1201,18 @@ def scancel_prefix(prefix):
     ids = [row[0] for row in rows if len(row) == 2 and row[1].startswith(prefix)]
     if ids:
         subprocess.run(["scancel"] + ids, capture_output=True, timeout=20)
+
+
+def qdel_prefix(prefix, sge_bin):
+    """Delete every Grid Engine job whose name (C{e} + task id) starts with C{e} + C{prefix}."""
+    try:
+        out = subprocess.run([os.path.join(sge_bin, "qstat")], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    rows = [line.split() for line in out.splitlines()[2:]]
+    ids = [row[0] for row in rows if len(row) > 2 and row[2].startswith("e" + prefix)]
+    if ids:
+        subprocess.run([os.path.join(sge_bin, "qdel"), "-f"] + ids, capture_output=True, timeout=20)
 
 
 def unique_prefix():

@@ -49,6 +49,7 @@ from tests.faults import (
     SeqRecorder,
     TaskFactory,
     check,
+    qdel_prefix,
     durable_seqs,
     eventually,
     kill_marked,
@@ -103,6 +104,9 @@ class FaultScenario(TestCase):
 
     timeout = 120
     handler_type = "local"
+    #: How a batch job is submitted held, and released (the QUEUED phase).
+    hold_args = "--hold"
+    release_argv = ["scontrol", "release"]
     pilot_mode = False  # tasks run in pilot jobs ([pilot] enabled)
 
     @property
@@ -280,7 +284,7 @@ class FaultScenario(TestCase):
                 return all(self.plat.state(t) == QUEUED for t in ids) and all(job_ids())
 
             def release():
-                subprocess.run(["scontrol", "release"] + [j for j in job_ids() if j], capture_output=True, timeout=30)
+                subprocess.run(self.release_argv + [j for j in job_ids() if j], capture_output=True, timeout=30)
 
             return _Held(phase, made, ready, release)
         if phase == RUNNING:
@@ -334,7 +338,7 @@ class FaultScenario(TestCase):
         if phase == QUEUED:
             if self.handler_type == "local" or self.pilot_mode:
                 return {"agent": {"max_tasks": "1"}}
-            return {"handler": {"extra_args": "--hold"}}
+            return {"handler": {"extra_args": self.hold_args}}
         return None
 
     # -- the verdict ------------------------------------------------------------
@@ -370,7 +374,7 @@ class FaultScenario(TestCase):
             no_job = [e.task_id for e in expectations
                       if min(e.runs) >= 1 and not all(self.tasks.run_job_ids(e.task_id))]
             if no_job:
-                problems.append(f"ran outside a SLURM job: {no_job}")
+                problems.append(f"ran outside a batch job: {no_job}")
         if require_clean_log and self.agent is not None:
             for needle in ("Unexpected error", "Unhandled Error", "Unhandled error in Deferred", "Traceback"):
                 if needle in self.agent.log_text():
@@ -1355,6 +1359,31 @@ class SlurmCommandFailureTests(SlurmFaultScenario):
         refused_expect = Expect(refused[0], ("FAILED",), None, runs=(0,))
         await self.finish("slurm: sbatch fails", [refused_expect] + [e for _, _, e in made])
         self.assertIn("submission failed", self.plat.task(refused[0]).info["reason"])
+
+
+class SgeFaultScenario(FaultScenario):
+    """The scenarios on the real Grid Engine of .ci/setup-sge.sh."""
+
+    handler_type = "sge"
+    hold_args = "-h"
+    timeout = 400
+    patience = 3
+    from tests.test_sge import REAL_SGE_PROBLEM, SGE_BIN
+
+    if REAL_SGE_PROBLEM:
+        skip = f"Grid Engine scenarios: {REAL_SGE_PROBLEM}"
+    release_argv = [os.path.join(SGE_BIN, "qrls")]
+
+    async def start_agent(self, sections=None):
+        merged = {"handler": {"command_dir": self.SGE_BIN}}
+        for section, keys in (sections or {}).items():
+            merged.setdefault(section, {}).update(keys)
+        self.addCleanup(qdel_prefix, self.prefix, self.SGE_BIN)
+        return await super().start_agent(merged)
+
+
+class SgeKillTests(SgeFaultScenario, SlurmKillTests):
+    """kill -9 of the agent in each phase of a Grid Engine task, then a restart (SlurmKillTests' scenarios)."""
 
 
 class PilotFaultScenario(SlurmFaultScenario):
