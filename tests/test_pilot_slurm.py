@@ -115,7 +115,7 @@ class PilotSlurmTests(PilotSlurmCase):
         self.assertLessEqual(len([r for r in handler.pilots.values()]), 2 + handler.submitted_pilots)
 
     async def test_scancel_of_a_pilot_under_running_tasks(self):
-        handler = await self.start(max_pilots="1")
+        await self.start(max_pilots="1")
         quick = self.platform.submit({"command": "true"})
         await self.platform.wait_for(quick)
         slow = self.platform.submit({"command": "sleep 300"})
@@ -158,7 +158,7 @@ class PilotRestartTests(PilotSlurmCase):
     """The agent stops (tasks left running) and starts again on the same state."""
 
     async def test_restart_takes_every_task_up_again(self):
-        handler = await self.start(max_pilots="1")
+        await self.start(max_pilots="1")
         warm = self.platform.submit({"command": "true"})
         await self.platform.wait_for(warm)
         quick = self.platform.submit({"command": "sleep 1; exit 7"})

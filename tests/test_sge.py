@@ -22,7 +22,6 @@ from zope.interface.verify import verifyObject
 
 from everest_agent.handlers import sge
 from everest_agent.handlers.batch import ENDED, QUEUED, RUNNING, UNKNOWN
-from everest_agent.handlers.command import CommandError
 from everest_agent.handlers.sge import SgeTaskHandler
 from everest_agent.interfaces import IJob, ITaskHandler, JobRequest, JobResult
 from tests import test_slurm as helpers

@@ -2,8 +2,6 @@
 
 import errno
 
-from twisted.internet import error
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
 

@@ -25,7 +25,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
-from everest_agent.transfer import errors, fastpath, producer as producing, sink
+from everest_agent.transfer import fastpath, producer as producing, sink
 from everest_agent.transfer.errors import StagingError
 from everest_agent.transfer.stager import Stager
 from everest_agent.transfer.urls import same_origin

@@ -111,6 +111,19 @@ def walltime(seconds):
     return f"{total // 3600:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
 
 
+def last_line(out):
+    """
+    The last non-blank line of a submit command's output, where schedulers
+    print the job id (after any warnings).
+
+    @raise ValueError: if the output is blank.
+    """
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("no output")
+    return lines[-1]
+
+
 def chunks(items, size):
     for start in range(0, len(items), size):
         yield items[start : start + size]

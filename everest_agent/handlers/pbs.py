@@ -37,7 +37,7 @@ import xml.etree.ElementTree as ElementTree
 from twisted.internet import defer
 
 from everest_agent import jobscript
-from everest_agent.handlers.batch import ENDED, QUEUED, RUNNING, UNKNOWN, BatchTaskHandler, JobStatus, walltime
+from everest_agent.handlers.batch import ENDED, QUEUED, RUNNING, UNKNOWN, BatchTaskHandler, JobStatus, last_line, walltime
 from everest_agent.handlers.command import CommandError
 
 TORQUE_EXIT = {
@@ -378,10 +378,7 @@ class _PbsFamilyHandler(BatchTaskHandler):
         return argv
 
     def parse_submit_output(self, out):
-        lines = [line.strip() for line in out.splitlines() if line.strip()]
-        if not lines:
-            raise ValueError("no output")
-        job_id = lines[-1]
+        job_id = last_line(out)
         if not re.match(r"[0-9]+(\[[0-9]*\])?(\.\S+)?\Z", job_id):
             raise ValueError(f"{job_id!r} is not a job id")
         return job_id

@@ -29,7 +29,7 @@ import xml.parsers.expat
 from twisted.internet import defer
 
 from everest_agent import jobscript
-from everest_agent.handlers.batch import ENDED, QUEUED, RUNNING, UNKNOWN, BatchTaskHandler, JobStatus, walltime
+from everest_agent.handlers.batch import ENDED, QUEUED, RUNNING, UNKNOWN, BatchTaskHandler, JobStatus, last_line, walltime
 from everest_agent.handlers.command import CommandError
 
 _KNOWN_LETTERS = set("dEhqrRsStTw")
@@ -277,12 +277,10 @@ class SgeTaskHandler(BatchTaskHandler):
         return argv
 
     def parse_submit_output(self, out):
-        lines = [line.strip() for line in out.splitlines() if line.strip()]
-        if not lines:
-            raise ValueError("no output")
-        job_id = lines[-1].split(".", 1)[0]  # an array job prints 12.1-3:1
+        line = last_line(out)
+        job_id = line.split(".", 1)[0]  # an array job prints 12.1-3:1
         if not job_id.isdigit():
-            raise ValueError(f"{lines[-1]!r} is not a job id")
+            raise ValueError(f"{line!r} is not a job id")
         return job_id
 
     def status_argv(self):

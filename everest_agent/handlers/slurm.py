@@ -34,7 +34,7 @@ import os
 from twisted.internet import defer
 
 from everest_agent import jobscript
-from everest_agent.handlers.batch import ENDED, QUEUED, RUNNING, UNKNOWN, BatchTaskHandler, JobStatus
+from everest_agent.handlers.batch import ENDED, QUEUED, RUNNING, UNKNOWN, BatchTaskHandler, JobStatus, last_line
 from everest_agent.handlers.command import CommandError
 
 QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
@@ -270,10 +270,7 @@ class SlurmTaskHandler(BatchTaskHandler):
 
     def parse_submit_output(self, out):
         # --parsable: "<id>" or "<id>;<cluster>", maybe after warnings.
-        lines = [line.strip() for line in out.splitlines() if line.strip()]
-        if not lines:
-            raise ValueError("no output")
-        job_id = lines[-1].split(";", 1)[0]
+        job_id = last_line(out).split(";", 1)[0]
         if not job_id or not job_id.replace("_", "").isdigit():
             raise ValueError(f"{job_id!r} is not a job id")
         return job_id
