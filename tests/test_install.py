@@ -26,6 +26,28 @@ IGNORED = shutil.ignore_patterns(
 
 PIP_TIMEOUT = 600
 
+def checkout_packages():
+    """Every package of the checkout's everest_agent tree (a directory with __init__.py)."""
+    found = []
+    for directory, dirs, files in os.walk(os.path.join(ROOT, "everest_agent")):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        if "__init__.py" in files:
+            found.append(os.path.relpath(directory, ROOT).replace(os.sep, "."))
+    return sorted(found)
+
+
+class PackageListTests(SynchronousTestCase):
+    """setup.cfg names every package, or an install leaves one out."""
+
+    def test_every_package_is_installed(self):
+        import configparser
+
+        parser = configparser.ConfigParser()
+        parser.read(os.path.join(ROOT, "setup.cfg"))
+        listed = set(parser.get("options", "packages").split())
+        self.assertEqual(sorted(set(checkout_packages()) - listed), [])
+
+
 _index_problem = []  # [] not probed yet; [None] reachable; [reason] not
 
 
@@ -95,11 +117,25 @@ class InstallTests(SynchronousTestCase):
         result = _run([os.path.join(bin_dir, "everest-agent"), "version"], elsewhere, timeout=120)
         self.assertEqual(result.returncode, 0, result.stdout)
 
+    def assertAgentImports(self, bin_dir):
+        """Every module of the installed package imports, away from the checkout."""
+        elsewhere = os.path.join(self.base, "elsewhere")
+        os.makedirs(elsewhere, exist_ok=True)
+        script = ("import pkgutil, importlib, everest_agent\n"
+                  "for m in pkgutil.walk_packages(everest_agent.__path__, 'everest_agent.'):\n"
+                  "    if not m.name.endswith('__main__'):\n"
+                  "        importlib.import_module(m.name)\n"
+                  "print(everest_agent.__file__)\n")
+        result = _run([os.path.join(bin_dir, "python"), "-c", script], elsewhere, timeout=120)
+        self.assertEqual(result.returncode, 0, f"importing the installed package failed:\n{_tail(result.stdout)}")
+        self.assertNotIn(self.source, result.stdout)
+
     def test_install(self):
         """C{pip install .}"""
         bin_dir = self.venv("v")
         self.pip(bin_dir, "install", "-q", self.source)
         self.assertPluginsFound(bin_dir)
+        self.assertAgentImports(bin_dir)
 
     def test_editable(self):
         """
@@ -123,6 +159,8 @@ class InstallTests(SynchronousTestCase):
 
         with zipfile.ZipFile(os.path.join(wheels, wheel)) as z:
             names = set(z.namelist())
+        for package in checkout_packages():
+            self.assertIn(package.replace(".", "/") + "/__init__.py", names)
         for expected in ("twisted/plugins/everest_agent_plugin.py", "twisted/plugins/everest_platform_plugin.py",
                          "everest_agent/static/pages.css", "everest_agent/static/monitor.html",
                          "everest_agent/static/platform.html"):
@@ -131,3 +169,4 @@ class InstallTests(SynchronousTestCase):
                          "the wheel carries files that are not the package's")
         self.pip(bin_dir, "install", "-q", os.path.join(wheels, wheel))
         self.assertPluginsFound(bin_dir)
+        self.assertAgentImports(bin_dir)
