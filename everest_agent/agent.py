@@ -26,6 +26,8 @@ from everest_agent.handlers import make_handler
 from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
 from everest_agent.outbox import Outbox
+from everest_agent.passive.listener import PassiveListener
+from everest_agent.passive.tasks import PassiveTasks
 from everest_agent.registry import TaskRegistry
 from everest_agent.resource import ResourceMonitor
 from everest_agent.sender import Sender
@@ -88,18 +90,28 @@ class EverestAgent(MultiService):
             reactor, self.sender, self.manager, self.handler, agent.hostname, agent.work_dir, wallclock
         )
         platform = config.platform
-        self.factory = AgentClientFactory(
-            self, platform.url, reactor,
-            ping_interval=platform.ping_interval, ping_timeout=platform.ping_timeout,
-            initial_delay=platform.reconnect_initial_delay, max_delay=platform.reconnect_max_delay,
-            factor=platform.reconnect_factor, welcome_timeout=platform.welcome_timeout,
-        )
+        self.factory = self.connection = None
+        if platform is not None:  # active mode
+            self.factory = AgentClientFactory(
+                self, platform.url, reactor,
+                ping_interval=platform.ping_interval, ping_timeout=platform.ping_timeout,
+                initial_delay=platform.reconnect_initial_delay, max_delay=platform.reconnect_max_delay,
+                factor=platform.reconnect_factor, welcome_timeout=platform.welcome_timeout,
+            )
+            self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
+        # Passive mode (passive/): the router of owned tasks' reports always
+        # exists, so a passive task recorded earlier never reaches the platform.
+        passive = getattr(config, "passive", None)
+        self.passive_tasks = PassiveTasks(
+            self.manager, agent.state_dir, getattr(passive, "max_unfinished", 1000), wallclock)
+        self.passive_listener = None
+        if passive is not None and passive.enabled:
+            self.passive_listener = PassiveListener(self.passive_tasks, passive, reactor)
         self.channel = None
         self._channel_port = None
         if config.task_channel.enabled:
-            self.channel = TaskChannel(self.manager.is_running, self.sender.task_message, reactor)
+            self.channel = TaskChannel(self.manager.is_running, self.manager.task_message, reactor)
             self.manager.channel = self.channel
-        self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
         self._lock = None
         # Started in this order, stopped in reverse: the connection goes
         # first, the file-system threads last.
@@ -108,10 +120,13 @@ class EverestAgent(MultiService):
         if IService.providedBy(self.handler):
             self.handler.setServiceParent(self)
         self.manager.setServiceParent(self)
-        self.connection.setServiceParent(self)
+        if self.passive_listener is not None:
+            self.passive_listener.setServiceParent(self)
+        if self.connection is not None:
+            self.connection.setServiceParent(self)
         # -- operations: status.json and the optional /metrics endpoint (status.py, monitor.py)
         self.wallclock = wallclock
-        self.status = StatusFile(agent.state_dir, platform.url, wallclock)
+        self.status = StatusFile(agent.state_dir, platform.url if platform is not None else "", wallclock)
         if hasattr(self.handler, "pool"):
             self.handler.status = self.status  # pilot mode: status lists the pilots
         self.monitor_service = None
@@ -138,6 +153,7 @@ class EverestAgent(MultiService):
             self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fsync_pool)
         self.outbox.load()
         self.registry.load()
+        self.passive_tasks.load()
         self.status.starting(handler=self.handler.name, slots=agent.max_tasks,  # operations
                              keep_task_dirs=_retention_text(agent.keep_task_dirs))
         self.log.info(
@@ -151,6 +167,9 @@ class EverestAgent(MultiService):
         if os.geteuid() == 0:
             self.log.warn("Running as root: tasks run as root too; consider a dedicated user")
         super().startService()
+        if self.passive_listener is not None:  # passive mode: where it listens, for status
+            self.status.data["passive"] = self.passive_listener.url
+            self.status.write()
 
     def _listen_channel(self):
         settings = self.config.task_channel
@@ -220,6 +239,13 @@ class EverestAgent(MultiService):
         """The pilots, for the monitor page; C{None} unless in pilot mode."""
         summary = getattr(self.handler, "pilot_summary", None)
         return summary() if summary is not None else None
+
+    def passive_address(self):
+        """C{(host, port)} the passive listener listens on, or None."""
+        if self.passive_listener is None or self.passive_listener.port is None:
+            return None
+        address = self.passive_listener.port.getHost()
+        return address.host, address.port
 
     def hello(self):
         return protocol.hello(

@@ -520,7 +520,10 @@ async def run_checks(config_path, reactor, env=None, timeout=15.0, out=None,
         return results
     report(Result("config", True, f"{config_path}: valid (handler {config.handler.type}, "
                                   f"{config.agent.max_tasks} slots)"))
-    report(check_token(config))
+    if config.platform is not None:
+        report(check_token(config))
+    if config.passive.enabled:
+        report(check_passive(config))
     user = getpass.getuser()
     state_dir = config.agent.state_dir
     running, pid = (lock_holder(state_dir) if os.path.isdir(state_dir) else (False, None))
@@ -533,9 +536,22 @@ async def run_checks(config_path, reactor, env=None, timeout=15.0, out=None,
         report(check_pilot(config))
     if getattr(getattr(config, "monitor", None), "listen", None) is not None:
         report(await check_monitor(config, reactor, running))
-    if platform:
+    if platform and config.platform is not None:
         report(await check_platform(config, reactor, timeout, running, pid))
     return results
+
+
+def check_passive(config):
+    """Passive mode is on: where clients connect (the tokens file was read by the configuration)."""
+    passive = config.passive
+    host, port = passive.listen
+    scheme = "wss" if passive.tls_cert else "ws"
+    mode = "passive and active" if config.platform is not None else "passive only"
+    return Result(
+        "passive", True,
+        f"passive mode on ({mode}): clients connect to {scheme}://{host}:{port}/agent/ws with a token "
+        f"from {passive.client_tokens_file}" + ("" if passive.tls_cert else " (no TLS: keep it on a trusted network)"),
+    )
 
 
 USAGE = """\

@@ -239,6 +239,16 @@ SCHEMA = {
         "reconnect_for": Key(_positive_float, 600.0, "Seconds a pilot keeps trying to reconnect to an absent agent before it ends (once its tasks end)."),
         "lost_timeout": Key(_positive_float, 120.0, "Seconds a pilot's link may stay down before the pilot is canceled and its tasks settled."),
     },
+    "passive": {
+        "enabled": Key(_bool, False, "Passive mode: listen for clients (workflow managers, other platforms) that connect to the agent, submit tasks and fetch their outputs. With it, [platform] is optional."),
+        "listen": Key(_host_port, ("127.0.0.1", 8891), "Address and port of the passive listener: the clients' WebSocket at /agent/ws and task outputs at /files/ (port 0: any free port)."),
+        "client_tokens_file": Key(_path, "", "File of the client tokens (one a line, mode 0600) a client must present as EverestAgentClientToken <client>:<token>. Required with passive mode."),
+        "tls_cert": Key(_path, "", "PEM certificate (chain) of the passive listener: with tls_key, clients connect over wss:// and https://."),
+        "tls_key": Key(_path, "", "PEM private key of tls_cert (mode 0600)."),
+        "max_unfinished": Key(_positive_int, 1000, "Unfinished tasks one client credential may have at once; a TASK_SUBMIT beyond it is refused with an ERROR (too-many-tasks)."),
+        "ping_interval": Key(_positive_float, 30.0, "Seconds between WebSocket pings to a passive client."),
+        "ping_timeout": Key(_positive_float, 60.0, "Seconds without a pong before a passive client's connection is dropped."),
+    },
     "monitor": {
         "listen": Key(_listen_address, None, "host:port of the local /healthz and /metrics HTTP endpoint, e.g. 127.0.0.1:9108. Default: empty, off."),
     },
@@ -344,6 +354,9 @@ def from_parser(parser, path):
 
     for section, keys in SCHEMA.items():
         present = dict(parser.items(section)) if parser.has_section(section) else {}
+        if section == "platform" and not parser.has_section("platform"):
+            config.platform = None  # passive mode only (checked below)
+            continue
         if section == "handler":
             raw = present.get("type", "local")
             try:
@@ -353,7 +366,9 @@ def from_parser(parser, path):
             keys = dict(keys, **HANDLER_KEYS[handler_type])
         setattr(config, section, SimpleNamespace(**section_values(section, keys, present)))
 
-    _check_platform(config, path)
+    _check_passive(config, path)
+    if config.platform is not None:
+        _check_platform(config, path)
     agent = config.agent
     if not agent.hostname:
         agent.hostname = socket.getfqdn()
@@ -563,3 +578,33 @@ def _check_platform(config, path):
                 f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}, or use token_file"
             )
     check_token_text(platform.token, f"{path}: [platform] token")
+
+
+def _check_passive(config, path):
+    """[passive]: its tokens file read and checked, TLS files present; an agent needs one mode at least."""
+    passive = config.passive
+    passive.tokens = None
+    if not passive.enabled:
+        if config.platform is None:
+            raise ConfigError(
+                f"{path}: no [platform] section and [passive] enabled is not set: the agent would have "
+                "nothing to do; configure [platform] (active mode), [passive] enabled = yes, or both"
+            )
+        return
+    from everest_agent.passive.credentials import ClientTokens, CredentialError
+
+    if not passive.client_tokens_file:
+        raise ConfigError(f"{path}: [passive] client_tokens_file: missing; passive mode needs the clients' tokens")
+    try:
+        passive.tokens = ClientTokens.from_file(passive.client_tokens_file)
+    except CredentialError as e:
+        raise ConfigError(f"{path}: [passive] client_tokens_file: {e}") from None
+    if bool(passive.tls_cert) != bool(passive.tls_key):
+        raise ConfigError(f"{path}: [passive] tls_cert: give both tls_cert and tls_key, or neither")
+    if passive.tls_cert:
+        if not os.path.isfile(passive.tls_cert):
+            raise ConfigError(f"{path}: [passive] tls_cert: {passive.tls_cert}: no such file")
+        try:
+            read_secret_file(passive.tls_key, max_size=1 << 20)
+        except SecretFileError as e:
+            raise ConfigError(f"{path}: [passive] tls_key: {passive.tls_key}: {e}") from None

@@ -45,6 +45,15 @@ def _damage(record):
     return None
 
 
+def _owned(record):
+    """Whether a record is of a task a passive client owns."""
+    return record is not None and record.get("owner") is not None
+
+
+def _finished_order(item):
+    return item[0] if isinstance(item[0], (int, float)) else 0
+
+
 class SlotPool:
     """
     C{capacity} slots handed out first come, first served: a task waits
@@ -172,6 +181,7 @@ class TaskManager(Service):
         self.slot_listeners = []
         self.stopping = False  # set while the agent stops: tasks are recorded, not started
         self.channel = None  # the TaskChannel, when enabled
+        self.passive = None  # the passive/tasks.py router of owned tasks' reports
         sender.add_ack_listener(self.acked)
 
     # -- start and stop -------------------------------------------------------
@@ -190,6 +200,8 @@ class TaskManager(Service):
             record = self.registry.get(task_id)
             if record is None or not protocol.may_follow(record.get("state"), state):
                 continue
+            if _owned(record):
+                continue  # (passive) never in the platform's outbox
             self.log.info(
                 "Task {task_id}: carrying its state {state} forward from the outbox",
                 task_id=task_id, state=state,
@@ -212,7 +224,7 @@ class TaskManager(Service):
         pending = {message[3].get("seq") for message in outbox.durable_pending()
                    if message[0] == protocol.TASK_STATE}
         for task_id, record in self.registry.records.items():
-            if not record.get("finished"):
+            if not record.get("finished") or _owned(record):
                 continue
             seq = record.get("terminal_seq")
             if seq is not None and (seq <= outbox.acked or seq in pending):
@@ -230,16 +242,21 @@ class TaskManager(Service):
         resumed = 0
         finished = []
         for task_id, record in self.registry.records.items():
+            owned = _owned(record)
             if record.get("finished"):
                 seq = record.get("terminal_seq")
-                if seq is not None and seq <= acked:
+                if owned:
+                    # (passive) no platform ACK to wait for; seq of its own counter
+                    finished.append((record.get("finished_at") or 0, task_id))
+                elif seq is not None and seq <= acked:
                     finished.append((seq, task_id))
                 else:
                     self._unreported.add(task_id)
                     if seq is not None:
                         self._awaiting_ack.append((seq, task_id))
                 continue
-            self._unreported.add(task_id)
+            if not owned:
+                self._unreported.add(task_id)
             resumed += 1
             damage = _damage(record)
             if damage:
@@ -248,7 +265,7 @@ class TaskManager(Service):
                 self.log.error("Task {task_id}: damaged state record ({why})", task_id=task_id, why=damage)
                 record["failure"] = f"the agent's record of this task is damaged: {damage}"
             self._start_worker(task_id, record)
-        self._reported.extend(task_id for _, task_id in sorted(finished))
+        self._reported.extend(task_id for _, task_id in sorted(finished, key=_finished_order))
         for task_id in self._reported:
             self.retention.finished(task_id, self.registry.get(task_id).get("finished_at"), sweep=False)
         self.retention.sweep()
@@ -284,6 +301,9 @@ class TaskManager(Service):
         """
         record = self.registry.get(task_id)
         if record is not None:
+            if record.get("owner") != owner:
+                # (passive) an id a passive client uses, or the platform uses
+                raise ProtocolError("task-id-taken", f"task id {task_id} is in use on this agent", task_id)
             self._resend_state(task_id, record)
             return
         failure = None
@@ -303,7 +323,8 @@ class TaskManager(Service):
             fields["failure"] = failure
         record_d = self.registry.create(task_id, spec, **fields)
         worker = TaskWorker(self.context, task_id, self.registry.get(task_id))
-        self._unreported.add(task_id)
+        if owner is None:
+            self._unreported.add(task_id)
         if self.stopping:
             # Accepted, and started when the agent starts again.
             record_d.addCallback(lambda _: worker.report(protocol.ACCEPTED))
@@ -340,17 +361,17 @@ class TaskManager(Service):
         except defer.TimeoutError:
             self.log.warn("Some tasks did not end within {timeout} s", timeout=timeout)
 
-    def cancel(self, task_id):
-        if task_id not in self.registry:
+    def cancel(self, task_id, owner=None):
+        if task_id not in self.registry or self.registry.get(task_id).get("owner") != owner:
             raise ProtocolError(protocol.E_UNKNOWN_TASK, f"cancel of unknown task {task_id}", task_id)
         worker = self.workers.get(task_id)
         if worker is not None:
             worker.cancel()
         # A finished task: nothing to do.
 
-    def deliver(self, task_id, text):
-        """A TASK_MESSAGE from the platform, for a task's channel."""
-        if task_id not in self.registry:
+    def deliver(self, task_id, text, owner=None):
+        """A TASK_MESSAGE from the platform (or a passive C{owner}), for a task's channel."""
+        if task_id not in self.registry or self.registry.get(task_id).get("owner") != owner:
             raise ProtocolError(protocol.E_UNKNOWN_TASK, f"message for unknown task {task_id}", task_id)
         if self.channel is None:
             raise ProtocolError("no-task-channel", "the task channel is not enabled on this agent", task_id)
@@ -390,6 +411,9 @@ class TaskManager(Service):
             self.channel.task_finished(task_id)
         if seq is None:
             return
+        if _owned(self.registry.get(task_id)):
+            self._forget_later(task_id)  # (passive) no platform ACK to wait for
+            return
         if seq <= self.sender.outbox.acked:
             self._forget_later(task_id)
         else:
@@ -417,6 +441,28 @@ class TaskManager(Service):
     def counts(self):
         """C{(busy slots, tasks waiting for a slot)}."""
         return self.pool.used, self.pool.queued
+
+    # -- passive mode: owned tasks' reports go to their clients (passive/tasks.py) --
+
+    def report(self, task_id, state, info):
+        """
+        Report a task's state: to the platform through the sender, or, for
+        a task a passive client owns, to that client through L{passive}.
+
+        @return: C{(seq, d)}, C{d} firing with C{seq} once it is durable.
+        """
+        if self.passive is not None and _owned(self.registry.get(task_id)):
+            return self.passive.report(task_id, state, info)
+        d = self.sender.task_state(task_id, state, info)
+        return self.sender.outbox.last_seq, d
+
+    def task_message(self, task_id, text):
+        """A task's message on the task channel, routed like L{report}."""
+        if self.passive is not None and _owned(self.registry.get(task_id)):
+            return self.passive.task_message(task_id, text)
+        return self.sender.task_message(task_id, text)
+
+    # -- end of passive mode --
 
     def _start_worker(self, task_id, record):
         worker = TaskWorker(self.context, task_id, record)
