@@ -110,8 +110,9 @@ class PassiveClient:
 
 
 async def connect(test, agent, header):
-    address = agent.passive_address()
-    url = f"ws://127.0.0.1:{address[1]}/agent/ws"
+    """A session to C{agent} (an in-process agent, or a port number)."""
+    port = agent if isinstance(agent, int) else agent.passive_address()[1]
+    url = f"ws://127.0.0.1:{port}/agent/ws"
     factory = WebSocketClientFactory(url, protocols=["v1.agent.everest"],
                                      headers={"Authorization": header})
     factory.protocol = _Client

@@ -46,6 +46,7 @@ from tests.faults import (
     Expect,
     HoldServer,
     PlatformHandle,
+    Row,
     SeqRecorder,
     TaskFactory,
     check,
@@ -1531,3 +1532,165 @@ class CheckSelfTests(TestCase):
         self.assertEqual(self.verdict(self.done, [1, 2], runs=0), (0, 0, 1))
         platform_made = [("ACCEPTED", {"seq": 1}), ("DONE", {"exitCode": 0, "platform": True})]
         self.assertEqual(self.verdict(platform_made, [1]), (0, 0, 1))
+
+
+# -- passive mode: kill -9 of the agent process under passive tasks ---------------
+
+
+class PassiveKillTests(TestCase):
+    """
+    The agent as a real twistd process in passive mode only, a client in
+    this process; kill -9 in a phase, restart on the same state directory,
+    and the client reconnects to learn the outcome.  Rows go to the fault
+    table like the active scenarios' (platform side: the client's view).
+    """
+
+    timeout = 120
+
+    async def setUp(self):
+        import socket
+
+        from tests.passive_support import passive_ini
+
+        self.started = time.monotonic()
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.mark = uuid.uuid4().hex
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.runs = os.path.join(self.root, "runs")
+        os.makedirs(self.runs)
+        self.gate = os.path.join(self.root, "gate")
+        self.ini = passive_ini(self, passive={"listen": f"127.0.0.1:{self.port}"}, root=self.root,
+                              sections={"agent": {"max_tasks": "4"}})
+        env = dict(os.environ, EVEREST_FAULTS_MARK=self.mark, PYTHONDONTWRITEBYTECODE="1")
+        self.agent = AgentProcess(self.ini, os.path.join(self.root, "agent.log"), env, self.root)
+        self.addCleanup(self._cleanup)
+
+    async def _cleanup(self):
+        if self.agent.alive:
+            await self.agent.kill9()
+        kill_marked(self.mark)
+
+    async def start(self):
+        from tests.passive_support import auth, connect
+
+        self.agent.start()
+        await eventually(self._listening, 30, "the passive listener", diagnose=self.agent.log_tail)
+        return await connect(self, self.port, auth("faults"))
+
+    def _listening(self):
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def spec(self, task_id, wait):
+        from tests.passive_support import spec
+
+        gate = f"while [ ! -e {self.gate} ]; do sleep 0.05; done; " if wait else ""
+        return spec(f"echo run >> {self.runs}/{task_id}; {gate}printf '{task_id}-output' > out.txt")
+
+    def runs_of(self, task_id):
+        try:
+            with open(os.path.join(self.runs, task_id)) as f:
+                return len(f.read().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    async def verdict(self, scenario, client, ids, earlier):
+        import treq
+
+        from tests.passive_support import auth
+
+        row = Row(scenario, tasks=len(ids))
+        for task_id in ids:
+            states = client.states(task_id)
+            if "DONE" not in states:
+                row.lost += 1
+                row.details.append(f"{task_id}: lost (states {states}; runs {self.runs_of(task_id)})")
+                continue
+            terminals = [s for s in states if s in P.TERMINAL]
+            if self.runs_of(task_id) > 1 or len(terminals) > 1:
+                row.duplicated += 1
+                row.details.append(f"{task_id}: runs {self.runs_of(task_id)}, terminals {terminals}")
+            staged = [m for m in client.messages if m[0] == "TASK_STATE" and m[1] == task_id and m[2] == "STAGED_OUT"]
+            wrong = []
+            if not staged:
+                wrong.append("no STAGED_OUT")
+            else:
+                uri = staged[-1][3]["outputData"][0]["uri"]
+                response = await treq.get(f"http://127.0.0.1:{self.port}{uri}",
+                                          headers={"Authorization": auth("faults")}, persistent=False)
+                body = await response.content()
+                if body != f"{task_id}-output".encode():
+                    wrong.append(f"output {body[:40]!r}")
+            if wrong:
+                row.wrong += 1
+                row.details.append(f"{task_id}: wrong: {'; '.join(wrong)}")
+        # seq: never given to two different reports, across the restart.
+        meaning = {}
+        for m in list(earlier) + list(client.messages):
+            if m[0] == "TASK_STATE":
+                meaning.setdefault(m[3]["seq"], set()).add((m[1], m[2]))
+        reused = {seq: sorted(v) for seq, v in meaning.items() if len(v) > 1}
+        if reused:
+            row.duplicated += len(reused)
+            row.details.append(f"seqs given to two reports: {reused}")
+        row.seconds = time.monotonic() - self.started
+        record(row)
+        self.assertTrue(row.clean, "\n".join(row.details) + "\n" + self.agent.log_tail())
+
+    async def test_passive_kill9_running(self):
+        client = await self.start()
+        ids = [f"pr{i}" for i in range(3)]
+        for task_id in ids:
+            client.send("TASK_SUBMIT", task_id, self.spec(task_id, wait=True))
+        for task_id in ids:
+            await client.wait_state(task_id, "RUNNING", timeout=30)
+        before = list(client.messages)
+        await self.agent.kill9()
+        open(self.gate, "w").close()
+        await client.close()
+        again = await self.start()
+        for task_id in ids:
+            await again.wait_state(task_id, "DONE", timeout=60)
+        await self.verdict("passive local: kill -9 while RUNNING", again, ids, before)
+
+    async def test_passive_kill9_accepted(self):
+        client = await self.start()
+        ids = [f"pa{i}" for i in range(8)]
+        for task_id in ids:
+            client.send("TASK_SUBMIT", task_id, self.spec(task_id, wait=True))
+        await client.wait_state(ids[0], "ACCEPTED", timeout=30)
+        await self.agent.kill9()  # some accepted, some not even recorded
+        await client.close()
+        open(self.gate, "w").close()
+        again = await self.start()
+        # The client does not know which were recorded: it submits all again (idempotent).
+        for task_id in ids:
+            again.send("TASK_SUBMIT", task_id, self.spec(task_id, wait=True))
+        for task_id in ids:
+            await again.wait_state(task_id, "DONE", timeout=60)
+        await self.verdict("passive local: kill -9 after ACCEPTED", again, ids, client.messages)
+
+    async def test_passive_kill9_finished_while_away(self):
+        client = await self.start()
+        ids = [f"pf{i}" for i in range(3)]
+        for task_id in ids:
+            client.send("TASK_SUBMIT", task_id, self.spec(task_id, wait=True))
+        for task_id in ids:
+            await client.wait_state(task_id, "RUNNING", timeout=30)
+        await client.close()
+        open(self.gate, "w").close()
+        await eventually(lambda: all(self.runs_of(t) for t in ids), 30, "runs")
+        await sleep(1.0)  # the tasks end and are recorded while no client listens
+        await self.agent.kill9()
+        again = await self.start()
+        for task_id in ids:
+            await again.wait_state(task_id, "DONE", timeout=60)
+        await self.verdict("passive local: kill -9 after DONE, client away", again, ids, client.messages)
