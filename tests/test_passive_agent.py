@@ -346,3 +346,41 @@ class DisconnectInEachPhaseTests(TestCase):
             self.assertEqual(done[3].get("exitCode"), 0)
         code, body, _ = await get(base_url(agent) + "/files/sin/out.txt", header)
         self.assertEqual((code, body), (200, b"staged\n"))
+
+
+class PassiveTlsTests(TestCase):
+    timeout = 60
+
+    async def test_wss_and_https_with_a_verified_certificate(self):
+        from autobahn.twisted.websocket import WebSocketClientFactory, connectWS
+        from twisted.internet import defer, ssl
+
+        from tests import passive_support
+        from tests.support import make_certificates
+
+        root = os.path.abspath(self.mktemp())
+        ca, cert, key = make_certificates(root)
+        os.chmod(key, 0o600)
+        agent = start_passive_agent(self, passive={"tls_cert": cert, "tls_key": key})
+        self.assertTrue(base_url(agent).startswith("https://"))
+        port = agent.passive_address()[1]
+        with open(ca, "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+        options = ssl.optionsForClientTLS("localhost", trustRoot=trust)
+        factory = WebSocketClientFactory(f"wss://localhost:{port}/agent/ws", protocols=["v1.agent.everest"],
+                                         headers={"Authorization": auth("tls")})
+        factory.protocol = passive_support._Client
+        factory.messages, factory.closed, factory.opened = [], None, defer.Deferred()
+        connectWS(factory, contextFactory=options)
+        client = passive_support.PassiveClient(await factory.opened, factory)
+        self.addCleanup(lambda: factory.closed is None and client.close())
+        client.send("TASK_SUBMIT", "tls", spec("echo over tls > out.txt"))
+        staged = await client.wait_state("tls", "STAGED_OUT")
+        await client.wait_state("tls", "DONE")
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        http = treq.client.HTTPClient(Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=trust), pool=pool))
+        response = await http.get(f"https://localhost:{port}" + staged[3]["outputData"][0]["uri"],
+                                  headers={"Authorization": auth("tls")})
+        self.assertEqual((response.code, await response.content()), (200, b"over tls\n"))

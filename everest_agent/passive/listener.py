@@ -15,14 +15,23 @@ log = Logger(namespace="everest_agent.passive.listener")
 
 
 def tls_options(cert_file, key_file):
-    """Server TLS options from PEM files (read once, at start)."""
+    """
+    Server TLS options from PEM files (read once, at start): the first
+    certificate of C{cert_file} is the listener's, the others its chain.
+    """
     with open(cert_file, "rb") as f:
-        cert = f.read()
+        pem = f.read()
     with open(key_file, "rb") as f:
         key = f.read()
-    chain = ssl.Certificate.loadPEM(cert)
-    private = ssl.PrivateCertificate.fromCertificateAndKeyPair(chain, ssl.KeyPair.load(key, ssl.crypto.FILETYPE_PEM))
-    return private.options()
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
+    if not blocks:
+        raise ValueError(f"{cert_file}: no PEM certificate in it")
+    private = ssl.PrivateCertificate.loadPEM(blocks[0] + b"\n" + key)
+    chain = [ssl.Certificate.loadPEM(block).original for block in blocks[1:]]
+    return ssl.CertificateOptions(
+        privateKey=private.privateKey.original, certificate=private.original, extraCertChain=chain or None,
+    )
 
 
 class PassiveListener(Service):
