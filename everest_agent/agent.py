@@ -103,7 +103,8 @@ class EverestAgent(MultiService):
         # exists, so a passive task recorded earlier never reaches the platform.
         passive = getattr(config, "passive", None)
         self.passive_tasks = PassiveTasks(
-            self.manager, agent.state_dir, getattr(passive, "max_unfinished", 1000), wallclock)
+            self.manager, agent.state_dir, getattr(passive, "max_unfinished", 1000), wallclock,
+            max_total=getattr(passive, "max_unfinished_total", 10000))
         self.passive_listener = None
         if passive is not None and passive.enabled:
             self.passive_listener = PassiveListener(self.passive_tasks, passive, reactor)

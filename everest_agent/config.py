@@ -246,6 +246,7 @@ SCHEMA = {
         "tls_cert": Key(_path, "", "PEM certificate (chain) of the passive listener: with tls_key, clients connect over wss:// and https://."),
         "tls_key": Key(_path, "", "PEM private key of tls_cert (mode 0600)."),
         "max_unfinished": Key(_positive_int, 1000, "Unfinished tasks one client credential may have at once; a TASK_SUBMIT beyond it is refused with an ERROR (too-many-tasks)."),
+        "max_unfinished_total": Key(_positive_int, 10000, "Unfinished passive tasks of all clients together (a token holder may use many client labels); a TASK_SUBMIT beyond it is refused with an ERROR (too-many-tasks)."),
         "ping_interval": Key(_positive_float, 30.0, "Seconds between WebSocket pings to a passive client."),
         "ping_timeout": Key(_positive_float, 60.0, "Seconds without a pong before a passive client's connection is dropped."),
     },

@@ -202,6 +202,20 @@ class PassiveAgentTests(TestCase):
         client.send("TASK_SUBMIT", "later", spec("true", keep=()))
         await client.wait_state("later", "DONE")
 
+    async def test_many_labels_share_one_total_cap(self):
+        agent = start_passive_agent(self, passive={"max_unfinished": "3", "max_unfinished_total": "4"})
+        clients = [await connect(self, agent, auth(f"label-{i}")) for i in range(3)]
+        for i, client in enumerate(clients):
+            for j in range(3):
+                client.send("TASK_SUBMIT", f"L{i}-{j}", spec("sleep 0.5", keep=()))
+        await eventually(lambda: sum(len(c.errors()) for c in clients) == 5, 10, "refusals")
+        self.assertEqual(len(agent.registry.records), 4)
+        self.assertEqual(agent.passive_tasks.total, 4)
+        for task_id in sorted(agent.registry.records):
+            await eventually(lambda: (agent.registry.get(task_id) or {}).get("state") == "DONE", 30, task_id)
+        self.assertEqual(agent.passive_tasks.total, 0)
+        self.assertEqual(dict(agent.passive_tasks.unfinished), {})
+
     async def test_bad_messages_keep_the_connection(self):
         agent = start_passive_agent(self)
         client = await connect(self, agent, auth("bad"))

@@ -90,8 +90,10 @@ class PassiveTasks:
     @param max_unfinished: unfinished tasks a credential may have at once.
     """
 
-    def __init__(self, manager, state_dir, max_unfinished=1000, wallclock=time.time):
+    def __init__(self, manager, state_dir, max_unfinished=1000, wallclock=time.time, max_total=10000):
         self.manager = manager
+        self.max_total = max_total
+        self.total = 0  # unfinished passive tasks of every owner
         self.registry = manager.registry
         self.max_unfinished = max_unfinished
         self.wallclock = wallclock
@@ -109,6 +111,7 @@ class PassiveTasks:
             owner = record.get("owner")
             if owner is not None and not record.get("finished"):
                 self.unfinished[owner].add(task_id)
+                self.total += 1
 
     # -- routing (what the manager asks) -----------------------------------------
 
@@ -130,7 +133,7 @@ class PassiveTasks:
         if state == protocol.STAGED_OUT:
             fields["staged_out"] = {"seq": seq, "time": now, "info": dict(info or ())}
         if state in protocol.TERMINAL:
-            self.unfinished[owner].discard(task_id)
+            self._finished(owner, task_id)
         d = self.registry.update(task_id, **fields)
 
         def durable(_):
@@ -138,6 +141,14 @@ class PassiveTasks:
             return seq
 
         return seq, d.addCallback(durable)
+
+    def _finished(self, owner, task_id):
+        unfinished = self.unfinished.get(owner)
+        if unfinished is not None and task_id in unfinished:
+            unfinished.discard(task_id)
+            self.total -= 1
+            if not unfinished:
+                del self.unfinished[owner]
 
     def task_message(self, task_id, text):
         """A task's message (task channel) for its owner's sessions; not kept."""
@@ -191,7 +202,14 @@ class PassiveTasks:
                 if message[1] == task_id:
                     self._send_to(client.owner, message)
             return
-        unfinished = self.unfinished[client.owner]
+        unfinished = self.unfinished.get(client.owner, ())
+        if self.total >= self.max_total:
+            log.warn("Client {client} refused task {task_id}: {count} unfinished passive tasks in all",
+                     client=client.label, task_id=task_id, count=self.total)
+            raise ProtocolError(
+                E_TOO_MANY,
+                f"this agent has {self.total} unfinished tasks of its clients, the most it allows; "
+                "wait for some to finish", task_id)
         if len(unfinished) >= self.max_unfinished:
             log.warn("Client {client} refused task {task_id}: {count} unfinished tasks already",
                      client=client.label, task_id=task_id, count=len(unfinished))
@@ -199,7 +217,8 @@ class PassiveTasks:
                 E_TOO_MANY,
                 f"this client has {len(unfinished)} unfinished tasks, the most this agent allows; "
                 "wait for some to finish", task_id)
-        unfinished.add(task_id)
+        self.unfinished[client.owner].add(task_id)
+        self.total += 1
         log.debug("Client {client} submitted task {task_id}", client=client.label, task_id=task_id)
         self.manager.submit(task_id, spec, context, owner=client.owner)
 
