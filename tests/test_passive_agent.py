@@ -398,3 +398,32 @@ class PassiveTlsTests(TestCase):
         response = await http.get(f"https://localhost:{port}" + staged[3]["outputData"][0]["uri"],
                                   headers={"Authorization": auth("tls")})
         self.assertEqual((response.code, await response.content()), (200, b"over tls\n"))
+
+
+class PassiveTaskChannelTests(TestCase):
+    timeout = 60
+
+    async def test_task_messages_go_to_the_owner_only(self):
+        import sys
+
+        from tests.test_channel import TASK_OPENING
+
+        agent = start_passive_agent(self, sections={"task_channel": {"enabled": "yes"}})
+        script = os.path.abspath(self.mktemp())
+        with open(script, "w") as f:
+            f.write(TASK_OPENING + 'send(s, b"hello owner")\nopen("out.txt", "wb").write(recv(s))\n')
+        owner = await connect(self, agent, auth("chan"))
+        other = await connect(self, agent, auth("chan", OTHER_TOKEN))
+        owner.send("TASK_SUBMIT", "ch", spec(f"{sys.executable} {script}"))
+        await eventually(lambda: any(m[0] == "TASK_MESSAGE" for m in owner.messages), 20, "the task's message")
+        [message] = [m for m in owner.messages if m[0] == "TASK_MESSAGE"]
+        self.assertEqual(message[1:3], ["ch", "hello owner"])
+        self.assertIsInstance(message[3]["seq"], int)
+        other.send("TASK_MESSAGE", "ch", "from a stranger")
+        await eventually(lambda: other.errors(), 5, "the stranger's error")
+        owner.send("TASK_MESSAGE", "ch", "hi task")
+        await owner.wait_state("ch", "DONE")
+        code, body, _ = await get(base_url(agent) + "/files/ch/out.txt", auth("chan"))
+        self.assertEqual((code, body), (200, b"hi task"))
+        self.assertEqual([m for m in other.messages if m[0] != "ERROR"], [])
+        self.assertEqual(len(agent.outbox), 0)
