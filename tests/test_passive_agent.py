@@ -53,6 +53,9 @@ class PassiveAgentTests(TestCase):
         # The platform knows nothing of it: no HELLO list, no outbox entry.
         self.assertEqual(agent.manager.hello_tasks(), [])
         self.assertEqual(len(agent.outbox), 0)
+        from everest_agent import status
+
+        self.assertEqual(status.hello_tasks(agent.registry.records, 0), [], "check's HELLO names no passive task")
         self.assertIsNotNone(done[3].get("seq"))
         self.assertEqual(agent.registry.get("t1")["owner"],
                          agent.config.passive.tokens.authenticate(auth("run-1")).owner)
