@@ -50,10 +50,6 @@ def _owned(record):
     return record is not None and record.get("owner") is not None
 
 
-def _finished_order(item):
-    return item[0] if isinstance(item[0], (int, float)) else 0
-
-
 class SlotPool:
     """
     C{capacity} slots handed out first come, first served: a task waits
@@ -265,7 +261,7 @@ class TaskManager(Service):
                 self.log.error("Task {task_id}: damaged state record ({why})", task_id=task_id, why=damage)
                 record["failure"] = f"the agent's record of this task is damaged: {damage}"
             self._start_worker(task_id, record)
-        self._reported.extend(task_id for _, task_id in sorted(finished, key=_finished_order))
+        self._reported.extend(task_id for _, task_id in sorted(finished))
         for task_id in self._reported:
             self.retention.finished(task_id, self.registry.get(task_id).get("finished_at"), sweep=False)
         self.retention.sweep()

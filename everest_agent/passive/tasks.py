@@ -35,6 +35,10 @@ log = Logger(namespace="everest_agent.passive.tasks")
 E_TOO_MANY = "too-many-tasks"
 #: Error code of a TASK_SUBMIT whose id another owner (or the platform) uses.
 E_ID_TAKEN = "task-id-taken"
+#: Credentials whose ACK is remembered (the most recent ones): labels are
+#: free, so their number is bounded; a forgotten one is sent its states
+#: again on reconnecting (at least once, never fewer).
+MAX_ACKED_OWNERS = 100_000
 
 
 class SeqCounter:
@@ -99,7 +103,7 @@ class PassiveTasks:
         self.wallclock = wallclock
         self.seq = SeqCounter(os.path.join(state_dir, "passive-seq"))
         self.sessions = collections.defaultdict(set)  # owner -> live sessions
-        self.acked = {}  # owner -> highest seq it acknowledged (this run)
+        self.acked = collections.OrderedDict()  # owner -> highest seq it acknowledged (this run)
         self.unfinished = collections.defaultdict(set)  # owner -> its unfinished task ids
         self.sent = 0
         manager.passive = self
@@ -236,8 +240,13 @@ class PassiveTasks:
         self.manager.deliver(task_id, text, owner=client.owner)
 
     def ack(self, client, seq):
-        if seq > self.acked.get(client.owner, 0):
-            self.acked[client.owner] = min(seq, self.seq.last)
+        acked = self.acked
+        if seq > acked.get(client.owner, 0):
+            acked[client.owner] = min(seq, self.seq.last)
+        if client.owner in acked:
+            acked.move_to_end(client.owner)
+        while len(acked) > MAX_ACKED_OWNERS:
+            acked.popitem(last=False)
 
     def lookup(self, task_id):
         owner = self.owner_of(task_id)
