@@ -32,6 +32,9 @@ class PassiveAgentTests(TestCase):
 
     async def test_submit_states_staged_out_and_files(self):
         agent = start_passive_agent(self)
+        # Passive only: no connection to a platform in the service tree.
+        self.assertIsNone(agent.connection)
+        self.assertNotIn("platform", [r.name for r in agent])
         client = await connect(self, agent, auth("run-1"))
         client.send("TASK_SUBMIT", "t1", spec("printf 'hello passive world' > out.txt"), {"run": "r1"})
         done = await client.wait_state("t1", "DONE")
