@@ -122,8 +122,9 @@ class AgentProtocolClient(WebSocketClientProtocol):
 
 class AgentClientFactory(WebSocketClientFactory):
     """
-    Autobahn client factory for the agent's sessions: protocol options and
-    the open session (L{current}); the reconnecting is L{ConnectionService}'s.
+    Autobahn client factory for the agent's sessions: protocol options, the
+    open session (L{current}) and the L{Backoff} that L{ConnectionService}
+    waits by between attempts (reset by C{WELCOME}, at its cap after 4001).
     """
 
     agent_log = Logger()  # not 'log': Autobahn's own debug logging uses that name
