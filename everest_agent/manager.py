@@ -53,6 +53,12 @@ class SlotPool:
     Every operation is O(1) however many tasks wait: a canceled wait is
     only marked, and dropped when it reaches the head of the line.
 
+    Two kinds of waits share the one line: L{acquire} (a Deferred, for a
+    worker that already exists) and L{enqueue} (a task id and a count, no
+    Deferred, no worker: what waits costs a str in the line and an entry
+    in a dict).  An enqueued task that gets its slots is handed to
+    C{on_grant(task_id, count)}, which owns them from then on.
+
     With a C{clock}, slots given back are handed on at the end of the
     reactor turn (one timed call for every release of that turn), not in
     the middle of it: the platform's commands that arrived with the event
@@ -66,8 +72,12 @@ class SlotPool:
         self._clock = clock
         self._grant_call = None
         self._stopped = False
-        self._waiting = collections.deque()  # [count, Deferred or None once canceled]
+        # [count, Deferred or None once canceled], or a task id (a str) put
+        # in line by enqueue(), whose count is in _light while it waits.
+        self._waiting = collections.deque()
+        self._light = {}  # task id -> slots, of the enqueue()d tasks still waiting
         self._queued = 0  # live entries in _waiting
+        self.on_grant = None  # on_grant(task id, count): an enqueue()d task got its slots
 
     def acquire(self, count):
         if not self._queued and not self._stopped and self.used + count <= self.capacity:
@@ -99,8 +109,24 @@ class SlotPool:
         if self._stopped:
             return
         waiting = self._waiting
+        light = self._light
         while waiting:
             entry = waiting[0]
+            if entry.__class__ is str:
+                count = light.get(entry)
+                if count is None:  # withdrawn
+                    waiting.popleft()
+                    continue
+                if self.used + count > self.capacity:
+                    break
+                waiting.popleft()
+                del light[entry]
+                self._queued -= 1
+                self.used += count
+                self.on_grant(entry, count)
+                if self._stopped:
+                    return
+                continue
             count, d = entry
             if d is None:
                 waiting.popleft()
@@ -112,6 +138,44 @@ class SlotPool:
             self._queued -= 1
             self.used += count
             d.callback(count)
+
+    def enqueue(self, task_id, count):
+        """
+        Put a task in line without a Deferred; C{on_grant(task_id, count)}
+        is called when its turn comes and C{count} slots are free (at once
+        if nobody waits and they are free now).
+        """
+        if not self._queued and not self._stopped and self.used + count <= self.capacity:
+            self.used += count
+            self.on_grant(task_id, count)
+            return
+        self._waiting.append(task_id)
+        self._light[task_id] = count
+        self._queued += 1
+
+    def withdraw(self, task_id):
+        """
+        Take an enqueued task out of the line (O(1): its entry is dropped
+        when it reaches the head). @return: True if it was waiting.
+        """
+        if self._light.pop(task_id, None) is None:
+            return False
+        self._queued -= 1
+        self._grant()  # the tasks behind it may fit now
+        return True
+
+    def waiting(self, task_id):
+        """Whether C{task_id} is enqueued and waiting."""
+        return task_id in self._light
+
+    def waiting_ids(self):
+        """The enqueued tasks still waiting, first in line first."""
+        light = self._light
+        return [entry for entry in self._waiting if entry.__class__ is str and entry in light]
+
+    def can_take(self, count):
+        """Whether C{count} slots would be granted at once."""
+        return not self._queued and not self._stopped and self.used + count <= self.capacity
 
     @property
     def queued(self):
