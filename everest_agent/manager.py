@@ -217,6 +217,8 @@ class TaskManager(Service):
         self.stager = stager
         self.work_dir = work_dir
         self.pool = SlotPool(slots, clock=sender.clock)
+        self.pool.on_grant = self._granted
+        self._accepting = {}  # task id -> canceled?, of waiting tasks not yet on disk
         self.allowed_commands = list(allowed_commands)
         self.allowed_environment = frozenset(allowed_environment)
         files = files if files is not None else InlineFileIO()
@@ -289,6 +291,7 @@ class TaskManager(Service):
         acked = self.sender.outbox.acked
         resumed = 0
         finished = []
+        waiting = []  # (task id, record, slots) of the tasks that wait for slots
         for task_id, record in self.registry.records.items():
             if record.get("finished"):
                 seq = record.get("terminal_seq")
@@ -307,7 +310,15 @@ class TaskManager(Service):
                 # fails with the reason and everything else goes on.
                 self.log.error("Task {task_id}: damaged state record ({why})", task_id=task_id, why=damage)
                 record["failure"] = f"the agent's record of this task is damaged: {damage}"
-            self._start_worker(task_id, record)
+            count = self._waits_light(record)
+            if count:
+                waiting.append((task_id, record, count))
+            else:
+                self._start_worker(task_id, record)
+        # Tasks that held slots before the restart take them again first;
+        # those that waited line up behind them, in the order they came.
+        for task_id, record, count in waiting:
+            self._line_up(task_id, record, count)
         self._reported.extend(task_id for _, task_id in sorted(finished))
         for task_id in self._reported:
             self.retention.finished(task_id, self.registry.get(task_id).get("finished_at"), sweep=False)
@@ -350,14 +361,23 @@ class TaskManager(Service):
         if failure is not None:
             fields["failure"] = failure
         record_d = self.registry.create(task_id, spec, **fields)
-        worker = TaskWorker(self.context, task_id, self.registry.get(task_id))
+        record = self.registry.get(task_id)
         self._unreported.add(task_id)
         if self.stopping:
+            worker = TaskWorker(self.context, task_id, record)
             # Accepted, and started when the agent starts again.
             record_d.addCallback(lambda _: worker.report(protocol.ACCEPTED))
             return
-        self.workers[task_id] = worker
         # ACCEPTED only once the task is on disk.
+        count = self._waits_light(record)
+        if count:
+            # Nothing to stage in: the task waits for its slots as an entry
+            # in the pool's line, and its worker is made when they are its.
+            self._accepting[task_id] = False
+            record_d.addCallback(self._accepted, task_id, record, count)
+            return
+        worker = TaskWorker(self.context, task_id, record)
+        self.workers[task_id] = worker
         record_d.addCallback(lambda _: worker.start())
 
     def _resend_state(self, task_id, record):
@@ -375,6 +395,9 @@ class TaskManager(Service):
 
     async def cancel_all(self, timeout):
         """Cancel every running task and wait (at most C{timeout} s) for them to end."""
+        for task_id in self.pool.waiting_ids():
+            self.pool.withdraw(task_id)
+            self._finish_canceled(task_id)
         workers = [w for w in self.workers.values() if w.done is not None]
         if not workers:
             return
@@ -394,6 +417,10 @@ class TaskManager(Service):
         worker = self.workers.get(task_id)
         if worker is not None:
             worker.cancel()
+        elif self.pool.withdraw(task_id):
+            self._finish_canceled(task_id)
+        elif task_id in self._accepting:
+            self._accepting[task_id] = True  # CANCELED right after its ACCEPTED
         # A finished task: nothing to do.
 
     def deliver(self, task_id, text):
@@ -402,14 +429,18 @@ class TaskManager(Service):
             raise ProtocolError(protocol.E_UNKNOWN_TASK, f"message for unknown task {task_id}", task_id)
         if self.channel is None:
             raise ProtocolError("no-task-channel", "the task channel is not enabled on this agent", task_id)
-        if task_id in self.workers:
+        if self.is_running(task_id):
             self.channel.to_task(task_id, text)
         else:
             self.log.info("Dropping a message for finished task {task_id}", task_id=task_id)
 
     def is_running(self, task_id):
         """Whether a task may use the task channel: known and not finished."""
-        return task_id in self.workers
+        return task_id in self.workers or self.pool.waiting(task_id) or task_id in self._accepting
+
+    def unfinished(self):
+        """How many tasks are not finished (running, staging or waiting)."""
+        return len(self.workers) + self.pool.queued + len(self._accepting)
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -471,3 +502,67 @@ class TaskManager(Service):
         self.workers[task_id] = worker
         worker.start()
         return worker
+
+    # -- waiting for slots without a worker -----------------------------------
+
+    def _waits_light(self, record):
+        """
+        The slots a task needs if it can wait for them without a worker
+        (nothing to stage in, or staged already; a sound record), else 0.
+        """
+        if record.get("failure") or record.get("state") not in _LIGHT_STATES:
+            return 0
+        phase = record.get("phase", Phase.NEW)
+        if phase == Phase.NEW:
+            if record["spec"]["inputs"]:
+                return 0
+        elif phase != Phase.STAGED:
+            return 0
+        try:
+            return self.handler.slots_needed(record["spec"]["resourceRequirements"])
+        except ValueError:
+            return 0  # the worker fails it with the reason
+
+    def _accepted(self, _, task_id, record, count):
+        """A waiting task's record is on disk (the first, for a burst of them)."""
+        canceled = self._accepting.pop(task_id, False)
+        if self.pool._stopped:
+            return  # recorded: the next start reports it and lines it up
+        if canceled:
+            self._finish_canceled(task_id)
+            return
+        self._line_up(task_id, record, count)
+
+    def _line_up(self, task_id, record, count):
+        """
+        Put a recorded task in the pool's line.  If its slots are free now,
+        its worker starts (and reports what is missing); else C{ACCEPTED}
+        (if not yet reported) and C{QUEUED} go out here, with one record.
+        """
+        if not self.pool.can_take(count):
+            state = record.get("state")
+            sender = self.sender
+            if state is None:
+                sender.task_state(task_id, protocol.ACCEPTED)
+            if protocol.may_follow(state, protocol.QUEUED):
+                sender.task_state(task_id, protocol.QUEUED)
+                self.registry.update(task_id, state=protocol.QUEUED, state_seq=sender.outbox.last_seq)
+        self.pool.enqueue(task_id, count)
+
+    def _granted(self, task_id, count):
+        """The pool gave a waiting task its slots: now it gets its worker."""
+        record = self.registry.get(task_id)
+        worker = TaskWorker(self.context, task_id, record, granted=count)
+        self.workers[task_id] = worker
+        worker.start()
+
+    def _finish_canceled(self, task_id):
+        """A task canceled while it waited (no worker, no slots): report it CANCELED."""
+        worker = TaskWorker(self.context, task_id, self.registry.get(task_id))
+        self.workers[task_id] = worker
+        worker.cancel()
+        worker.start()
+
+
+#: States in which a task may wait for its slots without a worker.
+_LIGHT_STATES = frozenset((None, protocol.ACCEPTED, protocol.STAGING_IN, protocol.QUEUED))

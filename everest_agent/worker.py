@@ -138,14 +138,19 @@ class TaskContext:
 class TaskWorker:
     log = Logger()
 
-    def __init__(self, context, task_id, record):
+    def __init__(self, context, task_id, record, granted=0):
+        """
+        @param granted: slots the pool already gave this task (a task that
+            waited in the pool's line without a worker); it does not ask
+            for them again.
+        """
         self.context = context
         self.task_id = task_id
         self.record = record
         self.state = record.get("state")
         self.job = None
-        self.slots = 0  # slots this task needs
-        self.holding = 0  # slots it holds now
+        self.slots = granted  # slots this task needs
+        self.holding = granted  # slots it holds now
         self._current = None  # what cancel() must interrupt
         self.cancel_requested = False
         self.abandoned = False
@@ -262,6 +267,8 @@ class TaskWorker:
                     context.record(self.task_id, phase=Phase.STAGED, times=times)
                 phase = Phase.STAGED
             if phase == Phase.STAGED:
+                if self.cancel_requested:
+                    raise defer.CancelledError()
                 await self._acquire_slots()
                 if self.abandoned or self.context.stopping:
                     return  # the agent is stopping: the next start runs it
@@ -332,6 +339,9 @@ class TaskWorker:
             )
 
     async def _acquire_slots(self, report=True):
+        if self.holding:  # granted before the worker was made
+            self.context.slots_changed()
+            return
         self.slots = self.context.handler.slots_needed(self.record["spec"]["resourceRequirements"])
         d = self.context.acquire(self.slots)
         if not d.called and report:
