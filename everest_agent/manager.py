@@ -8,6 +8,7 @@ never run again (its current state is re-sent instead).
 """
 
 import collections
+import itertools
 import os
 import time
 
@@ -219,6 +220,7 @@ class TaskManager(Service):
         self.pool = SlotPool(slots, clock=sender.clock)
         self.pool.on_grant = self._granted
         self._accepting = {}  # task id -> canceled?, of waiting tasks not yet on disk
+        self._dirs = {}  # task id -> Deferred of its directory, made ahead for the head of the line
         self.allowed_commands = list(allowed_commands)
         self.allowed_environment = frozenset(allowed_environment)
         files = files if files is not None else InlineFileIO()
@@ -398,6 +400,7 @@ class TaskManager(Service):
         """Cancel every running task and wait (at most C{timeout} s) for them to end."""
         for task_id in self.pool.waiting_ids():
             self.pool.withdraw(task_id)
+            self._dirs.pop(task_id, None)
             self._finish_canceled(task_id)
         workers = [w for w in self.workers.values() if w.done is not None]
         if not workers:
@@ -419,6 +422,7 @@ class TaskManager(Service):
         if worker is not None:
             worker.cancel()
         elif self.pool.withdraw(task_id):
+            self._dirs.pop(task_id, None)
             self._finish_canceled(task_id)
         elif task_id in self._accepting:
             self._accepting[task_id] = True  # CANCELED right after its ACCEPTED
@@ -553,9 +557,32 @@ class TaskManager(Service):
     def _granted(self, task_id, count):
         """The pool gave a waiting task its slots: now it gets its worker."""
         record = self.registry.get(task_id)
-        worker = TaskWorker(self.context, task_id, record, granted=count)
+        worker = TaskWorker(self.context, task_id, record, granted=count,
+                            directory=self._dirs.pop(task_id, None))
         self.workers[task_id] = worker
         worker.start()
+        self._make_dirs_ahead()
+
+    def _make_dirs_ahead(self):
+        """
+        Make the directories of the next tasks in line (as many as there
+        are slots) now, so a granted task does not wait for its own.
+        """
+        pool = self.pool
+        ahead = pool.capacity - len(self._dirs)
+        if ahead <= 0 or not pool.queued:
+            return
+        for task_id in itertools.islice(pool._waiting, ahead + 16):
+            if ahead <= 0:
+                break
+            if task_id.__class__ is not str or task_id in self._dirs or not pool.waiting(task_id):
+                continue
+            record = self.registry.get(task_id)
+            if record is None or record.get("phase", Phase.NEW) != Phase.NEW:
+                continue
+            # (A failure is kept as the value, for the worker to raise.)
+            self._dirs[task_id] = self.context.make_task_dir(task_id).addErrback(lambda f: f.value)
+            ahead -= 1
 
     def _finish_canceled(self, task_id):
         """A task canceled while it waited (no worker, no slots): report it CANCELED."""

@@ -138,11 +138,13 @@ class TaskContext:
 class TaskWorker:
     log = Logger()
 
-    def __init__(self, context, task_id, record, granted=0):
+    def __init__(self, context, task_id, record, granted=0, directory=None):
         """
         @param granted: slots the pool already gave this task (a task that
             waited in the pool's line without a worker); it does not ask
             for them again.
+        @param directory: a Deferred of the task's directory, if the
+            manager made it ahead (firing with an exception if that failed).
         """
         self.context = context
         self.task_id = task_id
@@ -151,6 +153,7 @@ class TaskWorker:
         self.job = None
         self.slots = granted  # slots this task needs
         self.holding = granted  # slots it holds now
+        self._directory = directory
         self._current = None  # what cancel() must interrupt
         self.cancel_requested = False
         self.abandoned = False
@@ -326,8 +329,14 @@ class TaskWorker:
     async def _stage_in(self):
         inputs = self.record["spec"]["inputs"]
         directory = self.context.task_dir(self.task_id)
+        made, self._directory = self._directory, None
         try:
-            await self._step(self.context.make_task_dir(self.task_id))
+            if made is None:
+                await self._step(self.context.make_task_dir(self.task_id))
+            else:
+                failed = await self._step(made)
+                if isinstance(failed, Exception):
+                    raise failed
         except OSError as e:
             raise StagingError(f"cannot create the task directory: {e.strerror or e}") from None
         except PathEscape as e:

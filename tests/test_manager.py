@@ -675,3 +675,21 @@ class WaitingLineTests(SynchronousTestCase):
         self.assertTrue(d.called)
         self.assertEqual(granted, [("a", 2), ("c", 1)])
         self.assertEqual((pool.used, pool.queued), (2, 0))
+
+    def test_directories_of_the_next_in_line_are_made_ahead(self):
+        h = Harness(self, slots=2)
+        for n in range(6):
+            h.manager.submit(f"t{n}", spec())
+        h.pump()
+        self.assertEqual(list(h.handler.jobs), ["t0", "t1"])
+        self.assertTrue(os.path.isdir(os.path.join(h.work_dir, "t1")))
+        h.handler.jobs["t0"].finish(0)
+        h.pump()
+        # t2 runs; the two behind it have their directories, the rest not yet.
+        self.assertIn("t2", h.handler.jobs)
+        made = [n for n in range(3, 6) if os.path.isdir(os.path.join(h.work_dir, f"t{n}"))]
+        self.assertEqual(made, [3, 4])
+        h.manager.cancel("t3")
+        h.pump()
+        self.assertEqual(h.states("t3"), ["ACCEPTED", "QUEUED", "CANCELED"])
+        self.assertNotIn("t3", h.manager._dirs)
