@@ -8,6 +8,7 @@ never run again (its current state is re-sent instead).
 """
 
 import collections
+import itertools
 import os
 import time
 
@@ -54,6 +55,12 @@ class SlotPool:
     Every operation is O(1) however many tasks wait: a canceled wait is
     only marked, and dropped when it reaches the head of the line.
 
+    Two kinds of waits share the one line: L{acquire} (a Deferred, for a
+    worker that already exists) and L{enqueue} (a task id and a count, no
+    Deferred, no worker: what waits costs a str in the line and an entry
+    in a dict).  An enqueued task that gets its slots is handed to
+    C{on_grant(task_id, count)}, which owns them from then on.
+
     With a C{clock}, slots given back are handed on at the end of the
     reactor turn (one timed call for every release of that turn), not in
     the middle of it: the platform's commands that arrived with the event
@@ -67,8 +74,12 @@ class SlotPool:
         self._clock = clock
         self._grant_call = None
         self._stopped = False
-        self._waiting = collections.deque()  # [count, Deferred or None once canceled]
+        # [count, Deferred or None once canceled], or a task id (a str) put
+        # in line by enqueue(), whose count is in _light while it waits.
+        self._waiting = collections.deque()
+        self._light = {}  # task id -> slots, of the enqueue()d tasks still waiting
         self._queued = 0  # live entries in _waiting
+        self.on_grant = None  # on_grant(task id, count): an enqueue()d task got its slots
 
     def acquire(self, count):
         if not self._queued and not self._stopped and self.used + count <= self.capacity:
@@ -100,8 +111,24 @@ class SlotPool:
         if self._stopped:
             return
         waiting = self._waiting
+        light = self._light
         while waiting:
             entry = waiting[0]
+            if entry.__class__ is str:
+                count = light.get(entry)
+                if count is None:  # withdrawn
+                    waiting.popleft()
+                    continue
+                if self.used + count > self.capacity:
+                    break
+                waiting.popleft()
+                del light[entry]
+                self._queued -= 1
+                self.used += count
+                self.on_grant(entry, count)
+                if self._stopped:
+                    return
+                continue
             count, d = entry
             if d is None:
                 waiting.popleft()
@@ -113,6 +140,44 @@ class SlotPool:
             self._queued -= 1
             self.used += count
             d.callback(count)
+
+    def enqueue(self, task_id, count):
+        """
+        Put a task in line without a Deferred; C{on_grant(task_id, count)}
+        is called when its turn comes and C{count} slots are free (at once
+        if nobody waits and they are free now).
+        """
+        if not self._queued and not self._stopped and self.used + count <= self.capacity:
+            self.used += count
+            self.on_grant(task_id, count)
+            return
+        self._waiting.append(task_id)
+        self._light[task_id] = count
+        self._queued += 1
+
+    def withdraw(self, task_id):
+        """
+        Take an enqueued task out of the line (O(1): its entry is dropped
+        when it reaches the head). @return: True if it was waiting.
+        """
+        if self._light.pop(task_id, None) is None:
+            return False
+        self._queued -= 1
+        self._grant()  # the tasks behind it may fit now
+        return True
+
+    def waiting(self, task_id):
+        """Whether C{task_id} is enqueued and waiting."""
+        return task_id in self._light
+
+    def waiting_ids(self):
+        """The enqueued tasks still waiting, first in line first."""
+        light = self._light
+        return [entry for entry in self._waiting if entry.__class__ is str and entry in light]
+
+    def can_take(self, count):
+        """Whether C{count} slots would be granted at once."""
+        return not self._queued and not self._stopped and self.used + count <= self.capacity
 
     @property
     def queued(self):
@@ -156,6 +221,9 @@ class TaskManager(Service):
         self.stager = stager
         self.work_dir = work_dir
         self.pool = SlotPool(slots, clock=sender.clock)
+        self.pool.on_grant = self._granted
+        self._accepting = {}  # task id -> canceled?, of waiting tasks not yet on disk
+        self._dirs = {}  # task id -> Deferred of its directory, made ahead for the head of the line
         self.allowed_commands = list(allowed_commands)
         self.allowed_environment = frozenset(allowed_environment)
         files = files if files is not None else InlineFileIO()
@@ -229,6 +297,7 @@ class TaskManager(Service):
         acked = self.sender.outbox.acked
         resumed = 0
         finished = []
+        waiting = []  # (task id, record, slots) of the tasks that wait for slots
         for task_id, record in self.registry.records.items():
             if record.get("finished"):
                 seq = record.get("terminal_seq")
@@ -247,7 +316,15 @@ class TaskManager(Service):
                 # fails with the reason and everything else goes on.
                 self.log.error("Task {task_id}: damaged state record ({why})", task_id=task_id, why=damage)
                 record["failure"] = f"the agent's record of this task is damaged: {damage}"
-            self._start_worker(task_id, record)
+            count = self._waits_light(record)
+            if count:
+                waiting.append((task_id, record, count))
+            else:
+                self._start_worker(task_id, record)
+        # Tasks that held slots before the restart take them again first;
+        # those that waited line up behind them, in the order they came.
+        for task_id, record, count in waiting:
+            self._line_up(task_id, record, count)
         self._reported.extend(task_id for _, task_id in sorted(finished))
         for task_id in self._reported:
             self.retention.finished(task_id, self.registry.get(task_id).get("finished_at"), sweep=False)
@@ -294,22 +371,32 @@ class TaskManager(Service):
         except (SpecError, ValueError) as e:
             failure = str(e)
             spec = None
-        # One info line per task is enough at thousands of tasks a second: its end.
-        self.log.debug("Task {task_id} submitted", task_id=task_id)
+        # One info line per task is enough at thousands of tasks a second: its
+        # end.  (Not even a debug line here: an event costs as much as the
+        # rest of an accept, filtered or not.)
         fields = {"state": None, "phase": Phase.NEW, "created": self.wallclock()}
         if owner is not None:
             fields["owner"] = owner
         if failure is not None:
             fields["failure"] = failure
         record_d = self.registry.create(task_id, spec, **fields)
-        worker = TaskWorker(self.context, task_id, self.registry.get(task_id))
+        record = self.registry.get(task_id)
         self._unreported.add(task_id)
         if self.stopping:
+            worker = TaskWorker(self.context, task_id, record)
             # Accepted, and started when the agent starts again.
             record_d.addCallback(lambda _: worker.report(protocol.ACCEPTED))
             return
-        self.workers[task_id] = worker
         # ACCEPTED only once the task is on disk.
+        count = self._waits_light(record)
+        if count:
+            # Nothing to stage in: the task waits for its slots as an entry
+            # in the pool's line, and its worker is made when they are its.
+            self._accepting[task_id] = False
+            record_d.addCallback(self._accepted, task_id, record, count)
+            return
+        worker = TaskWorker(self.context, task_id, record)
+        self.workers[task_id] = worker
         record_d.addCallback(lambda _: worker.start())
 
     def _resend_state(self, task_id, record):
@@ -327,6 +414,10 @@ class TaskManager(Service):
 
     async def cancel_all(self, timeout):
         """Cancel every running task and wait (at most C{timeout} s) for them to end."""
+        for task_id in self.pool.waiting_ids():
+            self.pool.withdraw(task_id)
+            self._dirs.pop(task_id, None)
+            self._finish_canceled(task_id)
         workers = [w for w in self.workers.values() if w.done is not None]
         if not workers:
             return
@@ -346,6 +437,11 @@ class TaskManager(Service):
         worker = self.workers.get(task_id)
         if worker is not None:
             worker.cancel()
+        elif self.pool.withdraw(task_id):
+            self._dirs.pop(task_id, None)
+            self._finish_canceled(task_id)
+        elif task_id in self._accepting:
+            self._accepting[task_id] = True  # CANCELED right after its ACCEPTED
         # A finished task: nothing to do.
 
     def deliver(self, task_id, text):
@@ -354,14 +450,18 @@ class TaskManager(Service):
             raise ProtocolError(protocol.E_UNKNOWN_TASK, f"message for unknown task {task_id}", task_id)
         if self.channel is None:
             raise ProtocolError("no-task-channel", "the task channel is not enabled on this agent", task_id)
-        if task_id in self.workers:
+        if self.is_running(task_id):
             self.channel.to_task(task_id, text)
         else:
             self.log.info("Dropping a message for finished task {task_id}", task_id=task_id)
 
     def is_running(self, task_id):
         """Whether a task may use the task channel: known and not finished."""
-        return task_id in self.workers
+        return task_id in self.workers or self.pool.waiting(task_id) or task_id in self._accepting
+
+    def unfinished(self):
+        """How many tasks are not finished (running, staging or waiting)."""
+        return len(self.workers) + self.pool.queued + len(self._accepting)
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -423,3 +523,90 @@ class TaskManager(Service):
         self.workers[task_id] = worker
         worker.start()
         return worker
+
+    # -- waiting for slots without a worker -----------------------------------
+
+    def _waits_light(self, record):
+        """
+        The slots a task needs if it can wait for them without a worker
+        (nothing to stage in, or staged already; a sound record), else 0.
+        """
+        if record.get("failure") or record.get("state") not in _LIGHT_STATES:
+            return 0
+        phase = record.get("phase", Phase.NEW)
+        if phase == Phase.NEW:
+            if record["spec"]["inputs"]:
+                return 0
+        elif phase != Phase.STAGED:
+            return 0
+        try:
+            return self.handler.slots_needed(record["spec"]["resourceRequirements"])
+        except ValueError:
+            return 0  # the worker fails it with the reason
+
+    def _accepted(self, _, task_id, record, count):
+        """A waiting task's record is on disk (the first, for a burst of them)."""
+        canceled = self._accepting.pop(task_id, False)
+        if self.pool._stopped:
+            return  # recorded: the next start reports it and lines it up
+        if canceled:
+            self._finish_canceled(task_id)
+            return
+        self._line_up(task_id, record, count)
+
+    def _line_up(self, task_id, record, count):
+        """
+        Put a recorded task in the pool's line.  If its slots are free now,
+        its worker starts (and reports what is missing); else C{ACCEPTED}
+        (if not yet reported) and C{QUEUED} go out here, with one record.
+        """
+        if not self.pool.can_take(count):
+            state = record.get("state")
+            sender = self.sender
+            if state is None:
+                sender.task_state(task_id, protocol.ACCEPTED)
+            if protocol.may_follow(state, protocol.QUEUED):
+                sender.task_state(task_id, protocol.QUEUED)
+                self.registry.update(task_id, state=protocol.QUEUED, state_seq=sender.outbox.last_seq)
+        self.pool.enqueue(task_id, count)
+
+    def _granted(self, task_id, count):
+        """The pool gave a waiting task its slots: now it gets its worker."""
+        record = self.registry.get(task_id)
+        worker = TaskWorker(self.context, task_id, record, granted=count,
+                            directory=self._dirs.pop(task_id, None))
+        self.workers[task_id] = worker
+        worker.start()
+        self._make_dirs_ahead()
+
+    def _make_dirs_ahead(self):
+        """
+        Make the directories of the next tasks in line (as many as there
+        are slots) now, so a granted task does not wait for its own.
+        """
+        pool = self.pool
+        ahead = pool.capacity - len(self._dirs)
+        if ahead <= 0 or not pool.queued:
+            return
+        for task_id in itertools.islice(pool._waiting, ahead + 16):
+            if ahead <= 0:
+                break
+            if task_id.__class__ is not str or task_id in self._dirs or not pool.waiting(task_id):
+                continue
+            record = self.registry.get(task_id)
+            if record is None or record.get("phase", Phase.NEW) != Phase.NEW:
+                continue
+            # (A failure is kept as the value, for the worker to raise.)
+            self._dirs[task_id] = self.context.make_task_dir(task_id).addErrback(lambda f: f.value)
+            ahead -= 1
+
+    def _finish_canceled(self, task_id):
+        """A task canceled while it waited (no worker, no slots): report it CANCELED."""
+        worker = TaskWorker(self.context, task_id, self.registry.get(task_id))
+        self.workers[task_id] = worker
+        worker.cancel()
+        worker.start()
+
+
+#: States in which a task may wait for its slots without a worker.
+_LIGHT_STATES = frozenset((None, protocol.ACCEPTED, protocol.STAGING_IN, protocol.QUEUED))
