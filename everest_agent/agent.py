@@ -27,7 +27,7 @@ from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
 from everest_agent.outbox import Outbox
 from everest_agent.passive.credentials import ClientTokens
-from everest_agent.passive.tasks import PassiveListener, PassiveTasks, SeqCounter
+from everest_agent.passive.tasks import NoPassiveClients, PassiveListener, PassiveTasks, SeqCounter
 from everest_agent.registry import TaskRegistry
 from everest_agent.resource import ResourceMonitor
 from everest_agent.sender import Sender
@@ -104,6 +104,9 @@ class EverestAgent(MultiService):
                 ThreadPool(minthreads=0, maxthreads=4, name="everest-passive-files"),
                 passive.tls_cert, passive.tls_key,
             )
+        else:
+            # Records of a client from when passive mode was on stay with no one: never the platform's.
+            self.manager.passive = NoPassiveClients()
         self.factory = self.connection = None
         if platform is not None:
             self.factory = AgentClientFactory(

@@ -293,7 +293,7 @@ class TaskManager(Service):
             if record.get("owner") != owner:
                 # Another client's (or the platform's) task: say no more than that the id is taken.
                 raise ProtocolError(protocol.E_INVALID, f"task id {task_id} is already in use", task_id)
-            if owner is not None:
+            if owner is not None and self.passive is not None:
                 self.passive.resend(task_id, record)
                 return
             self._resend_state(task_id, record)
@@ -445,11 +445,11 @@ class TaskManager(Service):
         @return: C{(seq, d)} as L{TaskContext.report}.
         """
         owner = self.owned(task_id)
-        if owner is None:
+        if owner is None or self.passive is None:
+            # (No passive layer at all: a manager on its own, as in unit
+            # tests; the agent always sets one, see agent.py.)
             d = self.sender.task_state(task_id, state, info)
             return self.sender.outbox.last_seq, d
-        if self.passive is None:  # passive mode switched off: recorded, told to no one
-            return None, defer.succeed(None)
         return self.passive.report(owner, task_id, state, info)
 
 

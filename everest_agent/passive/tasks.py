@@ -249,6 +249,20 @@ class PassiveTasks:
                 session.dropConnection(abort=True)  # (a close handshake would outlive the agent)
 
 
+class NoPassiveClients:
+    """
+    The manager's C{passive} while passive mode is off: tasks a client
+    submitted when it was on still run and are recorded, and are told to no
+    one (certainly not to the platform).
+    """
+
+    def report(self, owner, task_id, state, info):
+        return None, defer.succeed(None)
+
+    def resend(self, task_id, record):
+        pass
+
+
 class PassiveListener(Service):
     """
     The passive-mode listener as a service: one TCP (or TLS) port with the
