@@ -97,6 +97,19 @@ def check_token(config):
     return Result("token", True, f"inline in {config.path}, which only its owner can read")
 
 
+def check_passive(config):
+    """Passive mode is on: where it listens and with how many client tokens (never the tokens)."""
+    passive = config.passive
+    host, port = passive.listen
+    scheme = "wss" if passive.tls_cert else "ws"
+    return Result(
+        "passive", True,
+        f"passive mode on: listening on {scheme}://{host}:{port}/agent/ws and "
+        f"{'https' if passive.tls_cert else 'http'}://{host}:{port}/files/, "
+        f"{len(passive.tokens)} client tokens read from {passive.client_tokens_file}",
+    )
+
+
 def _nearest_existing(path):
     while not os.path.exists(path):
         parent = os.path.dirname(path)
@@ -510,7 +523,10 @@ async def run_checks(config_path, reactor, env=None, timeout=15.0, out=None,
         return results
     report(Result("config", True, f"{config_path}: valid (handler {config.handler.type}, "
                                   f"{config.agent.max_tasks} slots)"))
-    report(check_token(config))
+    if config.platform is not None:
+        report(check_token(config))
+    if config.passive.enabled:
+        report(check_passive(config))
     user = getpass.getuser()
     state_dir = config.agent.state_dir
     running, pid = (lock_holder(state_dir) if os.path.isdir(state_dir) else (False, None))
@@ -523,7 +539,9 @@ async def run_checks(config_path, reactor, env=None, timeout=15.0, out=None,
         report(check_pilot(config))
     if getattr(getattr(config, "monitor", None), "listen", None) is not None:
         report(await check_monitor(config, reactor, running))
-    if platform:
+    if platform and config.platform is None:
+        report(Result("platform", None, "no [platform] section: passive mode only"))
+    elif platform:
         report(await check_platform(config, reactor, timeout, running, pid))
     return results
 

@@ -176,7 +176,7 @@ def _listen_address(value):
 
 SCHEMA = {
     "platform": {
-        "url": Key(_text, REQUIRED, "WebSocket URL of the platform's agent endpoint (wss://...)."),
+        "url": Key(_text, REQUIRED, "WebSocket URL of the platform's agent endpoint (wss://...). The whole [platform] section may be left out when [passive] is enabled (passive mode only)."),
         "token": Key(_text, "", "The agent's secret token, inline. Use exactly one of token and token_file."),
         "token_file": Key(_path, "", "File holding the secret token (mode 0600). Use exactly one of token and token_file."),
         "ca_file": Key(_path, "", "PEM bundle of CA certificates to trust instead of the system store, for wss:// and https://."),
@@ -238,6 +238,15 @@ SCHEMA = {
         "connect_timeout": Key(_positive_float, 300.0, "Seconds a running pilot job may take to connect back before it is canceled as unreachable."),
         "reconnect_for": Key(_positive_float, 600.0, "Seconds a pilot keeps trying to reconnect to an absent agent before it ends (once its tasks end)."),
         "lost_timeout": Key(_positive_float, 120.0, "Seconds a pilot's link may stay down before the pilot is canceled and its tasks settled."),
+    },
+    "passive": {
+        "enabled": Key(_bool, False, "Passive mode: clients connect to the agent (WebSocket at /agent/ws, task outputs at /files/) with an EverestAgentClientToken."),
+        "listen": Key(_host_port, ("127.0.0.1", 8891), "host:port of the passive-mode WebSocket and file listener."),
+        "client_tokens_file": Key(_path, "", "File of client tokens, one a line (mode 0600). Required when passive mode is enabled."),
+        "tls_cert": Key(_path, "", "PEM certificate (chain) of the passive listener; with tls_key, clients use wss:// and https://."),
+        "tls_key": Key(_path, "", "PEM private key of tls_cert (mode 0600)."),
+        "max_client_tasks": Key(_positive_int, 1000, "Unfinished tasks one client credential may have at once; more TASK_SUBMITs are refused with an ERROR."),
+        "max_tasks": Key(_positive_int, 10000, "Unfinished passive-mode tasks of all clients at once, so clients cannot take the active platform's memory."),
     },
     "monitor": {
         "listen": Key(_listen_address, None, "host:port of the local /healthz and /metrics HTTP endpoint, e.g. 127.0.0.1:9108. Default: empty, off."),
@@ -344,6 +353,8 @@ def from_parser(parser, path):
 
     for section, keys in SCHEMA.items():
         present = dict(parser.items(section)) if parser.has_section(section) else {}
+        if section == "platform" and not parser.has_section(section):
+            present = {"url": ""}  # replaced by None below (passive mode only)
         if section == "handler":
             raw = present.get("type", "local")
             try:
@@ -353,7 +364,16 @@ def from_parser(parser, path):
             keys = dict(keys, **HANDLER_KEYS[handler_type])
         setattr(config, section, SimpleNamespace(**section_values(section, keys, present)))
 
-    _check_platform(config, path)
+    if not parser.has_section("platform"):
+        config.platform = None
+        if not config.passive.enabled:
+            raise ConfigError(
+                f"{path}: neither [platform] (active mode) nor [passive] enabled = yes (passive mode): "
+                "the agent would have no one to take tasks from"
+            )
+    else:
+        _check_platform(config, path)
+    _check_passive(config, path)
     agent = config.agent
     if not agent.hostname:
         agent.hostname = socket.getfqdn()
@@ -563,3 +583,29 @@ def _check_platform(config, path):
                 f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}, or use token_file"
             )
     check_token_text(platform.token, f"{path}: [platform] token")
+
+
+def _check_passive(config, path):
+    """Passive mode's tokens file and TLS files: usable, and secret where they must be."""
+    passive = config.passive
+    passive.tokens = None
+    if not passive.enabled:
+        return
+    from everest_agent.passive.credentials import CredentialError, read_tokens
+
+    if not passive.client_tokens_file:
+        raise ConfigError(f"{path}: [passive] client_tokens_file: missing; passive mode needs its clients' tokens")
+    try:
+        read_secret_file(passive.client_tokens_file, max_size=1 << 20)
+        passive.tokens = read_tokens(passive.client_tokens_file)
+    except (SecretFileError, CredentialError) as e:
+        raise ConfigError(f"{path}: [passive] client_tokens_file: {passive.client_tokens_file}: {e}") from None
+    if bool(passive.tls_cert) != bool(passive.tls_key):
+        raise ConfigError(f"{path}: [passive] tls_cert: give both tls_cert and tls_key, or neither")
+    if passive.tls_cert:
+        if not os.path.isfile(passive.tls_cert):
+            raise ConfigError(f"{path}: [passive] tls_cert: {passive.tls_cert}: no such file")
+        try:
+            read_secret_file(passive.tls_key, max_size=1 << 20)
+        except SecretFileError as e:
+            raise ConfigError(f"{path}: [passive] tls_key: {passive.tls_key}: {e}") from None

@@ -240,6 +240,7 @@ class TaskManager(Service):
         self.slot_listeners = []
         self.stopping = False  # set while the agent stops: tasks are recorded, not started
         self.channel = None  # the TaskChannel, when enabled
+        self.passive = None  # passive mode's reports (passive/tasks.py), when enabled
         sender.add_ack_listener(self.acked)
 
     # -- start and stop -------------------------------------------------------
@@ -256,7 +257,7 @@ class TaskManager(Service):
                 continue
             task_id, state, info = message[1], message[2], message[3]
             record = self.registry.get(task_id)
-            if record is None or not protocol.may_follow(record.get("state"), state):
+            if record is None or self.owned(task_id) or not protocol.may_follow(record.get("state"), state):
                 continue
             self.log.info(
                 "Task {task_id}: carrying its state {state} forward from the outbox",
@@ -280,8 +281,8 @@ class TaskManager(Service):
         pending = {message[3].get("seq") for message in outbox.durable_pending()
                    if message[0] == protocol.TASK_STATE}
         for task_id, record in self.registry.records.items():
-            if not record.get("finished"):
-                continue
+            if not record.get("finished") or record.get("owner") is not None:
+                continue  # (a passive client's task is never the platform's business)
             seq = record.get("terminal_seq")
             if seq is not None and (seq <= outbox.acked or seq in pending):
                 continue
@@ -298,7 +299,11 @@ class TaskManager(Service):
         resumed = 0
         finished = []
         waiting = []  # (task id, record, slots) of the tasks that wait for slots
+        owned_finished = []
         for task_id, record in self.registry.records.items():
+            if record.get("finished") and record.get("owner") is not None:
+                owned_finished.append((record.get("finished_at") or 0, task_id))  # no platform ACK to wait for
+                continue
             if record.get("finished"):
                 seq = record.get("terminal_seq")
                 if seq is not None and seq <= acked:
@@ -325,6 +330,7 @@ class TaskManager(Service):
         # those that waited line up behind them, in the order they came.
         for task_id, record, count in waiting:
             self._line_up(task_id, record, count)
+        self._reported.extend(task_id for _, task_id in sorted(owned_finished))
         self._reported.extend(task_id for _, task_id in sorted(finished))
         for task_id in self._reported:
             self.retention.finished(task_id, self.registry.get(task_id).get("finished_at"), sweep=False)
@@ -361,6 +367,12 @@ class TaskManager(Service):
         """
         record = self.registry.get(task_id)
         if record is not None:
+            if record.get("owner") != owner:
+                # Another client's (or the platform's) task: say no more than that the id is taken.
+                raise ProtocolError(protocol.E_INVALID, f"task id {task_id} is already in use", task_id)
+            if owner is not None and self.passive is not None:
+                self.passive.resend(task_id, record)
+                return
             self._resend_state(task_id, record)
             return
         failure = None
@@ -431,8 +443,8 @@ class TaskManager(Service):
         except defer.TimeoutError:
             self.log.warn("Some tasks did not end within {timeout} s", timeout=timeout)
 
-    def cancel(self, task_id):
-        if task_id not in self.registry:
+    def cancel(self, task_id, owner=None):
+        if task_id not in self.registry or self.owned(task_id) != owner:
             raise ProtocolError(protocol.E_UNKNOWN_TASK, f"cancel of unknown task {task_id}", task_id)
         worker = self.workers.get(task_id)
         if worker is not None:
@@ -444,9 +456,9 @@ class TaskManager(Service):
             self._accepting[task_id] = True  # CANCELED right after its ACCEPTED
         # A finished task: nothing to do.
 
-    def deliver(self, task_id, text):
-        """A TASK_MESSAGE from the platform, for a task's channel."""
-        if task_id not in self.registry:
+    def deliver(self, task_id, text, owner=None):
+        """A TASK_MESSAGE from the platform (or a passive client, C{owner}), for a task's channel."""
+        if task_id not in self.registry or self.owned(task_id) != owner:
             raise ProtocolError(protocol.E_UNKNOWN_TASK, f"message for unknown task {task_id}", task_id)
         if self.channel is None:
             raise ProtocolError("no-task-channel", "the task channel is not enabled on this agent", task_id)
@@ -488,6 +500,9 @@ class TaskManager(Service):
         self.workers.pop(task_id, None)
         if self.channel is not None:
             self.channel.task_finished(task_id)
+        if self.owned(task_id) is not None:
+            self._forget_later(task_id)  # its record is its report; no platform ACK to wait for
+            return
         if seq is None:
             return
         if seq <= self.sender.outbox.acked:
@@ -511,8 +526,32 @@ class TaskManager(Service):
                 self.registry.forget(old)
 
     def hello_tasks(self):
-        """Tasks not finished, or whose terminal report is not acknowledged yet."""
-        return sorted(self._unreported)
+        """Tasks not finished, or whose terminal report is not acknowledged yet (the platform's only)."""
+        return sorted(t for t in self._unreported if self.owned(t) is None)
+
+    # -- passive mode: owned tasks (contract, section 9) ------------------------
+
+    def owned(self, task_id):
+        """The passive-mode owner of a task (C{None}: the platform's or unknown)."""
+        record = self.registry.get(task_id)
+        return None if record is None else record.get("owner")
+
+    def report(self, task_id, state, info):
+        """
+        A worker's TASK_STATE, routed by the record's owner: the platform's
+        through the sender (outbox), a passive client's through
+        L{passive} (its sessions), never the other way.
+
+        @return: C{(seq, d)} as L{TaskContext.report}.
+        """
+        owner = self.owned(task_id)
+        if owner is None or self.passive is None:
+            # (No passive layer at all: a manager on its own, as in unit
+            # tests; the agent always sets one, see agent.py.)
+            d = self.sender.task_state(task_id, state, info)
+            return self.sender.outbox.last_seq, d
+        return self.passive.report(owner, task_id, state, info)
+
 
     def counts(self):
         """C{(busy slots, tasks waiting for a slot)}."""
@@ -562,12 +601,12 @@ class TaskManager(Service):
         """
         if not self.pool.can_take(count):
             state = record.get("state")
-            sender = self.sender
+            # (Through report(): a passive client's task goes to its sessions.)
             if state is None:
-                sender.task_state(task_id, protocol.ACCEPTED)
+                self.report(task_id, protocol.ACCEPTED, {})
             if protocol.may_follow(state, protocol.QUEUED):
-                sender.task_state(task_id, protocol.QUEUED)
-                self.registry.update(task_id, state=protocol.QUEUED, state_seq=sender.outbox.last_seq)
+                seq, _ = self.report(task_id, protocol.QUEUED, {})
+                self.registry.update(task_id, state=protocol.QUEUED, state_seq=seq)
         self.pool.enqueue(task_id, count)
 
     def _granted(self, task_id, count):

@@ -305,7 +305,7 @@ def status_snapshot(agent):
         "version": __version__,
         "hostname": agent.config.agent.hostname,
         "handler": agent.handler.name,
-        "platform": public_url(agent.config.platform.url),
+        "platform": public_url(agent.config.platform.url) if agent.config.platform else None,
         "started": status.data.get("started") if status is not None else None,
         "connection": connection,
         "slots": {"total": pool.capacity, "busy": pool.used, "waiting": pool.queued},

@@ -418,6 +418,8 @@ def format_state(state):
                      f"{agent.get('slots', '?')} slots")
     if agent.get("platform"):
         lines.append(f"platform: {agent['platform']}")
+    if agent.get("passive"):
+        lines.append(f"passive mode: on, listening on {agent['passive']}")
     lines.extend(_pilot_lines(agent))
     connection = state["connection"]
     if connection:

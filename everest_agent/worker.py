@@ -106,8 +106,7 @@ class TaskContext:
         @return: C{(seq, d)}: the message's seq, and a Deferred firing with
             it once it is durable.
         """
-        d = self._manager.sender.task_state(task_id, state, info)
-        return self._manager.sender.outbox.last_seq, d
+        return self._manager.report(task_id, state, info)  # routed by owner (passive mode)
 
     def finished(self, seq, task_id):
         """The task's terminal report is durable as C{seq}."""

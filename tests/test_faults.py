@@ -46,6 +46,7 @@ from tests.faults import (
     Expect,
     HoldServer,
     PlatformHandle,
+    Row,
     SeqRecorder,
     TaskFactory,
     check,
@@ -1531,3 +1532,137 @@ class CheckSelfTests(TestCase):
         self.assertEqual(self.verdict(self.done, [1, 2], runs=0), (0, 0, 1))
         platform_made = [("ACCEPTED", {"seq": 1}), ("DONE", {"exitCode": 0, "platform": True})]
         self.assertEqual(self.verdict(platform_made, [1]), (0, 0, 1))
+
+
+# -- passive mode (contract, section 9): kill -9 under a passive client's tasks ---------
+
+
+class PassiveFaultScenario(TestCase):
+    """
+    The agent as a real process (C{twistd everest-agent}) in passive mode
+    only, a passive client (Autobahn) in this process.  The agent is killed
+    with SIGKILL while the client's tasks are held in a phase, started
+    again on the same state directory, and a new session must learn every
+    task's single outcome: its real exit code and its output byte for byte,
+    each command run once, and no C{seq} seen twice across the agents' lives.
+    """
+
+    timeout = 120
+
+    def setUp(self):
+        from tests.test_passive_agent import CLIENT_TOKEN
+
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        with socket_module().socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        tokens = os.path.join(self.root, "client-tokens")
+        fd = os.open(tokens, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, (CLIENT_TOKEN + "\n").encode())
+        os.close(fd)
+        ini = os.path.join(self.root, "agent.ini")
+        fd = os.open(ini, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, (
+            f"[agent]\nwork_dir = {self.root}/work\nstate_dir = {self.root}/state\nmax_tasks = 2\n"
+            f"kill_grace = 1\nhostname = faults\n[handler]\ntype = local\n"
+            f"[passive]\nenabled = yes\nlisten = 127.0.0.1:{self.port}\nclient_tokens_file = {tokens}\n"
+        ).encode())
+        os.close(fd)
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        self.agent = AgentProcess(ini, os.path.join(self.root, "agent.log"), env, self.root)
+        self.addCleanup(lambda: self.agent.kill9() if self.agent.alive else None)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.gate = os.path.join(self.root, "gate")
+        self.runs = os.path.join(self.root, "runs")
+
+    async def session(self):
+        from tests.test_passive_agent import Client, credential
+
+        for _ in range(400):  # until the restarted agent listens
+            try:
+                probe = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), protocol.Protocol())
+            except ConnectError:
+                await sleep(0.05)
+                continue
+            probe.transport.loseConnection()
+            return await Client(self, self.base, credential("faults")).open()
+        raise AssertionError(f"no passive listener on {self.base}\n{self.agent.log_tail()}")
+
+    def command(self, task_id, code):
+        return (f"echo {task_id} >> {self.runs}; while [ ! -e {self.gate} ]; do sleep 0.05; done; "
+                f"echo out-{task_id} > out.txt; exit {code}")
+
+    async def run_scenario(self, name, phase):
+        started = time.monotonic()
+        self.agent.start()
+        client = await self.session()
+        # 2 slots: two tasks RUNNING, the rest QUEUED behind them.
+        tasks = {f"p{i}": (0 if i % 2 == 0 else 3) for i in range(4)}
+        for task_id, code in tasks.items():
+            client.send(["TASK_SUBMIT", task_id, {"command": self.command(task_id, code), "inputData": [],
+                                                  "outputData": [{"paths": ["out.txt"]}]}])
+        if phase == ACCEPTED:
+            await client.wait_state("p3", ACCEPTED)
+        else:
+            await client.wait_state("p0", RUNNING)
+            await client.wait_state("p1", RUNNING)
+            await client.wait_state("p3", QUEUED)
+        seen = {m[3]["seq"]: (m[1], m[2]) for m in client.received if m[0] == "TASK_STATE"}
+        await self.agent.kill9()
+        open(self.gate, "w").close()  # the jobs end while the agent is away
+        self.agent.start()
+        client = await self.session()
+        from tests.support import eventually as until
+
+        await until(lambda: all(set(client.states(t)) & set(P.TERMINAL) for t in tasks), 60, "all outcomes")
+        row = Row(f"passive: kill -9 in {phase}", tasks=len(tasks))
+        with open(self.runs) as f:
+            runs = f.read().split()
+        for task_id, code in tasks.items():
+            terminal = [m for m in client.received if m[0] == "TASK_STATE" and m[1] == task_id
+                        and m[2] in P.TERMINAL]
+            if not terminal:
+                row.lost += 1
+                continue
+            if len({m[2] for m in terminal}) > 1 or runs.count(task_id) > 1:
+                row.duplicated += 1
+                row.details.append(f"{task_id}: {[m[2] for m in terminal]}, ran {runs.count(task_id)} times")
+            state = terminal[-1][2]
+            expected = P.DONE if code == 0 else P.FAILED
+            if state != expected or terminal[-1][3].get("exitCode") != code:
+                row.wrong += 1
+                row.details.append(f"{task_id}: {state} {terminal[-1][3]}")
+            response = await treq_get(f"{self.base}/files/{task_id}/out.txt", client)
+            if response != f"out-{task_id}\n".encode():
+                row.wrong += 1
+                row.details.append(f"{task_id}: output {response!r}")
+        # A state sent again on reconnecting keeps its seq; a seq naming another message is reused.
+        later = {m[3]["seq"]: (m[1], m[2]) for m in client.received if m[0] == "TASK_STATE"}
+        reused = {seq for seq, what in later.items() if seq in seen and seen[seq] != what}
+        if reused:
+            row.duplicated += len(reused)
+            row.details.append(f"seq reused after the restart: {sorted(reused)}")
+        row.seconds = time.monotonic() - started
+        record(row)
+        self.assertTrue(row.clean, row.details)
+
+    async def test_kill9_with_passive_tasks_running_and_queued(self):
+        await self.run_scenario("running", RUNNING)
+
+    async def test_kill9_with_passive_tasks_just_accepted(self):
+        await self.run_scenario("accepted", ACCEPTED)
+
+
+def socket_module():
+    import socket
+
+    return socket
+
+
+async def treq_get(url, client):
+    import treq
+    from tests.test_passive_agent import credential
+
+    response = await treq.get(url, headers={"Authorization": credential("faults")}, persistent=False)
+    return await response.content()

@@ -355,8 +355,8 @@ class Stager:
         )
         options.update(kwargs)
         return cls.with_client(
-            reactor, config.platform.url, config.platform.token,
-            ca_file=config.platform.ca_file or None, **options,
+            reactor, config.platform.url if config.platform else "", config.platform.token if config.platform else "",
+            ca_file=(config.platform.ca_file or None) if config.platform else None, **options,
         )
 
     @property
