@@ -234,7 +234,8 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--big", type=int, default=100000, help="tasks submitted at once (0: skip)")
     parser.add_argument("--sbatch", type=int, default=500, help="plain sbatch jobs (0: skip)")
-    parser.add_argument("--work-dir", default=T.DEFAULT_WORK_DIR)
+    parser.add_argument("--work-dir", default=getattr(T, "DEFAULT_WORK_DIR", None),
+                        help="where task directories go (default: the temporary directory)")
     args = parser.parse_args(argv)
     args.concurrency = args.pilots * args.cores
     return args

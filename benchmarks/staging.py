@@ -441,9 +441,11 @@ def run_downloads(options, root, url, size, big_sha):
         assert got == size
         rows["curl"].add(size, {"seconds": seconds, "cpu": cpu})
         os.unlink(dest)
-        print(f"  download run {i + 1}: agent {rows['agent'].last():.0f} MB/s (unverified "
-              f"{rows['plain'].last():.0f}), curl {rows['curl'].last():.0f} MB/s; agent RSS "
-              f"{rows['agent'].idles[-1] / MiB:.1f} -> {rows['agent'].peaks[-1] / MiB:.1f} MiB", flush=True)
+        print(f"  download run {i + 1}: agent {rows['agent'].last():.0f} MB/s {rows['agent'].cpus[-1]:.2f} CPU-s/GiB "
+              f"(unverified {rows['plain'].last():.0f}, {rows['plain'].cpus[-1]:.2f}), curl "
+              f"{rows['curl'].last():.0f} MB/s {rows['curl'].cpus[-1]:.2f}; agent RSS "
+              f"{rows['agent'].idles[-1] / MiB:.1f} -> {rows['agent'].peaks[-1] / MiB:.1f} MiB; "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
     return summary(rows["agent"], rows["curl"], rows["plain"])
 
 
@@ -468,7 +470,8 @@ def run_uploads(options, root, base, size, big_sha):
         assert sent == size
         rows["curl"].add(size, {"seconds": seconds, "cpu": cpu})
         os.unlink(os.path.join(root, "www", target.lstrip("/")))
-        print(f"  upload run {i + 1}: agent {rows['agent'].last():.0f} MB/s, curl {rows['curl'].last():.0f} MB/s; "
+        print(f"  upload run {i + 1}: agent {rows['agent'].last():.0f} MB/s {rows['agent'].cpus[-1]:.2f} CPU-s/GiB, "
+              f"curl {rows['curl'].last():.0f} MB/s {rows['curl'].cpus[-1]:.2f}; load {os.getloadavg()[0]:.2f}; "
               f"agent RSS {rows['agent'].idles[-1] / MiB:.1f} -> {rows['agent'].peaks[-1] / MiB:.1f} MiB", flush=True)
     return summary(rows["agent"], rows["curl"])
 
@@ -533,7 +536,8 @@ def print_report(report, options):
         print(f"     agent {d['agent']:7.0f} MB/s  cpu {d['agent_cpu']:4.2f} s  [{runs(d['agent_runs'])}]  "
               "(verifies sha256 and size)")
         print(f"     curl  {d['curl']:7.0f} MB/s  cpu {d['curl_cpu']:4.2f} s  [{runs(d['curl_runs'])}]")
-        print(f"     ratio {d['ratio']:7.2f}        (goal >= 0.8; best run against best run: {d['best_ratio']:.2f})")
+        print(f"     ratio {d['ratio']:7.2f}  cpu {d['agent_cpu']:.2f} against {d['curl_cpu']:.2f} s per GiB  "
+              f"(goal >= 0.8; best run against best run: {d['best_ratio']:.2f})")
         budget = d["curl_cpu"] + report["sha256_cpu"] + 0.3
         print(f"     cpu budget {budget:4.2f} s = curl {d['curl_cpu']:.2f} + sha256 {report['sha256_cpu']:.2f} + 0.3: "
               f"{'met' if d['agent_cpu'] <= budget else 'NOT met'}; ratio goal {'met' if d['ratio'] >= 0.8 else 'NOT met'}")
@@ -544,7 +548,8 @@ def print_report(report, options):
         print(f"     agent {u['agent']:7.0f} MB/s  cpu {u['agent_cpu']:4.2f} s  [{runs(u['agent_runs'])}]  "
               "(computes the sha256 it reports)")
         print(f"     curl  {u['curl']:7.0f} MB/s  cpu {u['curl_cpu']:4.2f} s  [{runs(u['curl_runs'])}]")
-        print(f"     ratio {u['ratio']:7.2f}        (goal >= 0.8; best run against best run: {u['best_ratio']:.2f})")
+        print(f"     ratio {u['ratio']:7.2f}  cpu {u['agent_cpu']:.2f} against {u['curl_cpu']:.2f} s per GiB  "
+              f"(goal >= 0.8; best run against best run: {u['best_ratio']:.2f})")
         budget = u["curl_cpu"] + report["sha256_cpu"] + 0.3
         print(f"     cpu budget {budget:4.2f} s = curl {u['curl_cpu']:.2f} + sha256 {report['sha256_cpu']:.2f} + 0.3: "
               f"{'met' if u['agent_cpu'] <= budget else 'NOT met'}; ratio goal {'met' if u['ratio'] >= 0.8 else 'NOT met'}")

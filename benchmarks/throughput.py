@@ -116,6 +116,9 @@ def proc_cpu(pid):
 
 #: Where --tmpfs puts the state and task directories.
 TMPFS = "/dev/shm"
+#: Where they go by default: the ordinary disk (not $TMPDIR, which is a
+#: tmpfs on many systems).
+DISK = "/var/tmp"
 
 
 def churn(directory, count):
@@ -489,7 +492,7 @@ async def main(reactor, args):
     out = Report(sys.stdout)
     only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5"}
     slots = args.slots
-    base = TMPFS if args.tmpfs else args.dir
+    base = TMPFS if args.tmpfs else (args.dir or DISK)
     root = tempfile.mkdtemp(prefix="everest-bench-", dir=base)
     work_root = tempfile.mkdtemp(prefix="everest-bench-tasks-", dir=args.work_dir) if args.work_dir else root
     log_file = open(os.path.join(root, "platform.log"), "w")
@@ -504,9 +507,12 @@ async def main(reactor, args):
     out.line(f"work files (state directory, fsync on) in {root} ({filesystem(root)})")
     out.line(f"task directories in {work_root} ({filesystem(work_root)})")
     out.record("task_dir_filesystem", filesystem(work_root))
+    if not args.tmpfs and "tmpfs" in (filesystem(root), filesystem(work_root)):
+        out.line("   WARNING: a tmpfs without --tmpfs: these figures are not what an operator's disk gives")
     out.record("nproc", os.cpu_count())
     out.record("slots", slots)
     out.line(f"load before: {open('/proc/loadavg').read().strip()}")
+    out.record("load_before", open("/proc/loadavg").read().strip())
     baseline = None
 
     if args.churn and ("2" in only):
@@ -632,6 +638,9 @@ async def main(reactor, args):
         out.line(f"   one message per commit: fsync {rates[(True, 1)]:>10,.0f}   no fsync {rates[(False, 1)]:>10,.0f}")
         out.line(f"   100 messages per commit: fsync {rates[(True, 100)]:>9,.0f}   no fsync {rates[(False, 100)]:>10,.0f}")
 
+    load_after = open("/proc/loadavg").read().strip()
+    out.record("load_after", load_after)
+    out.line(f"load after: {load_after} (the machine may be shared: other work shows here)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out.results, f, indent=2, default=str)
@@ -662,7 +671,7 @@ def parse_args(argv=None):
                         help="give the platform a state file (snapshots written before each ACK)")
     parser.add_argument("--agent-profile", metavar="FILE",
                         help="run the agent under cProfile (twistd --profile) and save the stats in FILE")
-    parser.add_argument("--dir", help="where to make the temporary directory (default: $TMPDIR)")
+    parser.add_argument("--dir", help=f"where to make the temporary directory (default: {DISK}, the ordinary disk)")
     parser.add_argument(
         "--work-dir", default=None,
         help="where the agent's task directories go (default: beside the state directory, on the "

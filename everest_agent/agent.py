@@ -26,8 +26,8 @@ from everest_agent.handlers import make_handler
 from everest_agent.journal import CommitGroup, make_private_dir
 from everest_agent.manager import TaskManager
 from everest_agent.outbox import Outbox
-from everest_agent.passive.listener import PassiveListener
-from everest_agent.passive.tasks import PassiveTasks
+from everest_agent.passive.credentials import ClientTokens
+from everest_agent.passive.tasks import NoPassiveClients, PassiveListener, PassiveTasks, SeqCounter
 from everest_agent.registry import TaskRegistry
 from everest_agent.resource import ResourceMonitor
 from everest_agent.sender import Sender
@@ -89,9 +89,26 @@ class EverestAgent(MultiService):
         self.monitor = ResourceMonitor(
             reactor, self.sender, self.manager, self.handler, agent.hostname, agent.work_dir, wallclock
         )
-        platform = config.platform
+        platform = config.platform  # None: passive mode only
+        # -- passive mode (contract, section 9): passive/tasks.py routes owned tasks' reports
+        self.passive = None
+        self.passive_listener = None
+        passive = getattr(config, "passive", None)
+        if passive is not None and passive.enabled:
+            self.passive = PassiveTasks(
+                self.manager, SeqCounter(os.path.join(agent.state_dir, "passive-seq"), self.files.run),
+                wallclock, max_client_tasks=passive.max_client_tasks, max_tasks=passive.max_tasks,
+            )
+            self.passive_listener = PassiveListener(
+                self.passive, ClientTokens(passive.tokens), reactor, passive.listen,
+                ThreadPool(minthreads=0, maxthreads=4, name="everest-passive-files"),
+                passive.tls_cert, passive.tls_key,
+            )
+        else:
+            # Records of a client from when passive mode was on stay with no one: never the platform's.
+            self.manager.passive = NoPassiveClients()
         self.factory = self.connection = None
-        if platform is not None:  # active mode
+        if platform is not None:
             self.factory = AgentClientFactory(
                 self, platform.url, reactor,
                 ping_interval=platform.ping_interval, ping_timeout=platform.ping_timeout,
@@ -99,19 +116,10 @@ class EverestAgent(MultiService):
                 factor=platform.reconnect_factor, welcome_timeout=platform.welcome_timeout,
             )
             self.connection = ConnectionService(self.factory, platform.url, reactor, platform.ca_file or None)
-        # Passive mode (passive/): the router of owned tasks' reports always
-        # exists, so a passive task recorded earlier never reaches the platform.
-        passive = getattr(config, "passive", None)
-        self.passive_tasks = PassiveTasks(
-            self.manager, agent.state_dir, getattr(passive, "max_unfinished", 1000), wallclock,
-            max_total=getattr(passive, "max_unfinished_total", 10000))
-        self.passive_listener = None
-        if passive is not None and passive.enabled:
-            self.passive_listener = PassiveListener(self.passive_tasks, passive, reactor)
         self.channel = None
         self._channel_port = None
         if config.task_channel.enabled:
-            self.channel = TaskChannel(self.manager.is_running, self.manager.task_message, reactor)
+            self.channel = TaskChannel(self.manager.is_running, self._task_message, reactor)
             self.manager.channel = self.channel
         self._lock = None
         # Started in this order, stopped in reverse: the connection goes
@@ -121,10 +129,10 @@ class EverestAgent(MultiService):
         if IService.providedBy(self.handler):
             self.handler.setServiceParent(self)
         self.manager.setServiceParent(self)
-        if self.passive_listener is not None:
-            self.passive_listener.setServiceParent(self)
         if self.connection is not None:
             self.connection.setServiceParent(self)
+        if self.passive_listener is not None:
+            self.passive_listener.setServiceParent(self)  # stopped first: no client mid-stop
         # -- operations: status.json and the optional /metrics endpoint (status.py, monitor.py)
         self.wallclock = wallclock
         self.status = StatusFile(agent.state_dir, platform.url if platform is not None else "", wallclock)
@@ -154,9 +162,11 @@ class EverestAgent(MultiService):
             self.reactor.addSystemEventTrigger("after", "shutdown", self._stop_fsync_pool)
         self.outbox.load()
         self.registry.load()
-        self.passive_tasks.load()
+        if self.passive is not None:
+            self.passive.load()  # before the manager resumes owned tasks
         self.status.starting(handler=self.handler.name, slots=agent.max_tasks,  # operations
-                             keep_task_dirs=_retention_text(agent.keep_task_dirs))
+                             keep_task_dirs=_retention_text(agent.keep_task_dirs),
+                             **self._passive_status())
         self.log.info(
             "everest-agent {version} starting: handler {handler}, {slots} slots, "
             "work_dir {work_dir}, {pending} messages to deliver",
@@ -168,9 +178,20 @@ class EverestAgent(MultiService):
         if os.geteuid() == 0:
             self.log.warn("Running as root: tasks run as root too; consider a dedicated user")
         super().startService()
-        if self.passive_listener is not None:  # passive mode: where it listens, for status
-            self.status.data["passive"] = self.passive_listener.url
-            self.status.write()
+
+    def _passive_status(self):
+        """status.json's passive-mode fields: where it listens (the real port is known once listening)."""
+        if self.passive_listener is None:
+            return {}
+        host, port = self.passive_listener.listen
+        return {"passive": f"{self.passive_listener.scheme}://{host}:{port}"}
+
+    def _task_message(self, task_id, text):
+        """A task's channel message: to its passive client, or to the platform."""
+        owner = self.manager.owned(task_id)
+        if owner is not None:
+            return self.passive.task_message(owner, task_id, text) if self.passive is not None else None
+        return self.sender.task_message(task_id, text)
 
     def _listen_channel(self):
         settings = self.config.task_channel
@@ -240,13 +261,6 @@ class EverestAgent(MultiService):
         """The pilots, for the monitor page; C{None} unless in pilot mode."""
         summary = getattr(self.handler, "pilot_summary", None)
         return summary() if summary is not None else None
-
-    def passive_address(self):
-        """C{(host, port)} the passive listener listens on, or None."""
-        if self.passive_listener is None or self.passive_listener.port is None:
-            return None
-        address = self.passive_listener.port.getHost()
-        return address.host, address.port
 
     def hello(self):
         return protocol.hello(

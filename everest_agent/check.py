@@ -39,10 +39,11 @@ import time
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 
 from everest_agent import __version__, protocol
 from everest_agent import config as agent_config
+from everest_agent.client import ConnectionService, describe_tls_error
 from everest_agent.statedir import read_outbox, read_registry
 from everest_agent.status import hello_tasks, lock_holder
 
@@ -94,6 +95,19 @@ def check_token(config):
             f"read from {platform.token_file} (mode {stat.S_IMODE(st.st_mode):04o}, owner {owner})",
         )
     return Result("token", True, f"inline in {config.path}, which only its owner can read")
+
+
+def check_passive(config):
+    """Passive mode is on: where it listens and with how many client tokens (never the tokens)."""
+    passive = config.passive
+    host, port = passive.listen
+    scheme = "wss" if passive.tls_cert else "ws"
+    return Result(
+        "passive", True,
+        f"passive mode on: listening on {scheme}://{host}:{port}/agent/ws and "
+        f"{'https' if passive.tls_cert else 'http'}://{host}:{port}/files/, "
+        f"{len(passive.tokens)} client tokens read from {passive.client_tokens_file}",
+    )
 
 
 def _nearest_existing(path):
@@ -323,6 +337,7 @@ class _HelloFactory(WebSocketClientFactory):
         self.hello = hello
         self.outcome = {}
         self.done = defer.Deferred()
+        self.current = None
         self.setProtocolOptions(
             maxFramePayloadSize=protocol.MAX_FRAME_SIZE,
             maxMessagePayloadSize=protocol.MAX_FRAME_SIZE,
@@ -332,8 +347,15 @@ class _HelloFactory(WebSocketClientFactory):
             closeHandshakeTimeout=2,
         )
 
-    def clientConnectionFailed(self, connector, reason):
-        self.outcome["connect_failed"] = reason.value
+    def buildProtocol(self, addr):
+        self.current = WebSocketClientFactory.buildProtocol(self, addr)
+        return self.current
+
+    def failed(self, error):
+        """A connection attempt failed (L{ConnectionService} and the protocol say so)."""
+        if isinstance(error, str):  # a TLS failure the protocol named: its lost reason is kept
+            return
+        self.outcome["connect_failed"] = error
         self.finish()
 
     def finish(self):
@@ -341,56 +363,37 @@ class _HelloFactory(WebSocketClientFactory):
             self.done.callback(self.outcome)
 
 
-def _describe_tls(error):
-    try:
-        from OpenSSL import SSL
-    except ImportError:  # pragma: no cover
-        SSL = None
-    if SSL is not None and isinstance(error, SSL.Error):
-        parts = []
-        for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
-            if isinstance(item, tuple) and item:
-                parts.append(str(item[-1]))
-        return ", ".join(p for p in parts if p) or str(error) or "TLS handshake failed"
-    name = type(error).__name__
-    if name in ("VerificationError", "CertificateError"):
-        return f"the certificate does not match the host name ({error})"
-    return None
-
-
 async def round_trip(config, reactor, hello, timeout):
     """
-    Connect as the agent would, say C{hello}, wait for WELCOME, close.
+    Connect as the agent would (the same L{ConnectionService}), say
+    C{hello}, wait for WELCOME, close; no second attempt.
 
     @return: the outcome dict (see L{_HelloFactory}), with C{elapsed} and
         C{timed_out}.
     """
-    from everest_agent.client import trust_root
-
     url = config.platform.url
-    parts = urlsplit(url)
     factory = _HelloFactory(url, hello, reactor, timeout)
+    # One attempt: the service is stopped as soon as the outcome is known,
+    # long before a retry would start.
+    service = ConnectionService(factory, url, reactor, config.platform.ca_file or None,
+                                retry_policy=lambda attempts: timeout + 60, timeout=timeout)
     started = time.monotonic()
-    if parts.scheme == "wss":
-        options = ssl.optionsForClientTLS(parts.hostname, trustRoot=trust_root(config.platform.ca_file or None))
-        connector = reactor.connectSSL(parts.hostname, parts.port or 443, factory, options, timeout=timeout)
-    else:
-        connector = reactor.connectTCP(parts.hostname, parts.port or 80, factory, timeout=timeout)
 
     def expire():
         factory.outcome["timed_out"] = True
-        transport = getattr(connector, "transport", None)
-        if connector.state == "connected" and transport is not None:
-            transport.abortConnection()
-        else:
-            connector.stopConnecting()
+        proto = factory.current
+        if proto is not None and proto.transport is not None:
+            proto.transport.abortConnection()  # connectionLost finishes
+        factory.finish()
 
+    service.startService()
     timer = reactor.callLater(timeout, expire)
     try:
         outcome = await factory.done
     finally:
         if timer.active():
             timer.cancel()
+        await service.stopService()
     outcome["elapsed"] = (outcome.get("welcome_time") or time.monotonic()) - started
     return outcome
 
@@ -447,7 +450,7 @@ def judge_round_trip(config, outcome, running, pid, listed, timeout):
             f"port {port} (firewall, proxy)",
         )
     error = outcome.get("lost")
-    tls_problem = _describe_tls(error) if error is not None else None
+    tls_problem = describe_tls_error(error) if error is not None else None
     if tls_problem and secure and not outcome.get("upgraded"):
         return Result(
             "platform", False,
@@ -536,22 +539,11 @@ async def run_checks(config_path, reactor, env=None, timeout=15.0, out=None,
         report(check_pilot(config))
     if getattr(getattr(config, "monitor", None), "listen", None) is not None:
         report(await check_monitor(config, reactor, running))
-    if platform and config.platform is not None:
+    if platform and config.platform is None:
+        report(Result("platform", None, "no [platform] section: passive mode only"))
+    elif platform:
         report(await check_platform(config, reactor, timeout, running, pid))
     return results
-
-
-def check_passive(config):
-    """Passive mode is on: where clients connect (the tokens file was read by the configuration)."""
-    passive = config.passive
-    host, port = passive.listen
-    scheme = "wss" if passive.tls_cert else "ws"
-    mode = "passive and active" if config.platform is not None else "passive only"
-    return Result(
-        "passive", True,
-        f"passive mode on ({mode}): clients connect to {scheme}://{host}:{port}/agent/ws with a token "
-        f"from {passive.client_tokens_file}" + ("" if passive.tls_cert else " (no TLS: keep it on a trusted network)"),
-    )
 
 
 USAGE = """\

@@ -3,20 +3,26 @@ The WebSocket connection to the platform.
 
 L{AgentProtocolClient} is deliberately thin: it says C{HELLO}, decodes each
 frame and dispatches it through a dict to the agent's parts; the work lives
-elsewhere.  L{AgentClientFactory} mixes Autobahn's client factory with
-Twisted's L{ReconnectingClientFactory}: the backoff delay is reset only after
-C{WELCOME}, so a platform that keeps rejecting the token is retried at the
-capped delay instead of every second.  L{ConnectionService} owns the
-connector and closes the session cleanly when the agent stops.
+elsewhere.  L{AgentClientFactory} is Autobahn's client factory with the
+session's options.  L{ConnectionService} is Twisted's L{ClientService} over
+L{platform_endpoint} (TCP, and for C{wss://} TLS verified with
+C{optionsForClientTLS}); the agent and C{everest-agent check} both connect
+through it.  Its retry policy, L{Backoff}, is reset only by C{WELCOME}, so
+a platform that keeps rejecting the token is retried at the capped delay
+instead of every second.  The service closes the session cleanly (1000)
+when it stops.
 """
 
+import random
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.application.service import Service
+from twisted.application.internet import ClientService
 from twisted.internet import defer, ssl
-from twisted.internet.protocol import ReconnectingClientFactory
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from everest_agent import protocol
 from everest_agent.protocol import ProtocolError
@@ -77,6 +83,16 @@ class AgentProtocolClient(WebSocketClientProtocol):
         self.factory.welcomed()
         self.factory.agent.welcomed(self, info)
 
+    def connectionLost(self, reason):
+        self._report_tls_failure(reason)
+        super().connectionLost(reason)
+
+    def _report_tls_failure(self, reason):
+        tls = describe_tls_error(reason.value)
+        if tls is not None:
+            # The certificate or host name did not verify: say so, not just "1006".
+            self.factory.failed(f"TLS: {tls}")
+
     def onClose(self, wasClean, code, reason):
         self.factory.agent.connection_closed(code, reason)
         if self._welcome_timer is not None:
@@ -104,9 +120,11 @@ class AgentProtocolClient(WebSocketClientProtocol):
         self.factory.lost(self)
 
 
-class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
+class AgentClientFactory(WebSocketClientFactory):
     """
-    Autobahn client factory that reconnects with jittered exponential backoff.
+    Autobahn client factory for the agent's sessions: protocol options, the
+    open session (L{current}) and the L{Backoff} that L{ConnectionService}
+    waits by between attempts (reset by C{WELCOME}, at its cap after 4001).
     """
 
     agent_log = Logger()  # not 'log': Autobahn's own debug logging uses that name
@@ -121,10 +139,7 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
         self.agent = agent
         self.clock = reactor
         self.welcome_timeout = welcome_timeout
-        self.initialDelay = self.delay = initial_delay
-        self.maxDelay = max_delay
-        self.factor = factor
-        self.jitter = 0.1
+        self.backoff = Backoff(initial_delay, max_delay, factor)
         self.current = None  # the open protocol, if any
         self.setProtocolOptions(
             autoPingInterval=ping_interval,
@@ -145,32 +160,67 @@ class AgentClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
         return proto
 
     def welcomed(self):
-        # resetDelay() also turns retrying back on: not after stopTrying().
-        if self.continueTrying:
-            self.resetDelay()
+        self.backoff.reset()
 
     def back_off_fully(self):
         """The next retries wait the longest delay (token or version refused)."""
-        self.delay = self.maxDelay
+        self.backoff.refused()
 
     def lost(self, proto):
         if self.current is proto:
             self.current = None
 
-    def clientConnectionFailed(self, connector, reason):
-        self.agent_log.info("Cannot connect to {url}: {reason}", url=self.url, reason=reason.getErrorMessage())
-        self.agent.connection_failed(reason.getErrorMessage())
-        self._retry(connector)
+    def failed(self, error):
+        """A connection attempt failed before the WebSocket opened (refused, TLS...)."""
+        self.agent_log.info("Cannot connect to {url}: {reason}", url=self.url, reason=str(error))
+        self.agent.connection_failed(str(error))
 
-    def clientConnectionLost(self, connector, reason):
-        self._retry(connector)
 
-    def _retry(self, connector):
-        self.retry(connector)
-        if self._callID is not None:
-            self.agent_log.info(
-                "Reconnecting in {delay:.1f} s", delay=self._callID.getTime() - self.clock.seconds()
-            )
+class Backoff:
+    """
+    The delay before the next connection attempt: C{initial}, then C{factor}
+    times longer each time up to C{maximum}, each with a 10 % normal jitter.
+
+    Used as L{ClientService}'s C{retryPolicy}, but it keeps its own count:
+    L{ClientService} counts a TCP connection as a success, while for the
+    agent only C{WELCOME} is one (L{reset}); a platform that accepts TCP and
+    refuses the session is otherwise retried every C{initial} seconds.
+    """
+
+    log = Logger()
+
+    def __init__(self, initial=1.0, maximum=60.0, factor=2.0, jitter=0.1):
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self.jitter = jitter
+        self.retries = 0  # attempts since the last WELCOME
+        self._refused = False
+
+    def delay(self):
+        """The delay the next retry would wait, before jitter."""
+        if self._refused:
+            return self.maximum
+        try:
+            return min(self.initial * self.factor ** self.retries, self.maximum)
+        except OverflowError:
+            return self.maximum
+
+    def __call__(self, failed_in_a_row=None):
+        delay = self.delay()
+        self.retries += 1
+        if self.jitter:
+            delay = max(0.0, random.normalvariate(delay, delay * self.jitter))
+        self.log.info("Reconnecting in {delay:.1f} s", delay=delay)
+        return delay
+
+    def refused(self):
+        """The platform refused the agent (4001, 4002): wait the longest delay until C{WELCOME}."""
+        self._refused = True
+
+    def reset(self):
+        self.retries = 0
+        self._refused = False
 
 
 def load_ca_bundle(ca_file):
@@ -194,53 +244,125 @@ def trust_root(ca_file=None):
     return load_ca_bundle(ca_file) if ca_file else ssl.platformTrust()
 
 
-class ConnectionService(Service):
+def platform_endpoint(reactor, url, ca_file=None, timeout=30):
     """
-    Keeps the agent connected to the platform while it runs.
+    The endpoint for the platform's C{ws://} or C{wss://} C{url}.
+
+    For C{wss://} the certificate and host name are verified against
+    C{ca_file} (a PEM bundle) or the system's trust store; there is no
+    switch to turn that off.
+
+    @raise ValueError: C{ca_file} holds no certificate.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname
+    if parts.scheme == "wss":
+        tcp = HostnameEndpoint(reactor, host, parts.port or 443, timeout=timeout)
+        return wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust_root(ca_file)), tcp)
+    return HostnameEndpoint(reactor, host, parts.port or 80, timeout=timeout)
+
+
+def describe_tls_error(error):
+    """A TLS handshake failure in words (OpenSSL's reasons), or C{None} if C{error} is not one."""
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover
+        SSL = None
+    if SSL is not None and isinstance(error, SSL.Error):
+        parts = []
+        for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
+            if isinstance(item, tuple) and item:
+                parts.append(str(item[-1]))
+        return ", ".join(p for p in parts if p) or str(error) or "TLS handshake failed"
+    name = type(error).__name__
+    if name in ("VerificationError", "CertificateError"):
+        return f"the certificate does not match the host name ({error})"
+    return None
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportFailures:
+    """An endpoint that tells C{report} why each connection attempt failed."""
+
+    def __init__(self, endpoint, report):
+        self._endpoint = endpoint
+        self._report = report
+
+    def connect(self, factory):
+        def failed(reason):
+            if not reason.check(defer.CancelledError):
+                self._report(reason)
+            return reason
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+
+class ConnectionService(ClientService):
+    """
+    One WebSocket session to the platform at a time, the same way for the
+    agent and for C{everest-agent check}: Twisted's L{ClientService} over
+    L{platform_endpoint}, retrying after C{retry_policy} (the factory's
+    L{Backoff} unless given), and closing the session with 1000 when the
+    service stops.
+
+    @ivar factory: the Autobahn client factory; its C{current} attribute is
+        the open protocol, if any, and its C{failed(reason)} (if it has one)
+        hears of each failed attempt.
     """
 
     log = Logger()
+    close_timeout = 5.0
 
-    def __init__(self, factory, url, reactor, ca_file=None):
+    def __init__(self, factory, url, reactor, ca_file=None, *, retry_policy=None, timeout=30, endpoint=None):
         self.factory = factory
         self.url = url
         self._reactor = reactor
-        self._ca_file = ca_file
-        self.connector = None
+        if endpoint is None:  # tests pass their own
+            endpoint = platform_endpoint(reactor, url, ca_file, timeout)
+        endpoint = _ReportFailures(endpoint, self._attempt_failed)
+        if retry_policy is None:
+            retry_policy = factory.backoff
+        self.retry_policy = retry_policy
+        ClientService.__init__(self, endpoint, factory, retryPolicy=retry_policy, clock=reactor)
+
+    @property
+    def retries(self):
+        """Retries scheduled since the last C{WELCOME} (if the policy counts them)."""
+        return getattr(self.retry_policy, "retries", 0)
+
+    def _attempt_failed(self, reason):
+        failed = getattr(self.factory, "failed", None)
+        if failed is not None:
+            failed(reason.value)
 
     def startService(self):
-        super().startService()
-        parts = urlsplit(self.url)
-        host = parts.hostname
-        if parts.scheme == "wss":
-            port = parts.port or 443
-            # Certificate and host name verified; there is no switch to turn it off.
-            options = ssl.optionsForClientTLS(host, trustRoot=trust_root(self._ca_file))
-            self.connector = self._reactor.connectSSL(host, port, self.factory, options, timeout=30)
-        else:
-            port = parts.port or 80
-            self.connector = self._reactor.connectTCP(host, port, self.factory, timeout=30)
         self.log.info("Connecting to {url}", url=self.url)
+        ClientService.startService(self)
 
     def stopService(self):
-        super().stopService()
-        self.factory.stopTrying()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
         proto = self.factory.current
-        if proto is None:
-            if self.connector is not None:
-                self.connector.disconnect()
-            return defer.succeed(None)
-        done = defer.Deferred()
-        original = proto.onClose
+        if proto is not None and proto.state in (proto.STATE_OPEN, proto.STATE_CONNECTING):
+            closed = defer.Deferred()
+            original = proto.onClose
 
-        def on_close(*args):
-            original(*args)
-            if not done.called:
-                done.callback(None)
+            def on_close(*args):
+                original(*args)
+                if not closed.called:
+                    closed.callback(None)
 
-        proto.onClose = on_close
-        proto.sendClose(1000, "agent stopping")
-        # Do not wait forever for a platform that does not answer the close.
-        timer = self._reactor.callLater(5, lambda: proto.dropConnection(abort=True))
-        done.addBoth(lambda r: timer.active() and timer.cancel())
-        return done
+            proto.onClose = on_close
+            if proto.state == proto.STATE_OPEN:
+                proto.sendClose(1000, "agent stopping")
+            else:  # the handshake is still under way: nothing to close cleanly
+                proto.dropConnection(abort=True)
+            # Do not wait forever for a platform that does not answer the close.
+            timer = self._reactor.callLater(self.close_timeout, lambda: proto.dropConnection(abort=True))
+            try:
+                await closed
+            finally:
+                if timer.active():
+                    timer.cancel()
+        await ClientService.stopService(self)

@@ -176,7 +176,7 @@ def _listen_address(value):
 
 SCHEMA = {
     "platform": {
-        "url": Key(_text, REQUIRED, "WebSocket URL of the platform's agent endpoint (wss://...)."),
+        "url": Key(_text, REQUIRED, "WebSocket URL of the platform's agent endpoint (wss://...). The whole [platform] section may be left out when [passive] is enabled (passive mode only)."),
         "token": Key(_text, "", "The agent's secret token, inline. Use exactly one of token and token_file."),
         "token_file": Key(_path, "", "File holding the secret token (mode 0600). Use exactly one of token and token_file."),
         "ca_file": Key(_path, "", "PEM bundle of CA certificates to trust instead of the system store, for wss:// and https://."),
@@ -240,15 +240,13 @@ SCHEMA = {
         "lost_timeout": Key(_positive_float, 120.0, "Seconds a pilot's link may stay down before the pilot is canceled and its tasks settled."),
     },
     "passive": {
-        "enabled": Key(_bool, False, "Passive mode: listen for clients (workflow managers, other platforms) that connect to the agent, submit tasks and fetch their outputs. With it, [platform] is optional."),
-        "listen": Key(_host_port, ("127.0.0.1", 8891), "Address and port of the passive listener: the clients' WebSocket at /agent/ws and task outputs at /files/ (port 0: any free port)."),
-        "client_tokens_file": Key(_path, "", "File of the client tokens (one a line, mode 0600) a client must present as EverestAgentClientToken <client>:<token>. Required with passive mode."),
-        "tls_cert": Key(_path, "", "PEM certificate (chain) of the passive listener: with tls_key, clients connect over wss:// and https://."),
+        "enabled": Key(_bool, False, "Passive mode: clients connect to the agent (WebSocket at /agent/ws, task outputs at /files/) with an EverestAgentClientToken."),
+        "listen": Key(_host_port, ("127.0.0.1", 8891), "host:port of the passive-mode WebSocket and file listener."),
+        "client_tokens_file": Key(_path, "", "File of client tokens, one a line (mode 0600). Required when passive mode is enabled."),
+        "tls_cert": Key(_path, "", "PEM certificate (chain) of the passive listener; with tls_key, clients use wss:// and https://."),
         "tls_key": Key(_path, "", "PEM private key of tls_cert (mode 0600)."),
-        "max_unfinished": Key(_positive_int, 1000, "Unfinished tasks one client credential may have at once; a TASK_SUBMIT beyond it is refused with an ERROR (too-many-tasks)."),
-        "max_unfinished_total": Key(_positive_int, 10000, "Unfinished passive tasks of all clients together (a token holder may use many client labels); a TASK_SUBMIT beyond it is refused with an ERROR (too-many-tasks)."),
-        "ping_interval": Key(_positive_float, 30.0, "Seconds between WebSocket pings to a passive client."),
-        "ping_timeout": Key(_positive_float, 60.0, "Seconds without a pong before a passive client's connection is dropped."),
+        "max_client_tasks": Key(_positive_int, 1000, "Unfinished tasks one client credential may have at once; more TASK_SUBMITs are refused with an ERROR."),
+        "max_tasks": Key(_positive_int, 10000, "Unfinished passive-mode tasks of all clients at once, so clients cannot take the active platform's memory."),
     },
     "monitor": {
         "listen": Key(_listen_address, None, "host:port of the local /healthz and /metrics HTTP endpoint, e.g. 127.0.0.1:9108. Default: empty, off."),
@@ -355,9 +353,8 @@ def from_parser(parser, path):
 
     for section, keys in SCHEMA.items():
         present = dict(parser.items(section)) if parser.has_section(section) else {}
-        if section == "platform" and not parser.has_section("platform"):
-            config.platform = None  # passive mode only (checked below)
-            continue
+        if section == "platform" and not parser.has_section(section):
+            present = {"url": ""}  # replaced by None below (passive mode only)
         if section == "handler":
             raw = present.get("type", "local")
             try:
@@ -367,9 +364,16 @@ def from_parser(parser, path):
             keys = dict(keys, **HANDLER_KEYS[handler_type])
         setattr(config, section, SimpleNamespace(**section_values(section, keys, present)))
 
-    _check_passive(config, path)
-    if config.platform is not None:
+    if not parser.has_section("platform"):
+        config.platform = None
+        if not config.passive.enabled:
+            raise ConfigError(
+                f"{path}: neither [platform] (active mode) nor [passive] enabled = yes (passive mode): "
+                "the agent would have no one to take tasks from"
+            )
+    else:
         _check_platform(config, path)
+    _check_passive(config, path)
     agent = config.agent
     if not agent.hostname:
         agent.hostname = socket.getfqdn()
@@ -582,24 +586,20 @@ def _check_platform(config, path):
 
 
 def _check_passive(config, path):
-    """[passive]: its tokens file read and checked, TLS files present; an agent needs one mode at least."""
+    """Passive mode's tokens file and TLS files: usable, and secret where they must be."""
     passive = config.passive
     passive.tokens = None
     if not passive.enabled:
-        if config.platform is None:
-            raise ConfigError(
-                f"{path}: no [platform] section and [passive] enabled is not set: the agent would have "
-                "nothing to do; configure [platform] (active mode), [passive] enabled = yes, or both"
-            )
         return
-    from everest_agent.passive.credentials import ClientTokens, CredentialError
+    from everest_agent.passive.credentials import CredentialError, read_tokens
 
     if not passive.client_tokens_file:
-        raise ConfigError(f"{path}: [passive] client_tokens_file: missing; passive mode needs the clients' tokens")
+        raise ConfigError(f"{path}: [passive] client_tokens_file: missing; passive mode needs its clients' tokens")
     try:
-        passive.tokens = ClientTokens.from_file(passive.client_tokens_file)
-    except CredentialError as e:
-        raise ConfigError(f"{path}: [passive] client_tokens_file: {e}") from None
+        read_secret_file(passive.client_tokens_file, max_size=1 << 20)
+        passive.tokens = read_tokens(passive.client_tokens_file)
+    except (SecretFileError, CredentialError) as e:
+        raise ConfigError(f"{path}: [passive] client_tokens_file: {passive.client_tokens_file}: {e}") from None
     if bool(passive.tls_cert) != bool(passive.tls_key):
         raise ConfigError(f"{path}: [passive] tls_cert: give both tls_cert and tls_key, or neither")
     if passive.tls_cert:

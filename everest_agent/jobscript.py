@@ -12,8 +12,8 @@ to C{.everest/job.sh} in the task directory); the script
     environment, standard input from C{/dev/null}, standard output and
     error to the files C{stdout} and C{stderr},
  5. and as its last act writes the command's exit status to
-    C{.everest/exitcode} (to a temporary name first, then renamed, so a
-    reader never sees half a file).
+    C{.everest/exitcode} with L{exit_code_writer}, the one writer of that
+    file (the local handler's wrapper uses it too).
 
 So the exit status comes from the job itself, not from the scheduler's
 accounting, and L{read_exit_code} finds it even when the scheduler has long
@@ -42,6 +42,26 @@ JOB_OUTPUT_FILE = os.path.join(STATE_DIR, "job.out")
 STARTED_FILE = os.path.join(STATE_DIR, "started")
 #: Holds the command's exit status, written by the script as its last act.
 EXIT_CODE_FILE = os.path.join(STATE_DIR, "exitcode")
+
+
+
+def exit_code_writer(variable):
+    """
+    The shell command that records an exit status: the one writer of
+    L{EXIT_CODE_FILE}, used by the job script and by the local handler's
+    wrapper (and so inside pilots).
+
+    It is a shell built-in (C{printf}: nothing can fail to start between a
+    command's end and its status reaching the file) that writes the number
+    and a newline in one C{write}.  The file is complete once the newline is
+    in it: L{read_exit_code} takes a file without one (just created, not yet
+    written) for no file at all, so no reader ever acts on half of it, with
+    no temporary file and no C{mv} process per task.
+
+    @param variable: the name of the shell variable holding the status.
+    """
+    return f"printf '%d\\n' \"${variable}\" >{EXIT_CODE_FILE}"
+
 
 #: The script's exit status when it cannot enter the task directory.
 CD_FAILED = 90
@@ -93,8 +113,7 @@ def job_script(request, shell="/bin/sh"):
         # (rm first: a link an earlier run of the task id left is not followed)
         ") </dev/null >stdout 2>stderr",
         "everest_status=$?",
-        f"printf '%d\\n' \"$everest_status\" >{q(EXIT_CODE_FILE + '.tmp')} &&"
-        f" mv -f {q(EXIT_CODE_FILE + '.tmp')} {q(EXIT_CODE_FILE)}",
+        exit_code_writer("everest_status"),
         'exit "$everest_status"',
         "",
     ]
@@ -136,8 +155,10 @@ def read_exit_code(directory):
     """
     The exit status the job script recorded in C{directory}.
 
-    @return: an C{int}, or None if there is no exit-code file (the command
-        has not ended, or was killed before it ended).
+    @return: an C{int}, or None if there is no complete exit-code file (the
+        command has not ended, was killed before it ended, or its status is
+        being written: a file without its final newline, see
+        L{exit_code_writer}).
     @raise ValueError: if the file holds something else than a number, or
         is not a regular file (a link there was planted: it is not followed).
     """
@@ -153,6 +174,8 @@ def read_exit_code(directory):
         raise ValueError(str(e)) from None
     with os.fdopen(fd, "rb") as f:
         text = f.read(100).decode("utf-8", "replace")
+    if not text.endswith("\n"):
+        return None  # created, not written yet
     text = text.strip()
     if not re.fullmatch(r"-?[0-9]{1,10}", text):
         raise ValueError(f"{EXIT_CODE_FILE} holds {text!r}, not an exit status")

@@ -265,7 +265,7 @@ class HealthPage(resource.Resource):
             "version": __version__,
             "connected": agent.sender.connected,
             "since": status.connection.get("since") if status is not None else None,
-            "tasks": len(agent.manager.workers),
+            "tasks": agent.manager.unfinished(),
             "outbox": len(agent.outbox),
         }
         request.setHeader(b"content-type", b"application/json")

@@ -242,13 +242,10 @@ def hello_tasks(records, acked):
     """
     The C{HELLO} task list the agent would send with this state on disk:
     the tasks not finished, or finished with a report not yet acknowledged
-    (as L{everest_agent.manager.TaskManager} computes it at start);
-    passive clients' tasks are never in it.
+    (as L{everest_agent.manager.TaskManager} computes it at start).
     """
     listed = []
     for task_id, record in records.items():
-        if record.get("owner") is not None:
-            continue  # a passive client's task: never named to the platform
         if record.get("finished"):
             seq = record.get("terminal_seq")
             if seq is not None and seq <= acked:
@@ -422,7 +419,7 @@ def format_state(state):
     if agent.get("platform"):
         lines.append(f"platform: {agent['platform']}")
     if agent.get("passive"):
-        lines.append(f"passive mode: on, clients connect to {agent['passive']}/agent/ws")
+        lines.append(f"passive mode: on, listening on {agent['passive']}")
     lines.extend(_pilot_lines(agent))
     connection = state["connection"]
     if connection:

@@ -106,7 +106,7 @@ class TaskContext:
         @return: C{(seq, d)}: the message's seq, and a Deferred firing with
             it once it is durable.
         """
-        return self._manager.report(task_id, state, info)
+        return self._manager.report(task_id, state, info)  # routed by owner (passive mode)
 
     def finished(self, seq, task_id):
         """The task's terminal report is durable as C{seq}."""
@@ -143,14 +143,22 @@ class TaskContext:
 class TaskWorker:
     log = Logger()
 
-    def __init__(self, context, task_id, record):
+    def __init__(self, context, task_id, record, granted=0, directory=None):
+        """
+        @param granted: slots the pool already gave this task (a task that
+            waited in the pool's line without a worker); it does not ask
+            for them again.
+        @param directory: a Deferred of the task's directory, if the
+            manager made it ahead (firing with an exception if that failed).
+        """
         self.context = context
         self.task_id = task_id
         self.record = record
         self.state = record.get("state")
         self.job = None
-        self.slots = 0  # slots this task needs
-        self.holding = 0  # slots it holds now
+        self.slots = granted  # slots this task needs
+        self.holding = granted  # slots it holds now
+        self._directory = directory
         self._current = None  # what cancel() must interrupt
         self.cancel_requested = False
         self.abandoned = False
@@ -267,6 +275,8 @@ class TaskWorker:
                     context.record(self.task_id, phase=Phase.STAGED, times=times)
                 phase = Phase.STAGED
             if phase == Phase.STAGED:
+                if self.cancel_requested:
+                    raise defer.CancelledError()
                 await self._acquire_slots()
                 if self.abandoned or self.context.stopping:
                     return  # the agent is stopping: the next start runs it
@@ -324,8 +334,14 @@ class TaskWorker:
     async def _stage_in(self):
         inputs = dialect.staging_inputs(self.record["spec"])
         directory = self.context.task_dir(self.task_id)
+        made, self._directory = self._directory, None
         try:
-            await self._step(self.context.make_task_dir(self.task_id))
+            if made is None:
+                await self._step(self.context.make_task_dir(self.task_id))
+            else:
+                failed = await self._step(made)
+                if isinstance(failed, Exception):
+                    raise failed
         except OSError as e:
             raise StagingError(f"cannot create the task directory: {e.strerror or e}") from None
         except PathEscape as e:
@@ -337,6 +353,9 @@ class TaskWorker:
             )
 
     async def _acquire_slots(self, report=True):
+        if self.holding:  # granted before the worker was made
+            self.context.slots_changed()
+            return
         self.slots = self.context.handler.slots_needed(self.record["spec"]["resourceRequirements"])
         d = self.context.acquire(self.slots)
         if not d.called and report:

@@ -1,76 +1,63 @@
 """
-A DAG over three agents in passive mode (docs/dag.rst): three agent
-services in this process on loopback ports, one client driving them.
-Task A on agent 1 keeps a file in its task directory; task B on agent 2
-fetches it as an input straight from agent 1 (``inputData`` with the
-client's own ``Authorization``); task C on agent 3 joins the outputs of A
-and B.  The client fetches C's output and checks it.
+A DAG over three agents in passive mode: three in-process agent services on
+loopback ports, one client driving them over real WebSockets, files passed
+agent to agent through C{inputData} with the client's credential as C{auth}.
 """
+
+from twisted.trial.unittest import TestCase
+
+from tests.test_passive_agent import Client, credential, passive_ini, start
 
 import treq
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
-
-from tests.passive_support import OTHER_TOKEN, auth, base_url, connect, start_passive_agent
+from twisted.web.client import HTTPConnectionPool
 
 
-async def fetch(url, header):
-    response = await treq.get(url, headers={"Authorization": header}, reactor=reactor, persistent=False)
-    return response.code, await response.content()
-
-
-class DagOverThreeAgentsTests(TestCase):
+class DAGTests(TestCase):
     timeout = 90
 
-    async def test_a_to_b_to_c(self):
-        header = auth("dag-run-1")
-        agents = [start_passive_agent(self) for _ in range(3)]
-        clients = [await connect(self, agent, header) for agent in agents]
-        one, two, three = (base_url(agent) for agent in agents)
+    async def test_three_agents_a_b_c(self):
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        header = credential("run-42")
+        bases, sessions = [], []
+        for _ in range(3):
+            agent = start(self, passive_ini(self))
+            host, port = agent.passive_listener.address
+            bases.append(f"http://{host}:{port}")
+            sessions.append(await Client(self, bases[-1], header).open())
+        one, two, three = sessions
 
-        clients[0].send("TASK_SUBMIT", "A", {
-            "name": "A", "command": "printf 'alpha\\n' > a.txt",
-            "outputData": [{"paths": ["a.txt"]}],
-        }, {"dag": "run-1", "node": "A"})
-        staged_a = await clients[0].wait_state("A", "STAGED_OUT", timeout=30)
-        await clients[0].wait_state("A", "DONE")
-        a_uri = one + staged_a[3]["outputData"][0]["uri"]
+        one.send(["TASK_SUBMIT", "A", {"command": "echo alpha > a.txt", "inputData": [],
+                                       "outputData": [{"paths": ["a.txt"]}]}])
+        await one.wait_state("A", "DONE")
+        staged = [m for m in one.received if m[:3] == ["TASK_STATE", "A", "STAGED_OUT"]][0]
+        (a_file,) = staged[3]["outputData"]
+        a_uri = bases[0] + a_file["uri"]
 
-        clients[1].send("TASK_SUBMIT", "B", {
-            "name": "B", "command": "tr a-z A-Z < a.txt > b.txt",
+        two.send(["TASK_SUBMIT", "B", {
+            "command": "tr a-z A-Z < a.txt > b.txt",
             "inputData": [{"path": "a.txt", "uri": a_uri, "auth": header}],
-            "outputData": [{"paths": ["b.txt"]}],
-        })
-        staged_b = await clients[1].wait_state("B", "STAGED_OUT", timeout=30)
-        await clients[1].wait_state("B", "DONE")
-        b_uri = two + staged_b[3]["outputData"][0]["uri"]
+            "outputData": [{"paths": ["b.txt"]}]}])
+        done = await two.wait_state("B", "DONE")
+        staged = [m for m in two.received if m[:3] == ["TASK_STATE", "B", "STAGED_OUT"]][0]
+        b_uri = bases[1] + staged[3]["outputData"][0]["uri"]
 
-        clients[2].send("TASK_SUBMIT", "C", {
-            "name": "C", "command": "cat from-a.txt from-b.txt > c.txt",
-            "inputData": [{"path": "from-a.txt", "uri": a_uri, "auth": header},
-                          {"path": "from-b.txt", "uri": b_uri, "auth": header}],
-            "outputData": [{"paths": ["c.txt"]}],
-        })
-        staged_c = await clients[2].wait_state("C", "STAGED_OUT", timeout=30)
-        await clients[2].wait_state("C", "DONE")
-        [entry] = staged_c[3]["outputData"]
-        code, body = await fetch(three + entry["uri"], header)
-        self.assertEqual((code, body), (200, b"alpha\nALPHA\n"))
-        self.assertEqual(entry["size"], len(body))
-        # Each agent knows only its own node, and none told anything to another client.
-        self.assertEqual([sorted(a.registry.records) for a in agents], [["A"], ["B"], ["C"]])
+        three.send(["TASK_SUBMIT", "C", {
+            "command": "cat in/a.txt in/b.txt > joined.txt",
+            "inputData": [{"path": "in/a.txt", "uri": a_uri, "auth": header},
+                          {"path": "in/b.txt", "uri": b_uri, "auth": header}],
+            "outputData": [{"paths": ["joined.txt"]}]}])
+        await three.wait_state("C", "DONE")
+        response = await treq.get(bases[2] + "/files/C/joined.txt", headers={"Authorization": header}, pool=pool)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await response.content(), b"alpha\nALPHA\n")
 
-    async def test_an_input_with_another_credential_fails_the_task(self):
-        header = auth("dag-run-2")
-        first, second = start_passive_agent(self), start_passive_agent(self)
-        c1, c2 = await connect(self, first, header), await connect(self, second, header)
-        c1.send("TASK_SUBMIT", "A", {"command": "echo private > a.txt", "outputData": [{"paths": ["a.txt"]}]})
-        staged = await c1.wait_state("A", "STAGED_OUT", timeout=30)
-        uri = base_url(first) + staged[3]["outputData"][0]["uri"]
-        # Another client's credential is refused by agent 1 (403): B fails, and says why.
-        c2.send("TASK_SUBMIT", "B", {
-            "command": "cat a.txt", "inputData": [{"path": "a.txt", "uri": uri,
-                                                   "auth": auth("intruder", OTHER_TOKEN)}],
-        })
-        failed = await c2.wait_state("B", "FAILED", timeout=60)
+        # Without the credential (or with another's) agent 2 cannot take A's file.
+        two.send(["TASK_SUBMIT", "B2", {
+            "command": "cat a.txt", "inputData": [{"path": "a.txt", "uri": a_uri,
+                                                   "auth": credential("someone-else")}],
+            "outputData": []}])
+        failed = await two.wait_state("B2", "FAILED")
         self.assertIn("403", str(failed[3]))
+        self.assertEqual(done[1], "B")

@@ -1534,163 +1534,135 @@ class CheckSelfTests(TestCase):
         self.assertEqual(self.verdict(platform_made, [1]), (0, 0, 1))
 
 
-# -- passive mode: kill -9 of the agent process under passive tasks ---------------
+# -- passive mode (contract, section 9): kill -9 under a passive client's tasks ---------
 
 
-class PassiveKillTests(TestCase):
+class PassiveFaultScenario(TestCase):
     """
-    The agent as a real twistd process in passive mode only, a client in
-    this process; kill -9 in a phase, restart on the same state directory,
-    and the client reconnects to learn the outcome.  Rows go to the fault
-    table like the active scenarios' (platform side: the client's view).
+    The agent as a real process (C{twistd everest-agent}) in passive mode
+    only, a passive client (Autobahn) in this process.  The agent is killed
+    with SIGKILL while the client's tasks are held in a phase, started
+    again on the same state directory, and a new session must learn every
+    task's single outcome: its real exit code and its output byte for byte,
+    each command run once, and no C{seq} seen twice across the agents' lives.
     """
 
     timeout = 120
 
-    async def setUp(self):
-        import socket
+    def setUp(self):
+        from tests.test_passive_agent import CLIENT_TOKEN
 
-        from tests.passive_support import passive_ini
-
-        self.started = time.monotonic()
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
-        self.mark = uuid.uuid4().hex
-        with socket.socket() as s:
+        with socket_module().socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.runs = os.path.join(self.root, "runs")
-        os.makedirs(self.runs)
+        tokens = os.path.join(self.root, "client-tokens")
+        fd = os.open(tokens, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, (CLIENT_TOKEN + "\n").encode())
+        os.close(fd)
+        ini = os.path.join(self.root, "agent.ini")
+        fd = os.open(ini, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, (
+            f"[agent]\nwork_dir = {self.root}/work\nstate_dir = {self.root}/state\nmax_tasks = 2\n"
+            f"kill_grace = 1\nhostname = faults\n[handler]\ntype = local\n"
+            f"[passive]\nenabled = yes\nlisten = 127.0.0.1:{self.port}\nclient_tokens_file = {tokens}\n"
+        ).encode())
+        os.close(fd)
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        self.agent = AgentProcess(ini, os.path.join(self.root, "agent.log"), env, self.root)
+        self.addCleanup(lambda: self.agent.kill9() if self.agent.alive else None)
+        self.base = f"http://127.0.0.1:{self.port}"
         self.gate = os.path.join(self.root, "gate")
-        self.ini = passive_ini(self, passive={"listen": f"127.0.0.1:{self.port}"}, root=self.root,
-                              sections={"agent": {"max_tasks": "4"}})
-        env = dict(os.environ, EVEREST_FAULTS_MARK=self.mark, PYTHONDONTWRITEBYTECODE="1")
-        self.agent = AgentProcess(self.ini, os.path.join(self.root, "agent.log"), env, self.root)
-        self.addCleanup(self._cleanup)
+        self.runs = os.path.join(self.root, "runs")
 
-    async def _cleanup(self):
-        if self.agent.alive:
-            await self.agent.kill9()
-        kill_marked(self.mark)
+    async def session(self):
+        from tests.test_passive_agent import Client, credential
 
-    async def start(self):
-        from tests.passive_support import auth, connect
-
-        self.agent.start()
-        await eventually(self._listening, 30, "the passive listener", diagnose=self.agent.log_tail)
-        return await connect(self, self.port, auth("faults"))
-
-    def _listening(self):
-        import socket
-
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def spec(self, task_id, wait):
-        from tests.passive_support import spec
-
-        gate = f"while [ ! -e {self.gate} ]; do sleep 0.05; done; " if wait else ""
-        return spec(f"echo run >> {self.runs}/{task_id}; {gate}printf '{task_id}-output' > out.txt")
-
-    def runs_of(self, task_id):
-        try:
-            with open(os.path.join(self.runs, task_id)) as f:
-                return len(f.read().splitlines())
-        except FileNotFoundError:
-            return 0
-
-    async def verdict(self, scenario, client, ids, earlier):
-        import treq
-
-        from tests.passive_support import auth
-
-        row = Row(scenario, tasks=len(ids))
-        for task_id in ids:
-            states = client.states(task_id)
-            if "DONE" not in states:
-                row.lost += 1
-                row.details.append(f"{task_id}: lost (states {states}; runs {self.runs_of(task_id)})")
+        for _ in range(400):  # until the restarted agent listens
+            try:
+                probe = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), protocol.Protocol())
+            except ConnectError:
+                await sleep(0.05)
                 continue
-            terminals = [s for s in states if s in P.TERMINAL]
-            if self.runs_of(task_id) > 1 or len(terminals) > 1:
+            probe.transport.loseConnection()
+            return await Client(self, self.base, credential("faults")).open()
+        raise AssertionError(f"no passive listener on {self.base}\n{self.agent.log_tail()}")
+
+    def command(self, task_id, code):
+        return (f"echo {task_id} >> {self.runs}; while [ ! -e {self.gate} ]; do sleep 0.05; done; "
+                f"echo out-{task_id} > out.txt; exit {code}")
+
+    async def run_scenario(self, name, phase):
+        started = time.monotonic()
+        self.agent.start()
+        client = await self.session()
+        # 2 slots: two tasks RUNNING, the rest QUEUED behind them.
+        tasks = {f"p{i}": (0 if i % 2 == 0 else 3) for i in range(4)}
+        for task_id, code in tasks.items():
+            client.send(["TASK_SUBMIT", task_id, {"command": self.command(task_id, code), "inputData": [],
+                                                  "outputData": [{"paths": ["out.txt"]}]}])
+        if phase == ACCEPTED:
+            await client.wait_state("p3", ACCEPTED)
+        else:
+            await client.wait_state("p0", RUNNING)
+            await client.wait_state("p1", RUNNING)
+            await client.wait_state("p3", QUEUED)
+        seen = {m[3]["seq"]: (m[1], m[2]) for m in client.received if m[0] == "TASK_STATE"}
+        await self.agent.kill9()
+        open(self.gate, "w").close()  # the jobs end while the agent is away
+        self.agent.start()
+        client = await self.session()
+        from tests.support import eventually as until
+
+        await until(lambda: all(set(client.states(t)) & set(P.TERMINAL) for t in tasks), 60, "all outcomes")
+        row = Row(f"passive: kill -9 in {phase}", tasks=len(tasks))
+        with open(self.runs) as f:
+            runs = f.read().split()
+        for task_id, code in tasks.items():
+            terminal = [m for m in client.received if m[0] == "TASK_STATE" and m[1] == task_id
+                        and m[2] in P.TERMINAL]
+            if not terminal:
+                row.lost += 1
+                continue
+            if len({m[2] for m in terminal}) > 1 or runs.count(task_id) > 1:
                 row.duplicated += 1
-                row.details.append(f"{task_id}: runs {self.runs_of(task_id)}, terminals {terminals}")
-            staged = [m for m in client.messages if m[0] == "TASK_STATE" and m[1] == task_id and m[2] == "STAGED_OUT"]
-            wrong = []
-            if not staged:
-                wrong.append("no STAGED_OUT")
-            else:
-                uri = staged[-1][3]["outputData"][0]["uri"]
-                response = await treq.get(f"http://127.0.0.1:{self.port}{uri}",
-                                          headers={"Authorization": auth("faults")}, persistent=False)
-                body = await response.content()
-                if body != f"{task_id}-output".encode():
-                    wrong.append(f"output {body[:40]!r}")
-            if wrong:
+                row.details.append(f"{task_id}: {[m[2] for m in terminal]}, ran {runs.count(task_id)} times")
+            state = terminal[-1][2]
+            expected = P.DONE if code == 0 else P.FAILED
+            if state != expected or terminal[-1][3].get("exitCode") != code:
                 row.wrong += 1
-                row.details.append(f"{task_id}: wrong: {'; '.join(wrong)}")
-        # seq: never given to two different reports, across the restart.
-        meaning = {}
-        for m in list(earlier) + list(client.messages):
-            if m[0] == "TASK_STATE":
-                meaning.setdefault(m[3]["seq"], set()).add((m[1], m[2]))
-        reused = {seq: sorted(v) for seq, v in meaning.items() if len(v) > 1}
+                row.details.append(f"{task_id}: {state} {terminal[-1][3]}")
+            response = await treq_get(f"{self.base}/files/{task_id}/out.txt", client)
+            if response != f"out-{task_id}\n".encode():
+                row.wrong += 1
+                row.details.append(f"{task_id}: output {response!r}")
+        # A state sent again on reconnecting keeps its seq; a seq naming another message is reused.
+        later = {m[3]["seq"]: (m[1], m[2]) for m in client.received if m[0] == "TASK_STATE"}
+        reused = {seq for seq, what in later.items() if seq in seen and seen[seq] != what}
         if reused:
             row.duplicated += len(reused)
-            row.details.append(f"seqs given to two reports: {reused}")
-        row.seconds = time.monotonic() - self.started
+            row.details.append(f"seq reused after the restart: {sorted(reused)}")
+        row.seconds = time.monotonic() - started
         record(row)
-        self.assertTrue(row.clean, "\n".join(row.details) + "\n" + self.agent.log_tail())
+        self.assertTrue(row.clean, row.details)
 
-    async def test_passive_kill9_running(self):
-        client = await self.start()
-        ids = [f"pr{i}" for i in range(3)]
-        for task_id in ids:
-            client.send("TASK_SUBMIT", task_id, self.spec(task_id, wait=True))
-        for task_id in ids:
-            await client.wait_state(task_id, "RUNNING", timeout=30)
-        before = list(client.messages)
-        await self.agent.kill9()
-        open(self.gate, "w").close()
-        await client.close()
-        again = await self.start()
-        for task_id in ids:
-            await again.wait_state(task_id, "DONE", timeout=60)
-        await self.verdict("passive local: kill -9 while RUNNING", again, ids, before)
+    async def test_kill9_with_passive_tasks_running_and_queued(self):
+        await self.run_scenario("running", RUNNING)
 
-    async def test_passive_kill9_accepted(self):
-        client = await self.start()
-        ids = [f"pa{i}" for i in range(8)]
-        for task_id in ids:
-            client.send("TASK_SUBMIT", task_id, self.spec(task_id, wait=True))
-        await client.wait_state(ids[0], "ACCEPTED", timeout=30)
-        await self.agent.kill9()  # some accepted, some not even recorded
-        await client.close()
-        open(self.gate, "w").close()
-        again = await self.start()
-        # The client does not know which were recorded: it submits all again (idempotent).
-        for task_id in ids:
-            again.send("TASK_SUBMIT", task_id, self.spec(task_id, wait=True))
-        for task_id in ids:
-            await again.wait_state(task_id, "DONE", timeout=60)
-        await self.verdict("passive local: kill -9 after ACCEPTED", again, ids, client.messages)
+    async def test_kill9_with_passive_tasks_just_accepted(self):
+        await self.run_scenario("accepted", ACCEPTED)
 
-    async def test_passive_kill9_finished_while_away(self):
-        client = await self.start()
-        ids = [f"pf{i}" for i in range(3)]
-        for task_id in ids:
-            client.send("TASK_SUBMIT", task_id, self.spec(task_id, wait=True))
-        for task_id in ids:
-            await client.wait_state(task_id, "RUNNING", timeout=30)
-        await client.close()
-        open(self.gate, "w").close()
-        await eventually(lambda: all(self.runs_of(t) for t in ids), 30, "runs")
-        await sleep(1.0)  # the tasks end and are recorded while no client listens
-        await self.agent.kill9()
-        again = await self.start()
-        for task_id in ids:
-            await again.wait_state(task_id, "DONE", timeout=60)
-        await self.verdict("passive local: kill -9 after DONE, client away", again, ids, client.messages)
+
+def socket_module():
+    import socket
+
+    return socket
+
+
+async def treq_get(url, client):
+    import treq
+    from tests.test_passive_agent import credential
+
+    response = await treq.get(url, headers={"Authorization": credential("faults")}, persistent=False)
+    return await response.content()

@@ -160,7 +160,7 @@ class IntegrationTests(TestCase):
         record = await self.platform.wait_for(self.platform.submit({"command": "true"}))
         self.assertEqual(record.state, "DONE")
         self.assertIs(self.platform.agent().session, session)
-        self.assertEqual(agent.factory.retries, 0)
+        self.assertEqual(agent.connection.retries, 0)
 
     async def test_escaping_paths_fail_the_task(self):
         await self.connect()
@@ -258,14 +258,12 @@ class IntegrationTests(TestCase):
         agent = await self.connect()
         tasks = [self.platform.submit({"command": "sleep 0.2"}) for _ in range(4)]
         await self.platform.wait_for(tasks[0], "RUNNING")
-        # Keep the agent away for a while: close every connection it makes.
-        agent.connection.factory.stopTrying()
-        self.platform.disconnect()
+        # Keep the agent away for a while: its connection service stopped.
+        await agent.connection.stopService()
         await self.platform.wait_disconnected()
         await eventually(lambda: all(agent.registry.get(t) and agent.registry.get(t).get("finished") for t in tasks),
                          what="the tasks to finish while disconnected")
-        agent.connection.factory.continueTrying = True
-        agent.connection.factory.retry(agent.connection.connector)
+        agent.connection.startService()
         for t in tasks:
             record = await self.platform.wait_for(t)
             self.assertEqual(record.state, "DONE")
@@ -383,7 +381,7 @@ class TLSTests(TestCase):
         await sleep(1.0)
         self.assertFalse(platform.connected("agent"))
         self.assertIsNone(platform.agent().hello)
-        self.assertGreaterEqual(agent.factory.retries, 1)
+        self.assertGreaterEqual(agent.connection.retries, 1)
 
     async def test_wrong_host_name_is_refused(self):
         from tests.support import start_tls_platform

@@ -62,10 +62,10 @@ class ScriptTextTests(SynchronousTestCase):
         self.assertIn("A=1; export A", lines)
         self.assertIn("exec /bin/sh -c 'echo hi'", lines)
         self.assertIn(") </dev/null >stdout 2>stderr", lines)
-        # The exit status is written last, to a temporary name, then moved.
+        # The exit status is written last, by the one writer of that file.
         self.assertEqual(
             lines[-2],
-            "printf '%d\\n' \"$everest_status\" >.everest/exitcode.tmp && mv -f .everest/exitcode.tmp .everest/exitcode",
+            "printf '%d\\n' \"$everest_status\" >.everest/exitcode",
         )
         self.assertEqual(lines[-1], 'exit "$everest_status"')
 
@@ -101,12 +101,19 @@ class ExitCodeFileTests(SynchronousTestCase):
         self.assertIsNone(jobscript.read_exit_code(self.dir))
 
     def test_values(self):
-        for text, code in (("0\n", 0), ("3\n", 3), ("255", 255), (" 137 \n", 137)):
+        for text, code in (("0\n", 0), ("3\n", 3), ("255\n", 255), (" 137 \n", 137)):
             self.write(text)
             self.assertEqual(jobscript.read_exit_code(self.dir), code)
 
+    def test_not_written_yet(self):
+        # The one writer puts the number and its newline in one write: a
+        # file without the newline is being written, not damaged.
+        for text in ("", "3", "25"):
+            self.write(text)
+            self.assertIsNone(jobscript.read_exit_code(self.dir))
+
     def test_garbage(self):
-        for text in ("", "x", "3 4", "1" * 20):
+        for text in ("\n", "x\n", "3 4\n", "1" * 20 + "\n"):
             self.write(text)
             self.assertRaises(ValueError, jobscript.read_exit_code, self.dir)
 

@@ -496,3 +496,200 @@ class CrashBetweenWritesTests(SynchronousTestCase):
         self.assertFalse(d1.called or d2.called)
         clock.advance(group.retry_delay)
         self.assertTrue(d1.called and d2.called)
+
+
+class WaitingLineTests(SynchronousTestCase):
+    """
+    Tasks with nothing to stage in wait for their slots as entries in the
+    pool's line: no worker, no task directory, until their slots are theirs.
+    """
+
+    def restart(self, h, handler=None, slots=1):
+        h.sender.ack(h.outbox.durable_seq)
+        h.stop()
+        return Harness(self, state_dir=h.state_dir, slots=slots, handler=handler or FakeTaskHandler())
+
+    def test_waiting_task_holds_no_worker_nor_directory(self):
+        h = Harness(self, slots=1)
+        h.submit("t1", spec())
+        h.submit("t2", spec())
+        self.assertEqual(h.states("t2"), ["ACCEPTED", "QUEUED"])
+        self.assertEqual(sorted(h.manager.workers), ["t1"])
+        self.assertTrue(h.manager.pool.waiting("t2"))
+        self.assertFalse(os.path.exists(os.path.join(h.work_dir, "t2")))
+        self.assertTrue(h.manager.is_running("t2"))
+        self.assertEqual(h.manager.unfinished(), 2)
+        # ACCEPTED and QUEUED are in the record, in one update.
+        self.assertEqual(h.registry.get("t2")["state"], "QUEUED")
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        self.assertEqual(h.states("t2"), ["ACCEPTED", "QUEUED", "RUNNING"])
+        self.assertTrue(os.path.isdir(os.path.join(h.work_dir, "t2")))
+        self.assertEqual(h.manager.counts(), (1, 0))
+
+    def test_cancel_of_a_waiting_task_is_at_once(self):
+        h = Harness(self, slots=1)
+        h.submit("t1", spec())
+        for n in range(1000):
+            h.manager.submit(f"w{n}", spec())
+        h.pump()
+        self.assertEqual(h.manager.counts(), (1, 1000))
+        h.manager.cancel("w500")
+        h.pump()
+        self.assertEqual(h.states("w500"), ["ACCEPTED", "QUEUED", "CANCELED"])
+        self.assertEqual(h.last("w500")[3]["reason"], "canceled")
+        self.assertEqual(h.manager.counts(), (1, 999))
+        self.assertFalse(h.manager.is_running("w500"))
+        self.assertNotIn("w500", h.manager.workers)
+        # The others keep their places and still run, in order.
+        order = []
+        for n in range(1000):
+            if n == 500:
+                continue
+            h.handler.jobs[list(h.handler.jobs)[-1]].finish(0)
+            h.pump()
+            order.append(list(h.handler.jobs)[-1])
+        self.assertEqual(order, [f"w{n}" for n in range(1000) if n != 500])
+        self.assertNotIn("w500", h.handler.jobs)
+        self.assertEqual(h.states("w500"), ["ACCEPTED", "QUEUED", "CANCELED"])
+
+    def test_cancel_before_the_record_is_on_disk(self):
+        h = Harness(self, slots=1)
+        h.submit("t1", spec())
+        h.manager.submit("t2", spec())
+        self.assertTrue(h.manager.is_running("t2"))
+        h.manager.cancel("t2")
+        h.pump()
+        self.assertEqual(h.states("t2"), ["ACCEPTED", "CANCELED"])
+        self.assertEqual(h.manager.counts(), (1, 0))
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        self.assertNotIn("t2", h.handler.jobs)
+
+    def test_fcfs_with_multi_slot_tasks(self):
+        h = Harness(self, slots=3)
+        h.submit("a", spec(resourceRequirements={"coresPerNode": 2}))
+        h.submit("big", spec(resourceRequirements={"coresPerNode": 3}))
+        h.submit("small", spec())  # fits in the free slot, but comes after "big"
+        self.assertEqual(h.states("big"), ["ACCEPTED", "QUEUED"])
+        self.assertEqual(h.states("small"), ["ACCEPTED", "QUEUED"])
+        self.assertNotIn("small", h.handler.jobs)
+        h.handler.jobs["a"].finish(0)
+        h.pump()
+        self.assertIn("big", h.handler.jobs)
+        self.assertNotIn("small", h.handler.jobs)
+        self.assertEqual(h.manager.counts(), (3, 1))
+        h.handler.jobs["big"].finish(0)
+        h.pump()
+        self.assertIn("small", h.handler.jobs)
+        self.assertEqual(h.manager.counts(), (1, 0))
+
+    def test_waiting_and_worker_waits_share_one_line(self):
+        """A staged task (a worker waiting) and a lined-up one keep their order."""
+        h = Harness(self, slots=1)
+        h.submit("t1", spec())
+        h.submit("staged", spec(inputs=[{"path": "a", "data": ""}]))
+        h.submit("plain", spec())
+        self.assertIn("staged", h.manager.workers)
+        self.assertNotIn("plain", h.manager.workers)
+        h.handler.jobs["t1"].finish(0)
+        h.pump()
+        self.assertIn("staged", h.handler.jobs)
+        self.assertNotIn("plain", h.handler.jobs)
+        h.handler.jobs["staged"].finish(0)
+        h.pump()
+        self.assertIn("plain", h.handler.jobs)
+
+    def test_restart_with_10k_waiting_tasks_resumes_them_in_order(self):
+        h = Harness(self, slots=1)
+        h.submit("t0", spec())
+        ids = [f"q{n:05d}" for n in range(10000)]
+        for task_id in ids:
+            h.manager.submit(task_id, spec())
+        h.pump()
+        self.assertEqual(h.manager.counts(), (1, 10000))
+        h2 = self.restart(h, slots=1)
+        h2.pump()
+        # t0's job is found again and takes its slot back before the line moves.
+        self.assertEqual(h2.manager.hello_tasks(), sorted(["t0"] + ids))
+        self.assertEqual(list(h2.manager.workers), ["t0"])
+        self.assertEqual(h2.handler.reattached, [("t0", "101")])
+        self.assertEqual(h2.manager.counts(), (1, 10000))
+        # Nothing is reported twice: QUEUED was already sent before the restart.
+        self.assertEqual(h2.states("q00001"), [])
+        order = ["t0"]
+        for _ in range(10000):
+            h2.handler.jobs[order[-1]].finish(0)
+            h2.pump()
+            order.append(list(h2.handler.jobs)[-1])
+        self.assertEqual(order, ["t0"] + ids)
+        h2.handler.jobs[order[-1]].finish(0)
+        h2.pump()
+        self.assertEqual(h2.manager.counts(), (0, 0))
+        self.assertEqual(h2.states("q09999"), ["RUNNING", "DONE"])
+
+    def test_restart_reports_what_a_recorded_task_missed(self):
+        """Recorded, but the agent died before its ACCEPTED: sent at the next start."""
+        h = Harness(self, slots=1)
+        h.submit("t1", spec())
+        h.manager.submit("t2", spec())
+        h.registry.write_ahead()  # the record reached the file, its ACCEPTED did not
+        h.manager.pool.stop()
+        h.outbox._journal._queue.clear()
+        h2 = Harness(self, state_dir=h.state_dir, slots=0)
+        h2.pump()
+        self.assertEqual(h2.states("t2"), ["ACCEPTED", "QUEUED"])
+        self.assertIn("t2", h2.manager.hello_tasks())
+        self.assertNotIn("t2", h2.manager.workers)
+        self.assertTrue(h2.manager.pool.waiting("t2"))
+
+    def test_hello_lists_waiting_tasks(self):
+        h = Harness(self, slots=1)
+        h.submit("t1", spec())
+        for n in range(5):
+            h.submit(f"w{n}", spec())
+        self.assertEqual(h.manager.hello_tasks(), ["t1", "w0", "w1", "w2", "w3", "w4"])
+
+    def test_stopping_grants_no_waiting_task(self):
+        h = Harness(self, slots=1)
+        h.submit("t1", spec())
+        h.submit("t2", spec())
+        h.manager.stopService()
+        h.pump()
+        self.assertEqual(list(h.handler.jobs), ["t1"])
+        self.assertEqual(h.states("t2"), ["ACCEPTED", "QUEUED"])
+
+    def test_pool_line_counts_and_withdraws(self):
+        granted = []
+        pool = SlotPool(2)
+        pool.on_grant = lambda task_id, count: granted.append((task_id, count))
+        pool.enqueue("a", 2)
+        self.assertEqual(granted, [("a", 2)])
+        d = pool.acquire(1)
+        pool.enqueue("b", 1)
+        pool.enqueue("c", 1)
+        self.assertEqual((pool.queued, pool.waiting_ids()), (3, ["b", "c"]))
+        self.assertTrue(pool.withdraw("b"))
+        self.assertFalse(pool.withdraw("b"))
+        pool.release(2)
+        self.assertTrue(d.called)
+        self.assertEqual(granted, [("a", 2), ("c", 1)])
+        self.assertEqual((pool.used, pool.queued), (2, 0))
+
+    def test_directories_of_the_next_in_line_are_made_ahead(self):
+        h = Harness(self, slots=2)
+        for n in range(6):
+            h.manager.submit(f"t{n}", spec())
+        h.pump()
+        self.assertEqual(list(h.handler.jobs), ["t0", "t1"])
+        self.assertTrue(os.path.isdir(os.path.join(h.work_dir, "t1")))
+        h.handler.jobs["t0"].finish(0)
+        h.pump()
+        # t2 runs; the two behind it have their directories, the rest not yet.
+        self.assertIn("t2", h.handler.jobs)
+        made = [n for n in range(3, 6) if os.path.isdir(os.path.join(h.work_dir, f"t{n}"))]
+        self.assertEqual(made, [3, 4])
+        h.manager.cancel("t3")
+        h.pump()
+        self.assertEqual(h.states("t3"), ["ACCEPTED", "QUEUED", "CANCELED"])
+        self.assertNotIn("t3", h.manager._dirs)

@@ -1,146 +1,165 @@
 """
-Unit tests of passive/tasks.py: the seq counter across restarts, and the
-routing bookkeeping with fakes (no reactor, no sockets).
+Passive mode's bookkeeping with a Clock and fakes: owned tasks in the
+manager (routing, HELLO, forgetting, restarts) and the durable seq counter.
 """
 
 import os
 
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from everest_agent import protocol
-from everest_agent.passive import tasks as passive_tasks
-from everest_agent.passive.credentials import ClientTokens
+from everest_agent.passive.credentials import Client
 from everest_agent.passive.server import IPassiveTasks
+from everest_agent.passive.tasks import PassiveTasks, SeqCounter
+from everest_agent.protocol import ProtocolError
+from tests.test_manager import Harness
+
+ALICE = Client(label="alice", owner="a" * 64)
+BOB = Client(label="bob", owner="b" * 64)
 
 
-class SeqCounterTests(SynchronousTestCase):
-    def test_never_repeats_across_restarts(self):
-        path = os.path.join(self.mktemp())
-        counter = passive_tasks.SeqCounter(path, block=10)
-        counter.load()
-        seen = [counter.next() for _ in range(25)]
-        # A restart (or kill -9) at any point: the next run starts above every seq given out.
-        again = passive_tasks.SeqCounter(path, block=10)
-        again.load()
-        self.assertGreater(again.next(), max(seen))
-        self.assertEqual(seen, list(range(1, 26)))
-
-    def test_damaged_file_is_an_error_naming_it(self):
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write("not a number")
-        with self.assertRaises(ValueError) as e:
-            passive_tasks.SeqCounter(path).load()
-        self.assertIn(path, str(e.exception))
-
-
-class _Registry:
-    def __init__(self):
-        self.records = {}
-
-    def get(self, task_id):
-        return self.records.get(task_id)
-
-    def update(self, task_id, **fields):
-        self.records[task_id].update(fields)
-        return defer.succeed(None)
-
-
-class _Manager:
-    def __init__(self):
-        self.registry = _Registry()
-        self.submitted = []
-
-    def submit(self, task_id, spec, context=None, owner=None):
-        self.submitted.append(task_id)
-        self.registry.records[task_id] = {"id": task_id, "owner": owner, "state": None}
-
-    def task_dir(self, task_id):
-        return "/work/" + task_id
-
-
-class _Session:
-    def __init__(self):
+class Session:
+    def __init__(self, client):
+        self.client = client
         self.sent = []
 
     def send(self, message):
         self.sent.append(message)
 
+    def states(self, task_id):
+        return [m[2] for m in self.sent if m[0] == "TASK_STATE" and m[1] == task_id]
 
-class PassiveTasksTests(SynchronousTestCase):
+
+def dialect_spec(command="true"):
+    return {"command": command, "inputData": [], "outputData": []}
+
+
+class OwnedTaskTests(SynchronousTestCase):
     def setUp(self):
-        self.manager = _Manager()
-        self.tasks = passive_tasks.PassiveTasks(self.manager, self._dir(),
-                                                max_unfinished=2, wallclock=lambda: 5.0)
-        self.tasks.load()
-        tokens = ClientTokens(["tok"])
-        self.alice = tokens.authenticate("EverestAgentClientToken alice:tok")
-        self.bob = tokens.authenticate("EverestAgentClientToken bob:tok")
+        self.state_dir = self.mktemp()
+        self.h = Harness(self, self.state_dir)
+        self.passive = PassiveTasks(self.h.manager, SeqCounter(os.path.join(self.state_dir, "passive-seq")),
+                                    lambda: 5.0, max_client_tasks=2, max_tasks=3)
+        self.passive.load()
+        verifyObject(IPassiveTasks, self.passive)
+        self.alice, self.bob = Session(ALICE), Session(BOB)
+        self.passive.session_opened(ALICE, self.alice)
+        self.passive.session_opened(BOB, self.bob)
 
-    def _dir(self):
+    def run_to_end(self, task_id, code=0):
+        self.h.pump()
+        self.h.handler.jobs[task_id].finish(code)
+        self.h.pump()
+
+    def test_owned_reports_go_to_their_owner_only(self):
+        self.passive.submit(ALICE, "p1", dialect_spec(), None)
+        self.h.submit("a1", {"command": "true"})
+        self.run_to_end("p1")
+        self.run_to_end("a1")
+        self.assertEqual(self.alice.states("p1")[-1], "DONE")
+        self.assertEqual(self.bob.sent, [])
+        self.assertEqual(self.h.states("p1"), [])  # never to the platform
+        self.assertEqual(self.alice.states("a1"), [])
+        self.assertEqual(self.h.manager.hello_tasks(), ["a1"])  # the platform's, not acknowledged
+        self.assertEqual(self.h.registry.get("p1")["owner"], ALICE.owner)
+        seqs = [m[3]["seq"] for m in self.alice.sent]
+        self.assertEqual(seqs, sorted(set(seqs)))
+
+    def test_state_sent_only_once_its_record_is_durable(self):
+        self.passive.submit(ALICE, "p1", dialect_spec(), None)
+        self.h.pump()
+        before = len(self.alice.sent)
+        self.h.handler.jobs["p1"].finish(0)
+        self.assertEqual(len(self.alice.sent), before)  # not before the journal's flush
+        self.h.pump()
+        self.assertEqual(self.alice.states("p1")[-1], "DONE")
+
+    def test_other_credential_cannot_cancel_or_message_or_reuse_the_id(self):
+        self.passive.submit(ALICE, "p1", dialect_spec(), None)
+        self.h.pump()
+        for call in (lambda: self.passive.cancel(BOB, "p1"), lambda: self.passive.deliver(BOB, "p1", "x"),
+                     lambda: self.passive.submit(BOB, "p1", dialect_spec(), None),
+                     lambda: self.h.manager.cancel("p1"), lambda: self.h.manager.submit("p1", {"command": "x"})):
+            self.assertRaises(ProtocolError, call)
+        self.assertIsNone(self.passive.lookup("nope"))
+        self.assertEqual(self.passive.lookup("p1")[0], ALICE.owner)
+        self.h.submit("a1", {"command": "true"})
+        self.assertIsNone(self.passive.lookup("a1"))  # the platform's task has no files here
+        self.assertRaises(ProtocolError, self.passive.cancel, ALICE, "a1")
+
+    def test_finished_owned_tasks_are_forgotten_without_platform_ack(self):
+        self.h.manager.keep_finished = 1
+        for task_id in ("p1", "p2"):
+            self.passive.submit(ALICE, task_id, dialect_spec(), None)
+            self.run_to_end(task_id)
+        self.assertNotIn("p1", self.h.registry)
+        self.assertIn("p2", self.h.registry)
+        self.assertEqual(len(self.h.outbox), 0)
+
+    def test_limits(self):
+        self.passive.submit(ALICE, "p1", dialect_spec(), None)
+        self.passive.submit(ALICE, "p2", dialect_spec(), None)
+        e = self.assertRaises(ProtocolError, self.passive.submit, ALICE, "p3", dialect_spec(), None)
+        self.assertEqual(e.code, "too-many-tasks")
+        self.passive.submit(BOB, "q1", dialect_spec(), None)
+        e = self.assertRaises(ProtocolError, self.passive.submit, BOB, "q2", dialect_spec(), None)
+        self.assertIn("max_tasks", e.message)
+        self.assertNotIn("p3", self.h.registry)
+        self.run_to_end("p1")
+        self.passive.submit(ALICE, "p3", dialect_spec(), None)  # room again
+        self.assertIn("p3", self.h.registry)
+
+    def test_reconnect_gets_current_states_not_what_an_ack_covers(self):
+        for task_id in ("p1", "p2"):
+            self.passive.submit(ALICE, task_id, dialect_spec(), None)
+        self.run_to_end("p1")
+        self.passive.session_closed(ALICE, self.alice)
+        self.h.pump()
+        again = Session(ALICE)
+        self.passive.session_opened(ALICE, again)
+        self.assertEqual(again.states("p1"), ["DONE"])
+        self.assertEqual(len(again.states("p2")), 1)
+        done_seq = [m for m in again.sent if m[1] == "p1"][0][3]["seq"]
+        self.passive.ack(ALICE, done_seq)
+        third = Session(ALICE)
+        self.passive.session_opened(ALICE, third)
+        covered = [m for m in third.sent if m[3]["seq"] <= done_seq]
+        self.assertEqual(covered, [])
+
+
+class SeqCounterTests(SynchronousTestCase):
+    def test_never_reused_across_a_crash(self):
+        path = os.path.join(self.mktemp())
+        seen = set()
+        for life in range(3):
+            counter = SeqCounter(path, block=10)
+            counter.load()
+            numbers = [counter.next() for _ in range(25)]  # crosses blocks with no write-ahead runner
+            self.assertFalse(seen & set(numbers), life)
+            seen.update(numbers)
+            # no clean stop: the next life starts from the file alone
+
+    def test_reserves_ahead_through_the_runner(self):
         path = self.mktemp()
-        os.makedirs(path)
-        return path
+        calls = []
 
-    def test_provides_the_interface(self):
-        verifyObject(IPassiveTasks, self.tasks)
+        def run(f, *args):
+            calls.append(args)
+            f(*args)
+            return defer.succeed(None)
 
-    def test_reports_go_to_the_owner_sessions_only(self):
-        mine, theirs = _Session(), _Session()
-        self.tasks.session_opened(self.alice, mine)
-        self.tasks.session_opened(self.bob, theirs)
-        self.tasks.submit(self.alice, "t", {}, None)
-        seq, d = self.tasks.report("t", protocol.ACCEPTED, {})
-        self.assertEqual(self.successResultOf(d), seq)
-        self.assertEqual(mine.sent, [["TASK_STATE", "t", "ACCEPTED", {"seq": seq, "time": 5.0}]])
-        self.assertEqual(theirs.sent, [])
+        counter = SeqCounter(path, run=run, block=10)
+        counter.load()
+        for _ in range(6):
+            counter.next()
+        self.assertEqual(calls, [(20,)])
+        with open(path) as f:
+            self.assertEqual(f.read(), "20")
 
-    def test_cap_then_room_after_a_terminal_state(self):
-        self.tasks.submit(self.alice, "a", {}, None)
-        self.tasks.submit(self.alice, "b", {}, None)
-        with self.assertRaises(protocol.ProtocolError) as e:
-            self.tasks.submit(self.alice, "c", {}, None)
-        self.assertEqual(e.exception.code, "too-many-tasks")
-        self.tasks.submit(self.bob, "x", {}, None)  # another credential is not held back
-        self.tasks.report("a", protocol.DONE, {"exitCode": 0})
-        self.tasks.submit(self.alice, "c", {}, None)
-        self.assertEqual(self.manager.submitted, ["a", "b", "x", "c"])
-
-    def test_reconnect_sends_staged_out_and_state_after_the_ack(self):
-        self.tasks.submit(self.alice, "t", {}, None)
-        record = self.manager.registry.records["t"]
-        first, _ = self.tasks.report("t", protocol.ACCEPTED, {})
-        record.update(state="ACCEPTED", state_seq=first)
-        staged, _ = self.tasks.report("t", protocol.STAGED_OUT, {"outputData": []})
-        done, _ = self.tasks.report("t", protocol.DONE, {"exitCode": 0})
-        record.update(state="DONE", state_seq=done, info={"exitCode": 0})
-        session = _Session()
-        self.tasks.session_opened(self.alice, session)
-        self.assertEqual([(m[2], m[3]["seq"]) for m in session.sent], [("STAGED_OUT", staged), ("DONE", done)])
-        self.tasks.ack(self.alice, staged)
-        later = _Session()
-        self.tasks.session_opened(self.alice, later)
-        self.assertEqual([m[2] for m in later.sent], ["DONE"])
-        self.tasks.ack(self.alice, 10 ** 9)  # an ACK ahead of what was sent covers no more than that
-        self.assertEqual(self.tasks.acked[self.alice.owner], self.tasks.seq.last)
-
-    def test_acks_of_many_labels_are_bounded(self):
-        self.patch(passive_tasks, "MAX_ACKED_OWNERS", 3)
-        tokens = ClientTokens(["tok"])
-        self.tasks.seq.next()
-        for i in range(10):
-            self.tasks.ack(tokens.authenticate(f"EverestAgentClientToken c{i}:tok"), 1)
-        self.assertEqual(len(self.tasks.acked), 3)
-
-    def test_other_owner_and_unknown_task_look_the_same(self):
-        self.tasks.submit(self.alice, "alices-task", {}, None)
-        answers = []
-        for task_id in ("alices-task", "nope"):
-            with self.assertRaises(protocol.ProtocolError) as e:
-                self.tasks.cancel(self.bob, task_id)
-            answers.append((e.exception.code, e.exception.message.replace(task_id, "ID")))
-        self.assertEqual(answers[0], answers[1])
-        self.assertIsNone(self.tasks.lookup("nope"))
-        self.assertEqual(self.tasks.lookup("alices-task"), (self.alice.owner, "/work/alices-task"))
+    def test_damaged_file_is_a_clear_error(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a number")
+        e = self.assertRaises(RuntimeError, SeqCounter(path).load)
+        self.assertIn(path, str(e))

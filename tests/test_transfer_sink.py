@@ -33,6 +33,12 @@ class FakeWorkers:
             self.step()
 
 
+def _fired(result):
+    d = Deferred()
+    d.callback(result)
+    return d
+
+
 class FakeTransport:
     def __init__(self):
         self.paused = False
@@ -70,11 +76,11 @@ class BackpressureTests(SynchronousTestCase):
             receiver.dataReceived(data[sent:sent + chunk])
             sent += chunk
         self.assertTrue(transport.paused)
-        # Paused just past the high-water mark, with one write and one hash
-        # job in flight and the rest queued (not more).
+        # Paused just past the high-water mark, with one job (write, then
+        # hash) in flight and the rest queued (not more).
         self.assertEqual(sent, sink.HIGH_WATER + chunk)
         self.assertLessEqual(writer.backlog, sink.HIGH_WATER + chunk)
-        self.assertEqual(len(workers.jobs), 2)
+        self.assertEqual(len(workers.jobs), 1)
         # The disk catches up: resumed once the backlog is at the low mark.
         while transport.paused:
             workers.step()
@@ -97,6 +103,29 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(writer.hash.hexdigest(), sha(data))
         self.assertGreater(transport.pauses, 1)
         self.assertFalse(transport.stopped)
+
+    def test_one_thread_job_per_batch(self):
+        """Writing and hashing a MiB is one trip to a thread, not two."""
+        path = os.path.abspath(self.mktemp())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
+        jobs = []
+
+        def run(f, *args):
+            jobs.append(f)
+            return _fired(f(*args))
+
+        writer = sink.FileWriter(fd, run)
+        data = payload(8 * sink.BATCH)
+        for i in range(0, len(data), 64 * 1024):
+            writer.write(data[i:i + 64 * 1024])
+        self.successResultOf(writer.drain())
+        self.assertEqual(jobs, [sink.write_and_hash] * 8)
+        self.assertEqual(writer.written, len(data))
+        self.assertEqual(writer.hash.hexdigest(), sha(data))
+        os.close(fd)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
 
     def test_write_error_aborts(self):
         path = os.path.abspath(self.mktemp())

@@ -59,7 +59,7 @@ _WRAPPER = (
     'cd -P /proc/self/fd/3 && exec 3<&- || exit 126; '
     '(c=$2; set --; eval "$c"); '
     "s=$?; "
-    f'echo "$s" > {jobscript.EXIT_CODE_FILE}; '
+    f'{jobscript.exit_code_writer("s")}; '
     'exit "$s"'
 )
 

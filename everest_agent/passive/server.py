@@ -143,6 +143,18 @@ class PassiveServerProtocol(WebSocketServerProtocol):
         if self._open and self.state == self.STATE_OPEN:
             self.sendMessage(protocol.encode(message))
 
+    def connectionLost(self, reason):
+        try:
+            super().connectionLost(reason)
+        finally:
+            # Autobahn leaves its handshake timers running when the peer
+            # drops the TCP connection instead of answering.
+            for name in ("closeHandshakeTimeoutCall", "openHandshakeTimeoutCall"):
+                call = getattr(self, name, None)
+                if call is not None:
+                    call.cancel()
+                    setattr(self, name, None)
+
     def onClose(self, wasClean, code, reason):
         if self._open:
             self._open = False

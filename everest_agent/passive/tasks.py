@@ -1,255 +1,316 @@
 """
-The agent's side of passive sessions: L{PassiveTasks} implements
-L{IPassiveTasks} over the L{TaskManager}, and routes the reports of the
-tasks clients own to their sessions.
+Passive mode's tasks: L{IPassiveTasks} for the agent (contract, section 9).
 
-Ownership: a passive task's registry record holds C{owner}, a digest of the
-client's whole credential (never the token).  Its reports go to that
-credential's live sessions only, never to the platform; the platform's
-tasks are never shown to a client.
+A client's tasks are the agent's usual tasks (same manager, worker,
+registry records, staging, handlers), recorded with an C{owner}: a digest of
+the client's credential, never its token.  What differs is where their
+reports go: L{PassiveTasks.report} (called by the manager for an owned
+task) sends a C{TASK_STATE} to the live sessions of that credential, once
+the task's record holding that state is on disk.  There is no outbox: the
+record is the only copy, the latest state per task, so a client that never
+sends C{ACK} costs nothing more, and finished records rotate with
+C{keep_finished} like every task's.  A session that opens gets the current
+state of each of its credential's tasks (those an C{ACK} does not cover).
 
-Durability: a passive report is not kept in the outbox.  The task's
-registry record (durable, rotated by C{keep_finished} like every finished
-task) holds its latest state, its seq and its C{STAGED_OUT}; a client that
-(re)connects is sent, from the records, the state of each of its tasks not
-covered by its C{ACK}.  A client that never acknowledges costs one record
-per task, no more.  The seq of passive messages comes from L{SeqCounter},
-whose high-water mark is on disk before a seq above it is handed out, so
-seq never goes back across restarts.
+Sequence numbers come from one counter for every passive client, reserved
+on disk (C{passive-seq} in C{state_dir}) a block ahead, so no C{seq} is
+used twice, across restarts and C{kill -9} included.
 """
 
 import collections
 import os
-import time
 
+from twisted.application.service import Service
+from twisted.internet import defer, ssl
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from everest_agent import protocol
-from everest_agent.passive.server import IPassiveTasks
-from everest_agent.protocol import ProtocolError
+from everest_agent.passive.server import IPassiveTasks, passive_site
 
 log = Logger(namespace="everest_agent.passive.tasks")
 
-#: Error code of a TASK_SUBMIT beyond the credential's cap of unfinished tasks.
+#: seqs reserved on disk at a time.
+SEQ_BLOCK = 100000
+
 E_TOO_MANY = "too-many-tasks"
-#: Error code of a TASK_SUBMIT whose id another owner (or the platform) uses.
-E_ID_TAKEN = "task-id-taken"
-#: Credentials whose ACK is remembered (the most recent ones): labels are
-#: free, so their number is bounded; a forgotten one is sent its states
-#: again on reconnecting (at least once, never fewer).
-MAX_ACKED_OWNERS = 100_000
 
 
 class SeqCounter:
     """
-    Sequence numbers that never repeat across restarts: the file C{path}
-    holds a mark above every seq handed out, raised C{block} at a time
-    (written and fsynced before a seq above the old mark is used).  The
-    file is in the state directory, the agent's own, and is written once
-    every C{block} messages.
+    A durable counter: C{next()} never returns a number twice, even across
+    a crash, since the file records a high-water mark before it is reached.
+    The file is the agent's own (in C{state_dir}); it is written at start,
+    then once every C{block} numbers (half a block ahead, through C{run}).
     """
 
-    def __init__(self, path, block=4096):
-        self.path = path
-        self.block = block
+    def __init__(self, path, run=None, block=SEQ_BLOCK):
+        self._path, self._run, self._block = path, run, block
         self.last = 0
-        self._mark = 0
+        self._reserved = 0
+        self._reserving = False
 
     def load(self):
         try:
-            with open(self.path, encoding="ascii") as f:
-                self._mark = int(f.read().strip() or 0)
+            with open(self._path, encoding="ascii") as f:
+                self.last = int(f.read().strip() or 0)
         except FileNotFoundError:
-            self._mark = 0
-        except ValueError:
-            raise ValueError(f"{self.path}: damaged; it must hold one number") from None
-        self.last = self._mark
-        self._raise()
+            self.last = 0
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"{self._path}: cannot read passive mode's sequence counter: {e}") from None
+        self._write(self.last + self._block)
 
-    def next(self):
-        self.last += 1
-        if self.last >= self._mark:
-            self._raise()
-        return self.last
-
-    def _raise(self):
-        mark = self.last + self.block
-        tmp = self.path + ".tmp"
+    def _write(self, mark):
+        tmp = self._path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, f"{mark}\n".encode("ascii"))
+            os.write(fd, str(mark).encode("ascii"))
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.path)
-        self._mark = mark
+        os.replace(tmp, self._path)
+        self._reserved = max(self._reserved, mark)
+
+    def next(self):
+        self.last += 1
+        if self.last > self._reserved:
+            self._write(self.last + self._block)  # the write ahead fell behind: now, here
+        elif self.last > self._reserved - self._block // 2 and not self._reserving and self._run is not None:
+            self._reserving = True
+            d = self._run(self._write, self._reserved + self._block)
+
+            def done(result):
+                self._reserving = False
+                return result
+
+            d.addBoth(done).addErrback(lambda f: log.failure("Reserving passive seqs failed", f))
+        return self.last
 
 
 @implementer(IPassiveTasks)
 class PassiveTasks:
     """
-    @param manager: the agent's L{TaskManager}; its C{passive} is set to
-        this object, which it asks to route owned tasks' reports.
-    @param max_unfinished: unfinished tasks a credential may have at once.
+    @param manager: the L{everest_agent.manager.TaskManager}; this object
+        becomes its C{passive}.
+    @param max_client_tasks: unfinished tasks one credential may have.
+    @param max_tasks: unfinished passive tasks of all clients together.
     """
 
-    def __init__(self, manager, state_dir, max_unfinished=1000, wallclock=time.time, max_total=10000):
+    def __init__(self, manager, seq, wallclock, max_client_tasks=1000, max_tasks=10000):
         self.manager = manager
-        self.max_total = max_total
-        self.total = 0  # unfinished passive tasks of every owner
         self.registry = manager.registry
-        self.max_unfinished = max_unfinished
+        self.seq = seq
         self.wallclock = wallclock
-        self.seq = SeqCounter(os.path.join(state_dir, "passive-seq"))
+        self.max_client_tasks = max_client_tasks
+        self.max_tasks = max_tasks
         self.sessions = collections.defaultdict(set)  # owner -> live sessions
-        self.acked = collections.OrderedDict()  # owner -> highest seq it acknowledged (this run)
-        self.unfinished = collections.defaultdict(set)  # owner -> its unfinished task ids
-        self.sent = 0
+        self.acked = {}  # owner -> highest seq it acknowledged (this run)
+        self.unfinished = collections.defaultdict(set)  # owner -> unfinished task ids
+        self.unfinished_total = 0
         manager.passive = self
 
     def load(self):
-        """After the registry is loaded: the seq mark, and who owns what is unfinished."""
+        """After the registry is loaded: the unfinished tasks of each owner."""
         self.seq.load()
         for task_id, record in self.registry.records.items():
             owner = record.get("owner")
             if owner is not None and not record.get("finished"):
-                self.unfinished[owner].add(task_id)
-                self.total += 1
+                self._unfinished_add(owner, task_id)
 
-    # -- routing (what the manager asks) -----------------------------------------
+    def _unfinished_add(self, owner, task_id):
+        tasks = self.unfinished[owner]
+        if task_id not in tasks:
+            tasks.add(task_id)
+            self.unfinished_total += 1
 
-    def owner_of(self, task_id):
-        record = self.registry.get(task_id)
-        return None if record is None else record.get("owner")
+    def _unfinished_discard(self, owner, task_id):
+        tasks = self.unfinished.get(owner)
+        if tasks is not None and task_id in tasks:
+            tasks.discard(task_id)
+            self.unfinished_total -= 1
+            if not tasks:
+                del self.unfinished[owner]
 
-    def report(self, task_id, state, info):
+    # -- reports (the manager calls these for owned tasks) -----------------------
+
+    def report(self, owner, task_id, state, info):
         """
-        A state of an owned task: C{(seq, d)} like the sender's, C{d} firing
-        with C{seq} once the task's record holds it; then it is sent to the
-        owner's live sessions.
+        A state of an owned task.  @return: C{(seq, d)}: d fires with C{seq}
+        once the record written with it is durable, and then the state goes
+        to the owner's live sessions.
         """
-        owner = self.owner_of(task_id)
         seq = self.seq.next()
-        now = self.wallclock()
-        message = [protocol.TASK_STATE, task_id, state, dict(info or (), seq=seq, time=now)]
-        fields = {"state_time": now}
-        if state == protocol.STAGED_OUT:
-            fields["staged_out"] = {"seq": seq, "time": now, "info": dict(info or ())}
+        fields = dict(info or ())
+        fields["seq"] = seq
+        fields["time"] = self.wallclock()
+        message = [protocol.TASK_STATE, task_id, state, fields]
         if state in protocol.TERMINAL:
-            self._finished(owner, task_id)
-        d = self.registry.update(task_id, **fields)
+            self._unfinished_discard(owner, task_id)
+        # The worker writes the record with this state right after this call,
+        # in this reactor turn, so this update's durability covers it too.
+        d = self.registry.update(task_id, state_seq=seq)
 
         def durable(_):
-            self._send_to(owner, message)
+            self._send(owner, message)
             return seq
 
         return seq, d.addCallback(durable)
 
-    def _finished(self, owner, task_id):
-        unfinished = self.unfinished.get(owner)
-        if unfinished is not None and task_id in unfinished:
-            unfinished.discard(task_id)
-            self.total -= 1
-            if not unfinished:
-                del self.unfinished[owner]
+    def task_message(self, owner, task_id, text):
+        """A message from an owned task's channel: to its owner's live sessions (not kept)."""
+        self._send(owner, [protocol.TASK_MESSAGE, task_id, text, {"seq": self.seq.next()}])
+        return defer.succeed(None)
 
-    def task_message(self, task_id, text):
-        """A task's message (task channel) for its owner's sessions; not kept."""
-        owner = self.owner_of(task_id)
-        self._send_to(owner, [protocol.TASK_MESSAGE, task_id, text, {"seq": self.seq.next()}])
+    def resend(self, task_id, record):
+        """A TASK_SUBMIT again of a task its owner already has: its current state."""
+        message = self._current(task_id, record)
+        if message is not None:
+            self._send(record["owner"], message)
 
-    def _send_to(self, owner, message):
+    def _current(self, task_id, record):
+        state = record.get("state")
+        if state is None:
+            return None  # its ACCEPTED is on the way
+        fields = dict(record.get("info") or ())
+        fields["seq"] = record.get("state_seq")
+        return [protocol.TASK_STATE, task_id, state, fields]
+
+    def _send(self, owner, message):
         for session in list(self.sessions.get(owner, ())):
-            self.sent += 1
             session.send(message)
 
-    # -- IPassiveTasks --------------------------------------------------------------
+    # -- IPassiveTasks -----------------------------------------------------------
 
     def session_opened(self, client, session):
         self.sessions[client.owner].add(session)
         acked = self.acked.get(client.owner, 0)
-        for message in self._current(client.owner):
-            if message[3]["seq"] > acked:
-                session.send(message)
-
-    def _current(self, owner):
-        """What a session of C{owner} is told on connecting, in seq order."""
-        messages = []
-        for task_id, record in self.registry.records.items():
-            if record.get("owner") != owner or record.get("state") is None:
+        count = 0
+        for task_id, record in list(self.registry.records.items()):
+            if record.get("owner") != client.owner:
                 continue
-            staged = record.get("staged_out")
-            if staged and record.get("state") != protocol.STAGED_OUT:
-                messages.append([protocol.TASK_STATE, task_id, protocol.STAGED_OUT,
-                                 dict(staged["info"], seq=staged["seq"], time=staged["time"])])
-            info = dict(record.get("info") or ())
-            info.update(seq=record.get("state_seq") or 0, time=record.get("state_time"))
-            messages.append([protocol.TASK_STATE, task_id, record["state"], info])
-        messages.sort(key=lambda m: m[3]["seq"])
-        return messages
+            seq = record.get("state_seq")
+            if isinstance(seq, int) and seq <= acked:
+                continue
+            message = self._current(task_id, record)
+            if message is not None:
+                session.send(message)
+                count += 1
+        if count:
+            log.info("Passive client {client}: sent the current state of {count} tasks",
+                     client=client.label, count=count)
 
     def session_closed(self, client, session):
-        live = self.sessions.get(client.owner)
-        if live is not None:
-            live.discard(session)
-            if not live:
+        sessions = self.sessions.get(client.owner)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
                 del self.sessions[client.owner]
+                if client.owner not in self.unfinished:
+                    self.acked.pop(client.owner, None)
 
     def submit(self, client, task_id, spec, context):
+        owner = client.owner
         record = self.registry.get(task_id)
-        if record is not None:
-            if record.get("owner") != client.owner:
-                raise ProtocolError(E_ID_TAKEN, f"task id {task_id} is in use on this agent; choose another",
-                                    task_id)
-            for message in self._current(client.owner):
-                if message[1] == task_id:
-                    self._send_to(client.owner, message)
-            return
-        unfinished = self.unfinished.get(client.owner, ())
-        if self.total >= self.max_total:
-            log.warn("Client {client} refused task {task_id}: {count} unfinished passive tasks in all",
-                     client=client.label, task_id=task_id, count=self.total)
-            raise ProtocolError(
-                E_TOO_MANY,
-                f"this agent has {self.total} unfinished tasks of its clients, the most it allows; "
-                "wait for some to finish", task_id)
-        if len(unfinished) >= self.max_unfinished:
-            log.warn("Client {client} refused task {task_id}: {count} unfinished tasks already",
-                     client=client.label, task_id=task_id, count=len(unfinished))
-            raise ProtocolError(
-                E_TOO_MANY,
-                f"this client has {len(unfinished)} unfinished tasks, the most this agent allows; "
-                "wait for some to finish", task_id)
-        self.unfinished[client.owner].add(task_id)
-        self.total += 1
-        log.debug("Client {client} submitted task {task_id}", client=client.label, task_id=task_id)
-        self.manager.submit(task_id, spec, context, owner=client.owner)
-
-    def _own(self, client, task_id, what):
-        if self.owner_of(task_id) != client.owner:
-            # The same answer as for a task that does not exist.
-            raise ProtocolError(protocol.E_UNKNOWN_TASK, f"{what} of unknown task {task_id}", task_id)
+        if record is None:
+            if len(self.unfinished.get(owner, ())) >= self.max_client_tasks:
+                raise protocol.ProtocolError(
+                    E_TOO_MANY,
+                    f"this client has {self.max_client_tasks} unfinished tasks, the most allowed "
+                    "([passive] max_client_tasks); submit again once some have finished", task_id)
+            if self.unfinished_total >= self.max_tasks:
+                raise protocol.ProtocolError(
+                    E_TOO_MANY,
+                    f"the agent has {self.max_tasks} unfinished passive-mode tasks, the most allowed "
+                    "([passive] max_tasks); submit again later", task_id)
+        self.manager.submit(task_id, spec, context, owner=owner)
+        if record is None and task_id in self.registry:
+            self._unfinished_add(owner, task_id)
+            log.info("Passive client {client} submitted task {task_id}", client=client.label, task_id=task_id)
 
     def cancel(self, client, task_id):
-        self._own(client, task_id, "cancel")
         self.manager.cancel(task_id, owner=client.owner)
 
     def deliver(self, client, task_id, text):
-        self._own(client, task_id, "message")
         self.manager.deliver(task_id, text, owner=client.owner)
 
     def ack(self, client, seq):
-        acked = self.acked
-        if seq > acked.get(client.owner, 0):
-            acked[client.owner] = min(seq, self.seq.last)
-        if client.owner in acked:
-            acked.move_to_end(client.owner)
-        while len(acked) > MAX_ACKED_OWNERS:
-            acked.popitem(last=False)
+        if seq > self.acked.get(client.owner, 0):
+            self.acked[client.owner] = seq
 
     def lookup(self, task_id):
-        owner = self.owner_of(task_id)
-        if owner is None:
-            return None  # the platform's tasks are not served here
-        return owner, self.manager.task_dir(task_id)
+        record = self.registry.get(task_id)
+        if record is None or record.get("owner") is None:
+            return None
+        return record["owner"], self.manager.task_dir(task_id)
+
+    def close_sessions(self):
+        for sessions in list(self.sessions.values()):
+            for session in list(sessions):
+                session.dropConnection(abort=True)  # (a close handshake would outlive the agent)
+
+
+class NoPassiveClients:
+    """
+    The manager's C{passive} while passive mode is off: tasks a client
+    submitted when it was on still run and are recorded, and are told to no
+    one (certainly not to the platform).
+    """
+
+    def report(self, owner, task_id, state, info):
+        return None, defer.succeed(None)
+
+    def resend(self, task_id, record):
+        pass
+
+
+class PassiveListener(Service):
+    """
+    The passive-mode listener as a service: one TCP (or TLS) port with the
+    site of L{everest_agent.passive.server.passive_site}.
+    """
+
+    def __init__(self, tasks, tokens, reactor, listen, pool, tls_cert="", tls_key=""):
+        self.tasks, self.tokens, self.reactor = tasks, tokens, reactor
+        self.listen, self.pool = listen, pool
+        self.tls_cert, self.tls_key = tls_cert, tls_key
+        self.port = None
+        self.site = None
+
+    @property
+    def scheme(self):
+        return "https" if self.tls_cert else "http"
+
+    @property
+    def address(self):
+        """C{(host, port)} listened on (the real port once started)."""
+        if self.port is None:
+            return self.listen
+        return self.listen[0], self.port.getHost().port
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+        self.site = passive_site(self.tasks, self.tokens, self.reactor, self.pool)
+        host, port = self.listen
+        if self.tls_cert:
+            with open(self.tls_cert, "rb") as f:
+                cert = f.read()
+            with open(self.tls_key, "rb") as f:
+                key = f.read()
+            options = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
+            self.port = self.reactor.listenSSL(port, self.site, options, interface=host)
+        else:
+            self.port = self.reactor.listenTCP(port, self.site, interface=host)
+        log.info("Passive mode listening on {scheme}://{host}:{port} (WebSocket /agent/ws, files /files/)",
+                 scheme=self.scheme, host=host, port=self.address[1])
+
+    async def _stop(self):
+        self.tasks.close_sessions()
+        if self.port is not None:
+            port, self.port = self.port, None
+            await port.stopListening()
+        self.pool.stop()
+
+    def stopService(self):
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())

@@ -3,9 +3,8 @@ The one place that reaches under Twisted's public API, for speed.
 
 Twisted reads a TCP connection 64 KiB at a time and sends at most 128 KiB
 per turn of the reactor (C{SEND_LIMIT}, a guard meant for Windows).  For a
-transfer of gigabytes that is a trip through the HTTP parser (and a GIL
-hand-over to a worker thread) per 64 KiB, and eight turns of the reactor per
-MiB sent.  The functions here change those two numbers on the connection of
+transfer of gigabytes that is a trip through the HTTP parser per 64 KiB,
+and eight turns of the reactor per MiB sent.  The functions here change those two numbers on the connection of
 one response or one request body; they need to find the TCP transport under
 the objects treq and Twisted's HTTP client hand out, which they do through
 attributes that are not Twisted's public API:
@@ -24,7 +23,15 @@ fails a test instead of slowing transfers down unnoticed.
 from twisted.internet.abstract import FileDescriptor
 
 #: Read size on a download's connection (Twisted's default is 64 KiB).
-RECV_SIZE = 1 << 20
+#: Each read allocates a new C{bytes} of this size.  At 1 MiB, glibc often
+#: serves those from fresh C{mmap}s (its dynamic mmap threshold follows the
+#: size of the last block freed, and reads return less than they ask for):
+#: then every 4 KiB page of the download is a page fault, up to 280,000 per
+#: GiB, and a verified download took 3.7-4.8 CPU-s per GiB instead of 2.4.
+#: At 256 KiB the blocks come back from the heap (20,000-30,000 faults per
+#: GiB, the same CPU in every run) and the HTTP parser still sees one read
+#: per 256 KiB (measured with C{benchmarks/staging.py}; docs/benchmarks.rst).
+RECV_SIZE = 256 << 10
 
 
 def download_transport(response):

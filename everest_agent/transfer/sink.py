@@ -2,11 +2,14 @@
 The download sink: a response body streamed to a file, in constant memory.
 
 L{BodyReceiver} (the protocol a response delivers its body to) only queues
-the chunks; L{FileWriter} has worker threads write them (C{pwrite}, about
-L{BATCH} bytes at a time) to the file and, in a second lane, feed them to
-sha256 (only when a C{sha256} is to be checked).  Both release the GIL, so
-receiving, writing and hashing run in parallel.  When more than
-L{HIGH_WATER} bytes are not yet both written and hashed, the transport is
+the chunks; L{FileWriter} has a worker thread write them (C{pwritev}, about
+L{BATCH} bytes at a time) to the file and then feed the same batch to
+sha256 (only when a C{sha256} is to be checked), in one job: one trip to a
+thread and back per MiB, and the hash reads the batch while it is still in
+the CPU's cache.  Both calls release the GIL, so receiving runs in parallel
+with them.  (Writing and hashing in two lanes, two trips per MiB, cost 0.3
+CPU-s more per GiB and was slower: see docs/benchmarks.rst.)  When more
+than L{HIGH_WATER} bytes are not yet written and hashed, the transport is
 paused until the backlog is back at L{LOW_WATER}: a slow disk slows the
 download down instead of filling memory (about 10 MiB per download at most).
 """
@@ -56,19 +59,21 @@ def write_all(fd, chunks, offset):
     return total
 
 
-def hash_all(digest, chunks):
-    """Feed C{chunks} to C{digest} (in a worker thread)."""
-    for c in chunks:
-        digest.update(c)
+def write_and_hash(fd, chunks, offset, digest):
+    """Write C{chunks} at C{offset}, then feed them to C{digest} if any (in a worker thread)."""
+    total = write_all(fd, chunks, offset)
+    if digest is not None:
+        for c in chunks:
+            digest.update(c)
+    return total
 
 
 class FileWriter:
     """
     Writes a download to the file C{fd} and hashes it, through C{run} (the
     thread seam: C{run(f, *args)} returns a Deferred).  The reactor thread
-    only queues chunks.  Writing and hashing are two lanes that run side by
-    side, each one job at a time and in order, so the file and the hash see
-    the bytes in the order they came.
+    only queues chunks; one job at a time writes and then hashes a batch,
+    in order, so the file and the hash see the bytes in the order they came.
     """
 
     def __init__(self, fd, run, hashing=True):
@@ -76,15 +81,12 @@ class FileWriter:
         self._run = run
         self.hashing = hashing
         self.hash = hashlib.sha256() if hashing else None
-        self.written = 0  # on disk
-        self.hashed = 0  # fed to the hash
+        self.written = 0  # on disk (and fed to the hash)
         self.queued = 0  # handed to write()
         self._batch = []
         self._batch_size = 0
         self._to_write = deque()
-        self._to_hash = deque()
         self._writing = False
-        self._hashing = False
         self.error = None  # the OSError of a failed write
         self.on_drain = None
         self.on_error = None
@@ -93,12 +95,12 @@ class FileWriter:
 
     @property
     def backlog(self):
-        """Bytes handed over but not yet both written and hashed."""
-        return self.queued - min(self.written, self.hashed)
+        """Bytes handed over but not yet written and hashed."""
+        return self.queued - self.written
 
     @property
     def busy(self):
-        return self._writing or self._hashing or bool(self._to_write or self._to_hash)
+        return self._writing or bool(self._to_write)
 
     def write(self, data):
         self._batch.append(data)
@@ -110,25 +112,17 @@ class FileWriter:
 
     def _flush(self):
         if self._batch and self.error is None:
-            job = (self._batch, self._batch_size)
-            self._to_write.append(job)
-            if self.hashing:
-                self._to_hash.append(job)
+            self._to_write.append((self._batch, self._batch_size))
         self._batch = []
         self._batch_size = 0
 
     def _next(self):
         if self.error is not None:
             self._to_write.clear()
-            self._to_hash.clear()
         if not self._writing and self._to_write:
             batch, size = self._to_write.popleft()
             self._writing = True
-            self._run(write_all, self.fd, batch, self.written).addBoth(self._wrote, size)
-        if not self._hashing and self._to_hash:
-            batch, size = self._to_hash.popleft()
-            self._hashing = True
-            self._run(hash_all, self.hash, batch).addBoth(self._hashed, size)
+            self._run(write_and_hash, self.fd, batch, self.written, self.hash).addBoth(self._wrote, size)
         if not self.busy:
             callbacks, self._idle = self._idle, []
             for f in callbacks:
@@ -146,18 +140,6 @@ class FileWriter:
             self._failed(result.value)
         else:
             self.written += size
-            if not self.hashing:
-                self.hashed = self.written
-            self._progress()
-        self._next()
-        return None
-
-    def _hashed(self, result, size):
-        self._hashing = False
-        if isinstance(result, Failure):  # not expected; treat like a write error
-            self._failed(result.value)
-        else:
-            self.hashed += size
             self._progress()
         self._next()
         return None
@@ -183,7 +165,7 @@ class FileWriter:
         assert not self.busy
         await self._run(os.ftruncate, self.fd, 0)
         self.hash = hashlib.sha256() if self.hashing else None
-        self.written = self.hashed = self.queued = 0
+        self.written = self.queued = 0
 
     def dispose(self, unlink=None):
         """

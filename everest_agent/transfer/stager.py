@@ -354,10 +354,9 @@ class Stager:
             max_output_files=getattr(transfer, "max_output_files", 100_000),
         )
         options.update(kwargs)
-        platform = config.platform  # None: passive mode only, no platform token to send
         return cls.with_client(
-            reactor, platform.url if platform else "", platform.token if platform else "",
-            ca_file=(platform.ca_file or None) if platform else None, **options,
+            reactor, config.platform.url if config.platform else "", config.platform.token if config.platform else "",
+            ca_file=(config.platform.ca_file or None) if config.platform else None, **options,
         )
 
     @property
