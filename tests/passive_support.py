@@ -64,7 +64,8 @@ def start_passive_agent(test, ini=None, **kwargs):
 
 
 def base_url(agent):
-    return agent.passive_listener.url
+    listener = agent.passive_listener
+    return f"{listener.scheme}://127.0.0.1:{listener.address[1]}"
 
 
 class _Client(WebSocketClientProtocol):
@@ -111,7 +112,7 @@ class PassiveClient:
 
 async def connect(test, agent, header):
     """A session to C{agent} (an in-process agent, or a port number)."""
-    port = agent if isinstance(agent, int) else agent.passive_address()[1]
+    port = agent if isinstance(agent, int) else agent.passive_listener.address[1]
     url = f"ws://127.0.0.1:{port}/agent/ws"
     factory = WebSocketClientFactory(url, protocols=["v1.agent.everest"],
                                      headers={"Authorization": header})
