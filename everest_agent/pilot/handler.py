@@ -368,9 +368,15 @@ class PilotTaskHandler(service.MultiService):
             "--kill-grace", f"{self.kill_grace:g}", "--reconnect-for", f"{self.reconnect_for:g}",
             "--heartbeat", f"{self.heartbeat:g}",
         ]
+        # After the worker, however it ended (kill -9 included), the tasks
+        # it left are killed (everest_agent.pilot.reap); the job's exit
+        # status stays the worker's.
+        reap = [self.python, "-m", "everest_agent.pilot.reap", record.pilot_id]
+        command = (" ".join(shlex.quote(a) for a in argv) + "; s=$?; "
+                   + " ".join(shlex.quote(a) for a in reap) + '; exit "$s"')
         return JobRequest(
             task_id=f"everest-pilot-{record.pilot_id}", directory=record.directory,
-            command=" ".join(shlex.quote(a) for a in argv),
+            command=command,
             environment={"EVEREST_PILOT_ID": record.pilot_id},
             requirements={"nodes": 1, "coresPerNode": record.cores, "timeLimit": self.walltime},
         )
