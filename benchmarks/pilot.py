@@ -274,7 +274,7 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--big", type=int, default=100000, help="tasks submitted at once (0: skip)")
     parser.add_argument("--sbatch", type=int, default=500, help="plain sbatch jobs (0: skip)")
-    parser.add_argument("--work-dir", default=T.DEFAULT_WORK_DIR)
+    parser.add_argument("--work-dir", default=getattr(T, "DEFAULT_WORK_DIR", None))
     parser.add_argument("--latency-only", action="store_true",
                         help="only the warm submit->RUNNING latency, --runs times (with its CPU per task)")
     args = parser.parse_args(argv)
