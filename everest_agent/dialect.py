@@ -12,6 +12,7 @@ C{STAGED_OUT} report that answers it.  Nothing here does I/O.
 """
 
 import re
+from urllib.parse import quote
 
 from everest_agent.protocol import SpecError, _relative_path, validate_spec
 
@@ -161,20 +162,79 @@ def input_authorization(spec, path):
     return None if record is None else record["auth"].get(path)
 
 
-def staged_out(files):
+def staging_inputs(spec):
+    """
+    The inputs of a (translated, validated) spec as the stager takes them:
+    an input whose dialect gave an C{auth} carries it as C{authorization}
+    (sent verbatim, instead of anything the agent would send).  A native
+    spec's inputs come back as they are.
+    """
+    record = extras(spec)
+    auth = record.get("auth") if record is not None else None
+    if not auth:
+        return spec["inputs"]
+    return [dict(item, authorization=auth[item["path"]]) if item["path"] in auth else item
+            for item in spec["inputs"]]
+
+
+def check_extras(spec):
+    """
+    Check the L{EVEREST} record of a spec read back from the agent's state
+    directory (it was written by L{to_native}; this catches a damaged one).
+
+    @raise SpecError: naming what is wrong.
+    """
+    if not isinstance(spec, dict) or EVEREST not in spec:
+        return
+    record = spec[EVEREST]
+    if not isinstance(record, dict):
+        raise SpecError(f"'{EVEREST}' must be an object")
+    auth = record.get("auth")
+    if not isinstance(auth, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in auth.items()):
+        raise SpecError(f"'{EVEREST}.auth' must map input paths to headers")
+    keep = record.get("keep")
+    if not isinstance(keep, list) or not all(isinstance(p, str) for p in keep):
+        raise SpecError(f"'{EVEREST}.keep' must be a list of file names or globs")
+    if record.get("name") is not None and not isinstance(record["name"], str):
+        raise SpecError(f"'{EVEREST}.name' must be a string")
+    if record.get("context") is not None and not isinstance(record["context"], dict):
+        raise SpecError(f"'{EVEREST}.context' must be an object")
+
+
+def kept_uri(task_id, path):
+    """Where passive mode serves a kept output: C{/files/<taskId>/<quoted path>}."""
+    return f"/files/{task_id}/{quote(path)}"
+
+
+#: The C{outputData} of one C{STAGED_OUT} is kept under this many bytes of
+#: JSON (about), so that the report fits in one frame (1 MiB) with room to spare.
+MAX_OUTPUT_DATA_JSON = 512 * 1024
+#: What one entry costs besides its path and uri (a hash, a size, the keys).
+_ENTRY_COST = 120
+
+
+def staged_out(files, limit=MAX_OUTPUT_DATA_JSON):
     """
     The C{info} of the C{STAGED_OUT} report of an Everest-dialect task.
 
     @param files: one mapping per output file, with C{path}, C{size},
         C{sha256} and, where it can be fetched from or was PUT to, C{uri}.
+    @param limit: about how many bytes of JSON the list may take; the
+        entries past it are left out and counted in C{outputDataOmitted}.
     """
-    entries = []
+    entries, total = [], 0
     for f in files:
         entry = {"path": f["path"], "size": f["size"], "sha256": f["sha256"]}
         if f.get("uri"):
             entry["uri"] = f["uri"]
+        total += len(entry["path"]) + len(entry.get("uri", "")) + _ENTRY_COST
+        if total > limit:
+            break
         entries.append(entry)
-    return {"outputData": entries}
+    info = {"outputData": entries}
+    if len(entries) < len(files):
+        info["outputDataOmitted"] = len(files) - len(entries)
+    return info
 
 
 def validate(spec, environ, context=None, passive=False):

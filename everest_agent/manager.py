@@ -15,7 +15,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from everest_agent import paths, policy, protocol
+from everest_agent import dialect, paths, policy, protocol
 from everest_agent.fsio import InlineFileIO
 from everest_agent.protocol import ProtocolError, SpecError
 from everest_agent.retention import TaskDirRetention
@@ -28,6 +28,7 @@ def _damage(record):
         return None
     try:
         record["spec"] = protocol.validate_spec(record.get("spec"))
+        dialect.check_extras(record["spec"])  # an Everest-dialect task's own record
         if record.get("state") is not None and record.get("state") not in protocol.STATE_RANK:
             return f"unknown state {record.get('state')!r}"
         if record.get("phase", Phase.NEW) not in tuple(Phase):
@@ -141,11 +142,13 @@ class TaskManager(Service):
 
     def __init__(self, registry, sender, handler, stager, work_dir, slots, *,
                  allowed_commands=(), allowed_environment=(), keep_finished=10000,
-                 wallclock=time.time, files=None, keep_task_dirs=None):
+                 wallclock=time.time, files=None, keep_task_dirs=None, environ=None):
         """
         @param files: the L{everest_agent.fsio.IFileIO} that does the blocking
             work on task directories (making them, removing old ones);
             default: inline, for tests.
+        @param environ: the environment C{$NAME} in an Everest-dialect spec's
+            environment values reads (default: the agent's own).
         """
         self.registry = registry
         self.sender = sender
@@ -160,6 +163,7 @@ class TaskManager(Service):
                                           sender.clock, wallclock)
         self.keep_finished = keep_finished
         self.wallclock = wallclock
+        self.environ = os.environ if environ is None else environ
         self.workers = {}  # task id -> TaskWorker of every unfinished task
         self.context = TaskContext(self, files.batch(self._make_task_dir))
         self._awaiting_ack = collections.deque()  # (terminal seq, task id), in seq order
@@ -267,14 +271,24 @@ class TaskManager(Service):
 
     # -- platform commands ----------------------------------------------------
 
-    def submit(self, task_id, spec):
+    def submit(self, task_id, spec, context=None, owner=None):
+        """
+        A C{TASK_SUBMIT}: record the task, then run it.
+
+        @param context: the object that followed the spec (section 8), kept
+            with the task and never interpreted.
+        @param owner: the passive-mode credential the task belongs to (a
+            string, never a token), kept in the record as C{owner}; C{None}
+            for the active platform's tasks.  A passive task's spec is
+            always in the Everest dialect.
+        """
         record = self.registry.get(task_id)
         if record is not None:
             self._resend_state(task_id, record)
             return
         failure = None
         try:
-            spec = protocol.validate_spec(spec)
+            spec = dialect.validate(spec, self.environ, context, passive=owner is not None)
             policy.check(spec, self.allowed_commands, self.allowed_environment)
             self.handler.slots_needed(spec["resourceRequirements"])
         except (SpecError, ValueError) as e:
@@ -283,6 +297,8 @@ class TaskManager(Service):
         # One info line per task is enough at thousands of tasks a second: its end.
         self.log.debug("Task {task_id} submitted", task_id=task_id)
         fields = {"state": None, "phase": Phase.NEW, "created": self.wallclock()}
+        if owner is not None:
+            fields["owner"] = owner
         if failure is not None:
             fields["failure"] = failure
         record_d = self.registry.create(task_id, spec, **fields)

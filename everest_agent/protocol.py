@@ -240,11 +240,18 @@ def parse_platform_message(message):
             raise ProtocolError(E_INVALID, "ACK needs an integer sequence number")
         return kind, (message[1],)
     if kind == TASK_SUBMIT:
-        _check_arity(message, 3)
+        _check_arity(message, 3, 4)
         task_id = check_task_id(message)
         if not isinstance(message[2], dict):
             raise ProtocolError(E_INVALID, "TASK_SUBMIT needs a spec object", task_id)
-        return kind, (task_id, message[2])
+        if len(message) == 3:
+            return kind, (task_id, message[2])
+        # Section 8: a context may follow the spec; it is kept, never interpreted.
+        if not isinstance(message[3], dict):
+            raise ProtocolError(
+                E_INVALID, "TASK_SUBMIT: its fourth item, the 'context', must be an object", task_id
+            )
+        return kind, (task_id, message[2], message[3])
     if kind == TASK_CANCEL:
         _check_arity(message, 2)
         return kind, (check_task_id(message),)

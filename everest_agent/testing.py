@@ -101,9 +101,15 @@ class FakeStager:
         self.fail_in = None
         self.out_errors = []
         self.hold_in = None  # a Deferred to wait on during stage-in, to test cancel
+        self.inputs_given = []  # the inputs of each stage_in, as the stager got them
+        self.uploaded = []  # what stage_out says it sent: [{"path", "size", "sha256", "uri"}]
+        self.kept = []  # what list_outputs finds: [{"path", "size", "sha256"}]
+        self.listed = []  # (task_dir, patterns) of each list_outputs
+        self.hold_out = None  # a Deferred to wait on during stage-out (and listing)
 
     async def stage_in(self, task_dir, inputs):
         self.staged_in.append(task_dir)
+        self.inputs_given.append(inputs)
         if self.hold_in is not None:
             await self.hold_in
         if self.fail_in:
@@ -111,9 +117,18 @@ class FakeStager:
 
             raise StagingError(self.fail_in)
 
-    async def stage_out(self, task_dir, outputs):
+    async def stage_out(self, task_dir, outputs, uris=False):
         self.staged_out.append(task_dir)
-        return [], list(self.out_errors)
+        if self.hold_out is not None:
+            await self.hold_out
+        sent = [dict(f) if uris else {k: v for k, v in f.items() if k != "uri"} for f in self.uploaded]
+        return sent, list(self.out_errors)
+
+    async def list_outputs(self, task_dir, patterns):
+        self.listed.append((task_dir, list(patterns)))
+        if self.hold_out is not None:
+            await self.hold_out
+        return [dict(f) for f in self.kept], []
 
     def close(self):
         return defer.succeed(None)

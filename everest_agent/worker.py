@@ -16,6 +16,12 @@ state directory resumes the task where it was and never runs it twice:
   - C{submitted}: the handler's job id is recorded.
   - C{ended}: the job's result is recorded; outputs are (re)sent.
 
+An Everest-dialect task (contract, section 8) lives the same life; only its
+stage-out differs: after its outputs are sent (and those that stay in the
+task directory are listed and hashed), it reports C{STAGED_OUT} with
+C{outputData} before its terminal state.  A restart in C{ended} does the
+outputs again; C{STAGED_OUT}, like every state, is reported once.
+
 Only what a restart needs waits for the disk: the task's own record
 (before C{ACCEPTED}, which waits for it anyway) and C{submitting} for a
 batch handler.  Everything else rides the next group commit, and a task's
@@ -32,7 +38,7 @@ import enum
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from everest_agent import protocol
+from everest_agent import dialect, protocol
 from everest_agent.interfaces import JobLost, JobNeverStarted, JobRequest, JobResult
 from everest_agent.paths import PathEscape
 from everest_agent.transfer.errors import StagingError
@@ -324,7 +330,7 @@ class TaskWorker:
             return await self.context.handler.submit(request)
 
     async def _stage_in(self):
-        inputs = self.record["spec"]["inputs"]
+        inputs = dialect.staging_inputs(self.record["spec"])
         directory = self.context.task_dir(self.task_id)
         try:
             await self._step(self.context.make_task_dir(self.task_id))
@@ -370,10 +376,12 @@ class TaskWorker:
         self.release()
         times = self.record.setdefault("times", {})
         times["runTime"] = round(clock() - started, 6)
-        if self.record["spec"]["outputs"]:
-            # Outputs to send: a restart from here sends them (again)
-            # instead of waiting for a job that is gone.  Without any, the
-            # terminal state is recorded in this same turn.
+        spec = self.record["spec"]
+        if spec["outputs"] or dialect.extras(spec) is not None:
+            # Outputs to send (or, in the Everest dialect, a STAGED_OUT to
+            # report): a restart from here does them (again) instead of
+            # waiting for a job that is gone.  Without any, the terminal
+            # state is recorded in this same turn.
             self.context.record(
                 self.task_id,
                 phase=Phase.ENDED,
@@ -386,29 +394,54 @@ class TaskWorker:
         if result.canceled:
             await self._finish(protocol.CANCELED, result)
             return
-        outputs_spec = self.record["spec"]["outputs"]
-        uploaded, errors = [], []
+        spec = self.record["spec"]
+        outputs_spec = spec["outputs"]
+        everest = dialect.extras(spec)
+        keep = everest["keep"] if everest is not None else ()
+        uploaded, kept, errors = [], [], []
         clock = self.context.wallclock
         start = clock()
-        if outputs_spec:
+        if outputs_spec or keep:
             await self.report(protocol.STAGING_OUT)
+            stager = self.context.stager
+            directory = self.context.task_dir(self.task_id)
             try:
-                uploaded, errors = await self._step(
-                    defer.Deferred.fromCoroutine(
-                        self.context.stager.stage_out(self.context.task_dir(self.task_id), outputs_spec)
-                    )
-                )
+                if outputs_spec:
+                    sending = (stager.stage_out(directory, outputs_spec) if everest is None
+                               else stager.stage_out(directory, outputs_spec, uris=True))
+                    uploaded, errors = await self._step(defer.Deferred.fromCoroutine(sending))
+                if keep:
+                    kept, problems = await self._step(defer.Deferred.fromCoroutine(
+                        stager.list_outputs(directory, keep)
+                    ))
+                    errors = errors + problems
             except defer.CancelledError:
                 if not self.abandoned:
                     await self._finish(protocol.CANCELED, JobResult(result.exit_code, "canceled", canceled=True))
                 return
         self.record.setdefault("times", {})["stageOutTime"] = round(clock() - start, 6)
+        if everest is not None:
+            await self._staged_out(uploaded, kept)
+            uploaded = [{k: f[k] for k in ("path", "size", "sha256")} for f in uploaded]
         if errors and result.succeeded:
             result = JobResult(result.exit_code, "; ".join(errors))
         elif errors:
             result = JobResult(result.exit_code, result.reason + "; " + "; ".join(errors))
         state = protocol.DONE if result.succeeded else protocol.FAILED
         await self._finish(state, result, uploaded)
+
+    async def _staged_out(self, uploaded, kept):
+        """
+        Report C{STAGED_OUT}: every file PUT (with the C{uri} it went to)
+        and every file kept in the task directory (with the C{uri} passive
+        mode serves it at, when a passive client owns the task; over the
+        active connection it is only listed).
+        """
+        owned = self.record.get("owner") is not None
+        files = list(uploaded)
+        for f in kept:
+            files.append(dict(f, uri=dialect.kept_uri(self.task_id, f["path"])) if owned else f)
+        await self.report(protocol.STAGED_OUT, **dialect.staged_out(files))
 
     async def _finish(self, state, result, outputs=()):
         times = self.record.get("times") or {}

@@ -5,9 +5,14 @@ C{Authorization: Bearer <token>}; without it the answer is 401, and a
 request body is not even read (L{everest_agent.platform.files.PlatformRequest}).
 Loopback does not keep other local users out.
 
-    POST /api/tasks                {"spec": {...}, "taskId"?, "agent"?} -> 201 {"taskId"}
+    POST /api/tasks                {"spec": {...}, "taskId"?, "agent"?, "context"?} -> 201 {"taskId"}
     GET  /api/tasks                -> [{taskId, agent, state, info}]
-    GET  /api/tasks/<id>           -> {taskId, agent, state, info, history, messages, ...}
+    GET  /api/tasks/<id>           -> {taskId, agent, state, info, history, messages,
+                                       context, outputData, ...}
+
+A spec is sent to the agent as it is: native, or in the Everest dialect
+(C{inputData}/C{outputData}); C{context}, an object, follows it in
+C{TASK_SUBMIT}.  C{outputData} is what the task's C{STAGED_OUT} reported.
     POST /api/tasks/<id>/cancel    -> {"taskId", "canceled": bool}
     POST /api/tasks/<id>/message   {"text": ...} -> {"taskId"}
     GET  /api/agents               -> [{name, connected, lastSeq, resource}]
@@ -119,8 +124,11 @@ class Api(resource.Resource):
             raise ApiError(http.BAD_REQUEST, "'taskId' must be a string")
         if agent is not None and agent not in self.platform.agents:
             raise ApiError(http.BAD_REQUEST, f"no agent {str(agent)[:64]!r}")
+        context = body.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise ApiError(http.BAD_REQUEST, "'context' must be an object")
         try:
-            task_id = self.platform.submit(spec, task_id=task_id, agent=agent)
+            task_id = self.platform.submit(spec, task_id=task_id, agent=agent, context=context)
         except ValueError as e:
             raise ApiError(http.BAD_REQUEST, str(e)) from None
         return http.CREATED, {"taskId": task_id}

@@ -21,6 +21,7 @@ import tempfile
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
+from everest_agent import dialect
 from everest_agent import protocol as P
 
 log = Logger(namespace="everest_agent.platform")
@@ -141,6 +142,26 @@ def parse_agent_message(message):
     raise P.ProtocolError(P.E_UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}")
 
 
+def _staged_out_problem(task, info):
+    """What is wrong with a C{STAGED_OUT} report of C{task} (section 8), if anything."""
+    if task.spec is not None and not dialect.is_everest(task.spec):
+        return "STAGED_OUT for a native task (only Everest-dialect tasks report it)"
+    entries = info.get("outputData")
+    if not isinstance(entries, list):
+        return "STAGED_OUT needs info.outputData, a list"
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            return f"STAGED_OUT outputData[{i}] needs a 'path'"
+        if not _is_int(entry.get("size")) or entry["size"] < 0:
+            return f"STAGED_OUT outputData[{i}] needs a 'size', a non-negative integer"
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            return f"STAGED_OUT outputData[{i}] needs a 'sha256' of 64 hex digits"
+        if "uri" in entry and not isinstance(entry["uri"], str):
+            return f"STAGED_OUT outputData[{i}]: 'uri' must be a string"
+    return None
+
+
 class Task:
     """
     The platform's record of one task.
@@ -152,12 +173,18 @@ class Task:
     @ivar submitted: a C{TASK_SUBMIT} for it went on the wire (in the current
         session or an earlier one).
     @ivar unknown: the agent reported a task the platform never submitted.
+    @ivar context: the object sent after the spec in C{TASK_SUBMIT}
+        (section 8), or C{None}; the platform keeps it with the task.
+    @ivar output_data: the C{outputData} of the task's C{STAGED_OUT}
+        (Everest-dialect tasks), or C{None} before one came.
     """
 
-    def __init__(self, task_id, agent, spec):
+    def __init__(self, task_id, agent, spec, context=None):
         self.task_id = task_id
         self.agent = agent
         self.spec = spec
+        self.context = context
+        self.output_data = None
         self.state = None
         self.info = None
         self.history = []
@@ -193,6 +220,8 @@ class Task:
             submitted=self.submitted,
             cancelRequested=self.cancel_requested,
             unknown=self.unknown,
+            context=self.context,
+            outputData=self.output_data,
         )
         return d
 
@@ -218,7 +247,8 @@ class Task:
 
     @classmethod
     def from_json(cls, d):
-        task = cls(d["taskId"], d["agent"], d.get("spec"))
+        task = cls(d["taskId"], d["agent"], d.get("spec"), d.get("context"))
+        task.output_data = d.get("outputData")
         task.state = d.get("state")
         task.info = d.get("info")
         task.history = [tuple(entry) for entry in d.get("history", [])]
@@ -414,6 +444,9 @@ class Platform:
     @ivar malformed_messages: C{(agent name or peer, reason)} for each.
     @ivar file_requests: C{(method, path, authorized, had_authorization_header)}
         for each request to the file store.
+    @ivar file_credentials: C{(method, path, whose)} for each request to the
+        file store: C{"agent <name>"}, C{"api"}, C{"other"} or C{None} for
+        the credential it carried (never the credential itself).
     @ivar api_token: the JSON API's bearer token.
     @ivar api_token_file: where it was written, or C{None}.
     @ivar ws_url: C{ws://host:port/compute/agent/v1} once listening.
@@ -466,6 +499,7 @@ class Platform:
         self.malformed_messages = []
         self.acks_sent = 0
         self.file_requests = []
+        self.file_credentials = []
         self.variables = {}
         self.ws_url = None
         self.http_url = None
@@ -519,29 +553,35 @@ class Platform:
     def connected(self, agent=None):
         return self.agent(agent).session is not None
 
-    def submit(self, spec, task_id=None, agent=None, job=None):
+    def submit(self, spec, task_id=None, agent=None, job=None, context=None):
         """
         Submit a task.  It goes on the wire now if its agent is connected,
         else after the agent's next C{WELCOME}.
 
-        @param spec: the task spec, a dict, sent as is (the agent validates it).
+        @param spec: the task spec, a dict, sent as is (the agent validates
+            it): native, or in the Everest dialect (section 8).
+        @param context: an object sent after the spec (C{TASK_SUBMIT}'s
+            fourth item) and kept with the task; C{None} for none.
         @param task_id: the id; generated as C{j<job>-<k>-0} if C{None}.
         @param job: with a generated id, the job number to add the task to;
             a new job if C{None}.
         @return: the task id.
-        @raise ValueError: for an invalid or duplicate id or a non-dict spec.
+        @raise ValueError: for an invalid or duplicate id, a non-dict spec
+            or context.
         @raise KeyError: for an unknown agent.
         """
         owner = self.agent(agent)
         if not isinstance(spec, dict):
             raise ValueError("a spec must be a dict")
+        if context is not None and not isinstance(context, dict):
+            raise ValueError("a context must be a dict")
         if task_id is None:
             task_id = self._new_task_id(job)
         elif not P.valid_task_id(task_id):
             raise ValueError(f"invalid task id {task_id!r}; use send_raw to send one anyway")
         if task_id in self.tasks:
             raise ValueError(f"task {task_id!r} exists already")
-        task = Task(task_id, owner.name, spec)
+        task = Task(task_id, owner.name, spec, context)
         self.tasks[task_id] = task
         log.debug("task {task_id} submitted to agent {agent}", task_id=task_id, agent=owner.name)
         if owner.session is not None:
@@ -1104,7 +1144,10 @@ class Platform:
             self._schedule_ack(agent)
 
     def _send_submit(self, session, task):
-        session.send([P.TASK_SUBMIT, task.task_id, task.spec])
+        message = [P.TASK_SUBMIT, task.task_id, task.spec]
+        if task.context is not None:
+            message.append(task.context)
+        session.send(message)
         task.submitted = True
         task.submit_count += 1
         self._changed()
@@ -1172,6 +1215,11 @@ class Platform:
             return
         if not P.may_follow(old, state):
             return self._violation(agent, task_id, old, state, seq, "states out of order")
+        if state == P.STAGED_OUT:
+            problem = _staged_out_problem(task, info)
+            if problem:
+                return self._violation(agent, task_id, old, state, seq, problem)
+            task.output_data = info["outputData"]
         self._apply_state(task, state, info)
 
     def _platform_state(self, task, state, reason):

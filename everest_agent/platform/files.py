@@ -143,6 +143,21 @@ def bearer_token(request):
         return None
 
 
+def _credential(platform, token, had_header):
+    """
+    Whose credential a request carried, in words that hold no secret:
+    C{"agent <name>"}, C{"api"}, C{"other"} (a header the platform does
+    not know) or C{None} (no C{Authorization} header).
+    """
+    if token is not None:
+        name = platform.token_name(token)
+        if name is not None:
+            return f"agent {name}"
+        if platform.authorized("api", token):
+            return "api"
+    return "other" if had_header else None
+
+
 def _error(request, code, message):
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -151,7 +166,8 @@ def _error(request, code, message):
 
 class FileStore(resource.Resource):
     """
-    C{/files/}: every request is recorded in C{platform.file_requests}.
+    C{/files/}: every request is recorded in C{platform.file_requests}, and
+    whose credential it carried in C{platform.file_credentials}.
     """
 
     isLeaf = True
@@ -179,6 +195,7 @@ class FileStore(resource.Resource):
         token = bearer_token(request)
         authorized = token is not None and platform.authorized("files", token)
         platform.file_requests.append((method, path, authorized, had_header))
+        platform.file_credentials.append((method, path, _credential(platform, token, had_header)))
         if platform.files_auth and not authorized:
             log.info("{method} /files/{path}: unauthorized", method=method, path=path)
             request.setHeader(b"www-authenticate", b'Bearer realm="everest"')

@@ -41,7 +41,13 @@ Threads
 The platform's token goes only to URIs with the platform's own scheme, host
 and port (L{everest_agent.transfer.urls.same_origin}); every other server
 gets no credentials, and a redirect to another origin drops the header
-(Twisted's redirect agent does).
+(Twisted's redirect agent does).  An input that names its own
+C{authorization} (an Everest-dialect input's C{auth}) is fetched with that
+header verbatim and never with the platform's token, whatever its origin.
+
+Outputs that stay in the task directory (an Everest-dialect task's kept
+outputs) are only listed: L{Stager.list_outputs} finds, opens and hashes
+them in a thread, confined like every output.
 """
 
 import base64
@@ -179,6 +185,61 @@ def _open_output(task_dir, rel, uri, optional):
     if found is None:
         return ("missing", rel) if optional else ("error", f"{what} is missing")
     return ("upload", rel, uri) + found
+
+
+#: Bytes read at a time when hashing an output that stays in the task directory.
+HASH_CHUNK = 1 << 20
+
+
+def _hash_fd(fd):
+    """C{(bytes read, sha256 hex)} of the open file C{fd}, from its start (in a thread)."""
+    digest = hashlib.sha256()
+    length = 0
+    while True:
+        chunk = os.read(fd, HASH_CHUNK)
+        if not chunk:
+            return length, digest.hexdigest()
+        length += len(chunk)
+        digest.update(chunk)
+
+
+def _list_outputs(task_dir, patterns, max_entries, max_files):
+    """
+    The files that C{patterns} (names or globs) match in C{task_dir}, each
+    opened without leaving it and hashed (in a thread, in one go).
+
+    @return: C{(files, errors)}: C{[{"path", "size", "sha256"}]} in the
+        order found (a file matched twice is listed once), and one reason
+        for each match that leads outside or is not a regular file.  A
+        pattern that matches nothing is not an error.
+    """
+    files, errors, seen = [], [], set()
+    for pattern in patterns:
+        try:
+            matches, problems = confine.find_outputs(task_dir, pattern, max_entries, max_files)
+        except (OSError, paths.PathEscape) as e:
+            matches, problems = [], [f"output pattern {pattern!r}: {getattr(e, 'strerror', None) or e}"]
+        errors.extend(problems)
+        for rel in matches:
+            if rel in seen:
+                continue
+            seen.add(rel)
+            step = _open_output(task_dir, rel, None, True)
+            if step[0] == "error":
+                errors.append(step[1])
+                continue
+            if step[0] == "missing":  # gone between the match and the open
+                continue
+            fd = step[3]
+            try:
+                size, digest = _hash_fd(fd)
+            except OSError as e:
+                errors.append(f"output {rel!r}: {e.strerror or e}")
+                continue
+            finally:
+                os.close(fd)
+            files.append({"path": rel, "size": size, "sha256": digest})
+    return files, errors
 
 
 def _close_steps(steps):
@@ -342,7 +403,10 @@ class Stager:
             await mirror(self._opening)
         return self._cached
 
-    def _headers(self, uri):
+    def _headers(self, uri, authorization=None):
+        if authorization is not None:
+            # The input's own credentials, verbatim; never the platform's token.
+            return {b"Authorization": [authorization.encode("utf-8")]}
         if self._token and same_origin(self._platform_url, uri):
             return {b"Authorization": [b"Bearer " + self._token.encode("ascii")]}
         return {}
@@ -389,7 +453,10 @@ class Stager:
     async def _input(self, task_dir, target, item):
         what = f"input {item['path']!r}"
         try:
-            cached = await self._cached_inputs() if item.get("sha256") else None
+            # (An input with its own credentials never shares the cache:
+            # what it may read is not for every task to have.)
+            cached = (await self._cached_inputs()
+                      if item.get("sha256") and item.get("authorization") is None else None)
             if cached is not None:
                 await cached.put(task_dir, target, item)
             else:
@@ -401,14 +468,16 @@ class Stager:
         size = item.get("size")
         tmp = paths.temporary_for(target)
         with self.space.claim(os.path.dirname(target), size):
-            await self._download(key, item["uri"], tmp, size, item.get("sha256"), 0o755 if item.get("executable") else 0o644)
+            await self._download(key, item["uri"], tmp, size, item.get("sha256"),
+                                 0o755 if item.get("executable") else 0o644,
+                                 authorization=item.get("authorization"))
         try:
             await mirror(self._run(os.replace, tmp, target))
         except OSError as e:
             remove(tmp)
             raise io_failure(e) from None
 
-    async def _download(self, key, uri, tmp, size, sha256, mode):
+    async def _download(self, key, uri, tmp, size, sha256, mode, authorization=None):
         """
         Fetch C{uri} into the new file C{tmp}, with retries.  On success the
         file is complete and verified; on failure it is gone.
@@ -430,7 +499,7 @@ class Stager:
                 except paths.PathEscape as e:
                     raise Failed(str(e)) from None
                 writer = FileWriter(fd, self._run, hashing=bool(sha256))
-            await self.http.get(uri, self._headers(uri), writer, state, size)
+            await self.http.get(uri, self._headers(uri, authorization), writer, state, size)
 
         try:
             await retrying(
@@ -452,12 +521,15 @@ class Stager:
 
     # -- stage out ------------------------------------------------------------
 
-    async def stage_out(self, task_dir, outputs):
+    async def stage_out(self, task_dir, outputs, uris=False):
         """
         Upload every output that exists.
 
+        @param uris: also give, in each entry of C{uploaded}, the C{uri} the
+            file was PUT to.
         @return: C{(uploaded, errors)}: C{[{"path", "size", "sha256"}]} for
-            the files sent, and the reasons of the ones that failed (a
+            the files sent (size and hash of the bytes sent, taken while
+            they streamed), and the reasons of the ones that failed (a
             required file missing, an escape, not a regular file, a bound
             passed, a transfer error).  Every file is tried, so a failed
             task still delivers what it has.
@@ -469,9 +541,26 @@ class Stager:
             job.addCallback(_close_steps)
             raise
         try:
-            return await self._send(task_dir, steps)
+            uploaded, errors = await self._send(task_dir, steps)
         finally:
             _close_steps(steps)
+        if not uris:
+            for entry in uploaded:
+                del entry["uri"]
+        return uploaded, errors
+
+    async def list_outputs(self, task_dir, patterns):
+        """
+        The files that stay in the task directory: every match of
+        C{patterns}, found, opened (confined) and hashed in a thread.
+
+        @return: C{(files, errors)}, see L{_list_outputs}.
+        """
+        if not patterns:
+            return [], []
+        return await mirror(self._run(
+            _list_outputs, task_dir, list(patterns), self.max_output_entries, self.max_output_files
+        ))
 
     async def _send(self, task_dir, steps):
         budget = self.max_stage_out
@@ -538,4 +627,4 @@ class Stager:
             self.log.failure("Uploading {what} to {uri} failed", what=what, uri=public_url(uri))
             return ("error", f"{what}: {describe(e)}")
         self.bytes_out += size
-        return ("ok", {"path": rel, "size": size, "sha256": digest})
+        return ("ok", {"path": rel, "size": size, "sha256": digest, "uri": uri})
