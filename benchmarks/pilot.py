@@ -143,6 +143,9 @@ async def main(reactor, args):
              f"{args.tasks} tasks, {args.runs} runs; load at start {load()}")
     raw, local, pilot_cold, pilot_warm, p50s, sb = [], [], [], [], [], []
     agent_cpu = pilot_cpu = None
+    if args.latency_only:
+        await latency_runs(reactor, args, root, work_root, out)
+        return
     for run in range(args.runs):
         raw.append(await T.spawn_baseline(reactor, args.tasks, c))
         out.line(f"run {run + 1}: raw spawnProcess x{c}: {raw[-1]:.0f}/s (load {load()})")
@@ -225,6 +228,43 @@ async def main(reactor, args):
                  "(pilots: worker and its tasks' wrappers)")
 
 
+async def latency_runs(reactor, args, root, work_root, out):
+    """Only the warm dispatch latency (4.), C{args.runs} times, with the CPU per task it costs."""
+    from everest_agent.platform import Platform, listen
+
+    p50s, p99s, agent_ms, pilot_ms = [], [], [], []
+    for run in range(args.runs):
+        platform = Platform({T.TOKEN: "agent"}, reactor)
+        port = await listen(platform, reactor, 0)
+        url = f"ws://127.0.0.1:{port.getHost().port}/compute/agent/v1"
+        sub = os.path.join(root, f"latency{run}")
+        os.makedirs(sub)
+        agent = PilotAgent(reactor, sub, url, args.concurrency, args.cores, args.pilots,
+                           os.path.join(work_root, f"q{run}"))
+        agent.start()
+        try:
+            await platform.wait_connected()
+            await T.run_tasks(platform, 4 * args.concurrency)  # the pilots started and warm
+            a0, p0 = cpu_of([agent.pid]), cpu_of(agent.pilot_workers())
+            running, _, bad, skipped = await T.latency(reactor, platform, args.samples)
+            count = len(running) + len(bad) + skipped
+            agent_ms.append((cpu_of([agent.pid]) - a0) / count * 1000)
+            pilot_ms.append((cpu_of(agent.pilot_workers()) - p0) / count * 1000)
+            p50s.append(T.percentile(running, 50))
+            p99s.append(T.percentile(running, 99))
+            out.line(f"run {run + 1}: warm pilot submit->RUNNING p50 {p50s[-1]:.2f} ms, p99 {p99s[-1]:.2f} ms "
+                     f"({len(running)} samples, {len(bad)} bad); CPU per task agent {agent_ms[-1]:.2f} ms, "
+                     f"pilots {pilot_ms[-1]:.2f} ms (load {load()})")
+        finally:
+            await agent.stop()
+            agent.cancel_pilots()
+            await port.stopListening()
+    med = statistics.median
+    out.line(f"medians over {args.runs} runs (load at end {load()}): submit->RUNNING p50 {med(p50s):.2f} ms "
+             f"(goal < 10 ms), p99 {med(p99s):.2f} ms; CPU per task agent {med(agent_ms):.2f} ms, "
+             f"pilots {med(pilot_ms):.2f} ms")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=20000)
@@ -236,6 +276,8 @@ def parse_args(argv=None):
     parser.add_argument("--sbatch", type=int, default=500, help="plain sbatch jobs (0: skip)")
     parser.add_argument("--work-dir", default=getattr(T, "DEFAULT_WORK_DIR", None),
                         help="where task directories go (default: the temporary directory)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the warm submit->RUNNING latency, --runs times (with its CPU per task)")
     args = parser.parse_args(argv)
     args.concurrency = args.pilots * args.cores
     return args

@@ -288,7 +288,14 @@ class TaskWorker:
                     await self._step(submitting)
                 else:
                     context.write_ahead()
-                self.job = await handler.submit(self._request())
+                placed = handler.submit(self._request())
+                if getattr(handler, "submit_waits", False):
+                    # (Pilot mode: the Deferred waits for a pilot with room
+                    # and its cancel takes the task out of that wait; a
+                    # batch submit is never interrupted: its job would be
+                    # left in the scheduler.)
+                    placed = self._step(placed)
+                self.job = await placed
                 submitted = {"phase": Phase.SUBMITTED, "job": self._job_record()}
                 if self.job.batch:
                     context.record(self.task_id, **submitted)

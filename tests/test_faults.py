@@ -1476,6 +1476,61 @@ class PilotLossTests(PilotFaultScenario):
         self.assertEqual(log.count("Submitting pilot"), 1)  # ...and the same pilot came back
 
 
+    def pilot_worker_pid(self):
+        pids = subprocess.run(["pgrep", "-f", "everest_agent.pilot --agent 127.0.0.1"],
+                              capture_output=True, text=True).stdout.split()
+        mine = [int(p) for p in pids if self._is_pilot_worker(p)]
+        self.assertEqual(len(mine), 1, pids)
+        return mine[0]
+
+    async def pilot_job_gone(self, job_id):
+        def gone():
+            out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+            return not out.stdout.strip()
+
+        await eventually(gone, timeout=30 * self.patience, what=f"pilot job {job_id} to leave the queue",
+                         diagnose=self.diagnose)
+
+    async def test_pilot_worker_killed(self):
+        await self.start_agent({"pilot": {"max_pilots": "1"}})
+        # 1. Its worker frozen, then killed: a task that ended meanwhile
+        #    (exit-code file, no report) keeps its real outcome; one sent to
+        #    it but never started goes back to the queue, to the next pilot.
+        ended = self.tasks.make("wk", exit_code=3, gate=True)
+        self.submit([ended])
+        await self.wait_reached([ended[0]], RUNNING, timeout=60 * self.patience)
+        first_job = self.plat.task(ended[0]).info["jobId"]
+        worker = self.pilot_worker_pid()
+        os.kill(worker, signal.SIGSTOP)
+        unsent = self.tasks.make("wk", exit_code=0)
+        self.submit([unsent])
+        self.tasks.open_gate(ended[0])
+        await eventually(lambda: self.tasks.ended(ended[0]), what="the first task to end")
+        os.kill(worker, signal.SIGKILL)
+        await self.pilot_job_gone(first_job)
+        await self.wait_reached([unsent[0]], "DONE", timeout=60 * self.patience)
+        self.assertNotEqual(self.plat.task(unsent[0]).info["jobId"], first_job)
+        # 2. Killed under a running task: it fails naming the pilot's job,
+        #    and does not run on outside the job.
+        running = self.tasks.make("wk", exit_code=0, gate=True)
+        self.submit([running])
+        await self.wait_reached([running[0]], RUNNING, timeout=60 * self.patience)
+        second_job = self.plat.task(running[0]).info["jobId"]
+        os.kill(self.pilot_worker_pid(), signal.SIGKILL)
+        await self.pilot_job_gone(second_job)
+        after = self.tasks.make("wk", exit_code=0)
+        self.submit([after])
+        expectations = [Expect(ended[0], ("FAILED",), 3), Expect(unsent[0], ("DONE",), 0),
+                        Expect(running[0], ("FAILED",), None, check_exit=False), Expect(after[0], ("DONE",), 0)]
+        await self.finish("pilot: kill -9 of the pilot's worker (frozen first, then under a running task)",
+                          expectations)
+        self.assertIn(f"batch job {second_job}", self.plat.task(running[0]).info["reason"])
+        self.assertIn(f"batch job {first_job}", self.plat.task(ended[0]).info["reason"])
+        self.tasks.open_gate(running[0])  # had it outlived its pilot, it would end now
+        await sleep(1)
+        self.assertFalse(self.tasks.ended(running[0]), "a task outlived its pilot's job")
+        self.assertEqual(self.tasks.runs_of(unsent[0]), 1)
+
 class CheckSelfTests(TestCase):
     """The verdict itself: it must see what it is meant to see."""
 

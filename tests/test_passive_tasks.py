@@ -66,6 +66,24 @@ class OwnedTaskTests(SynchronousTestCase):
         seqs = [m[3]["seq"] for m in self.alice.sent]
         self.assertEqual(seqs, sorted(set(seqs)))
 
+    def test_waiting_task_reports_reach_its_owner(self):
+        # Two slots: the third task waits in the pool's line without a
+        # worker; its ACCEPTED and QUEUED still go to its owner alone.
+        self.passive.max_client_tasks = self.passive.max_tasks = 10
+        for task_id in ("p1", "p2", "p3"):
+            self.passive.submit(ALICE, task_id, dialect_spec(), None)
+        self.h.pump()
+        self.assertEqual(self.alice.states("p3"), ["ACCEPTED", "QUEUED"])
+        self.assertEqual(self.h.states("p3"), [])
+        self.assertEqual(self.h.manager.hello_tasks(), [])
+        self.h.handler.jobs["p1"].finish(0)
+        self.h.pump()
+        self.h.handler.jobs["p3"].finish(0)
+        self.h.pump()
+        self.assertEqual(self.alice.states("p3")[-2:], ["STAGED_OUT", "DONE"])
+        self.assertEqual(self.bob.sent, [])
+        self.assertEqual(len(self.h.outbox), 0)
+
     def test_state_sent_only_once_its_record_is_durable(self):
         self.passive.submit(ALICE, "p1", dialect_spec(), None)
         self.h.pump()

@@ -15,13 +15,19 @@ from twisted.test.iosim import FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from everest_agent.interfaces import IJob, ITaskHandler, JobNeverStarted, JobRequest, JobResult
-from everest_agent.manager import SlotPool
+from everest_agent import jobscript
+from everest_agent.fsio import StallingFileIO, reactor_thread_guard
+from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobNeverStarted, JobRequest, JobResult
+from everest_agent.manager import SlotPool, TaskManager
+from everest_agent.outbox import Outbox
+from everest_agent.pilot import handler as pilot_handler
 from everest_agent.pilot import link as L
 from everest_agent.pilot.handler import PilotTaskHandler
 from everest_agent.pilot.runner import Pilot
+from everest_agent.registry import TaskRegistry
+from everest_agent.sender import Sender
 from everest_agent.status import _pilot_lines
-from everest_agent.testing import FakeTaskHandler
+from everest_agent.testing import FakeSession, FakeStager, FakeTaskHandler
 
 
 class FakeBatch(Service, FakeTaskHandler):
@@ -323,6 +329,188 @@ class PilotHandlerTests(SynchronousTestCase):
         self.assertIn("never connected back", lines[-1])
 
 
+class ManagedHarness(Harness):
+    """The pilot handler under a real TaskManager (registry, outbox, sender), on the same Clock."""
+
+    def __init__(self, test, **kwargs):
+        super().__init__(test, **kwargs)
+        state = os.path.join(self.root, "agent")
+        os.makedirs(state)
+        self.outbox = Outbox(state, self.reactor, fsync=False)
+        self.outbox.load()
+        self.registry = TaskRegistry(state, self.reactor, fsync=False)
+        self.registry.load()
+        self.sender = Sender(self.outbox, self.reactor, wallclock=lambda: 1000.0)
+        self.manager = TaskManager(self.registry, self.sender, self.handler, FakeStager(),
+                                   os.path.join(self.root, "work"), self.handler.max_tasks,
+                                   wallclock=self.reactor.seconds)
+        self.pool = self.handler.pool = self.manager.pool
+        self.pool.set_capacity(0)
+        self.session = FakeSession()
+        self.sender.welcomed(self.session, 0)
+        self.manager.startService()
+        test.addCleanup(self.outbox.stop)
+
+    def submit(self, task_id, **requirements):
+        self.manager.submit(task_id, {"command": "true", "resourceRequirements": requirements})
+        self.settle()
+        self.handler._scale()  # (its timer's work, at once)
+
+    def states(self, task_id):
+        return self.session.states(task_id)
+
+
+class CancelWhileWaitingForAPilotTests(SynchronousTestCase):
+    """A task holding agent slots while no pilot has room for it: a cancel ends it at once."""
+
+    def two_half_full_pilots(self):
+        h = ManagedHarness(self)
+        h.submit("a")
+        h.submit("c")
+        pilot1, tasks1 = h.connect_pilot(h.record())
+        h.settle()
+        h.submit("b")  # pilot 1 is full: a second pilot is submitted for it
+        self.assertEqual(len(h.handler.pilots), 2)
+        pilot2, tasks2 = h.connect_pilot(h.record(1))
+        h.settle()
+        tasks1.jobs["c"].finish(0)
+        h.settle()
+        self.assertEqual(h.states("c")[-1], "DONE")
+        self.assertEqual([h.record(i).free for i in (0, 1)], [1, 1])
+        return h, (tasks1, tasks2), (pilot1, pilot2)
+
+    def test_cancel_of_a_task_waiting_for_room_in_a_pilot(self):
+        h, tasks, _ = self.two_half_full_pilots()
+        h.submit("wide", coresPerNode=2)
+        # Four slots, two used: "wide" holds two, but neither pilot has two free cores.
+        self.assertEqual(h.pool.used, 4)
+        self.assertEqual([j.task_id for j in h.handler.waiting], ["wide"])
+        self.assertEqual(h.states("wide"), ["ACCEPTED"])
+        frames = [h.record(i).link.frames_sent for i in (0, 1)]
+        h.manager.cancel("wide")
+        h.settle()
+        self.assertEqual(h.states("wide"), ["ACCEPTED", "CANCELED"])  # at once, not when placed
+        self.assertEqual(list(h.handler.waiting), [])
+        self.assertEqual(h.pool.used, 2)  # its slots are back
+        self.assertEqual([h.record(i).link.frames_sent for i in (0, 1)], frames)  # no pilot told
+        self.assertEqual([h.record(i).free for i in (0, 1)], [1, 1])
+        for t in tasks:
+            self.assertNotIn("wide", t.jobs)
+        # The pilots go on: "a" and "b" end as they would have.
+        tasks[0].jobs["a"].finish(0)
+        tasks[1].jobs["b"].finish(4)
+        h.settle()
+        self.assertEqual((h.states("a")[-1], h.states("b")[-1]), ("DONE", "FAILED"))
+
+    def test_cancel_of_a_task_back_in_the_queue(self):
+        h, tasks, pilots = self.two_half_full_pilots()
+        h.submit("wide", coresPerNode=2)
+        job = h.handler.waiting[0]
+        # It is sent once pilot 1 has room, and refused: that pilot's end is near.
+        pilots[0].draining = True
+        tasks[0].jobs["a"].finish(0)
+        h.settle()
+        self.assertEqual(h.record(0).state, "draining")
+        self.assertNotIn("wide", tasks[0].jobs)
+        self.assertEqual(list(h.handler.waiting), [job])
+        self.assertIsNone(job.pilot)
+        frames = [h.record(i).link.frames_sent for i in (0, 1)]
+        h.manager.cancel("wide")
+        h.settle()
+        self.assertEqual(h.states("wide")[-1], "CANCELED")
+        self.assertNotIn("RUNNING", h.states("wide"))
+        self.assertEqual(list(h.handler.waiting), [])
+        self.assertEqual([h.record(i).link.frames_sent for i in (0, 1)], frames)
+
+
+class LostPilotReadsTests(SynchronousTestCase):
+    """What a lost pilot's tasks left is read in the file-system threads, one hop per loss."""
+
+    def setUp(self):
+        self.h = h = Harness(self)
+        self.files = StallingFileIO(h.reactor, delay=None)
+        h.handler.use_files(self.files)
+        guard = reactor_thread_guard(self.files)
+        self.patch(pilot_handler.jobscript, "read_exit_code", guard(jobscript.read_exit_code))
+        self.patch(pilot_handler.os.path, "isdir", guard(os.path.isdir))
+
+    def test_one_hop_for_the_tasks_of_one_loss(self):
+        h = self.h
+        ds = [h.handler.submit(h.request(t)) for t in ("ran", "done", "unsent")]
+        record = h.record()
+        h.connect_pilot(record)
+        ran, done = [self.successResultOf(d) for d in ds[:2]]
+        for job in (ran, done):
+            os.makedirs(os.path.join(job.request.directory, ".everest"))
+        with open(os.path.join(done.request.directory, ".everest", "exitcode"), "w") as f:
+            f.write("5\n")
+        h.handler._pilot_ended(record, "NODE_FAIL")
+        self.assertEqual(self.files.pending, 1)  # one hop for every task of the loss
+        self.assertFalse(ran.result.called or done.result.called)
+        self.files.release()
+        self.assertEqual(self.files.calls, 1)
+        self.assertIn(f"batch job {record.job_id}", self.successResultOf(ran.result).reason)
+        self.assertEqual(self.successResultOf(done.result).exit_code, 5)
+        # "unsent" never reached a pilot; it waits for the next one.
+        self.assertEqual([j.task_id for j in h.handler.waiting], ["unsent"])
+
+    def test_task_sent_not_started_back_first_in_the_queue(self):
+        h = self.h
+        first = h.handler.submit(h.request("first"))
+        record = h.record()
+        h.connect_pilot(record)
+        first = self.successResultOf(first)
+        sent = self.successResultOf(h.handler.submit(h.request("sent")))
+        later = h.handler.submit(h.request("later"))  # no room: it waits
+        h.handler._pilot_ended(record, "NODE_FAIL")
+        self.files.release()
+        # "first" had started: it fails; "sent" goes back ahead of "later".
+        self.assertIn("ended under it", self.successResultOf(first.result).reason)
+        self.assertEqual([j.task_id for j in h.handler.waiting], ["sent", "later"])
+        self.assertIsNone(sent.job_id)
+        self.assertFalse(later.called)
+
+    def test_failed_hop_fails_the_running_tasks(self):
+        h = self.h
+        d = h.handler.submit(h.request("t"))
+        record = h.record()
+        h.connect_pilot(record)
+        job = self.successResultOf(d)
+        job.mark_started()
+        self.patch(pilot_handler, "read_task_ends", lambda directories: 1 / 0)
+        h.handler._pilot_ended(record, "NODE_FAIL")
+        self.files.release()
+        self.assertIn(f"batch job {record.job_id}", self.successResultOf(job.result).reason)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_restart_reads_through_the_seam(self):
+        h = self.h
+        task = h.request("gone")
+        os.makedirs(os.path.join(task.directory, ".everest"))
+        with open(os.path.join(task.directory, ".everest", "exitcode"), "w") as f:
+            f.write("3\n")
+        found = h.handler.reattach(task, "999")  # a pilot job this agent never had
+        never = h.handler.reattach(h.request("never"), None)
+        h.reactor.advance(0)
+        self.assertFalse(found.called or never.called)
+        self.assertEqual(self.files.pending, 1)  # both in one hop (one reactor turn)
+        self.files.release()
+        job = self.successResultOf(found)
+        self.assertEqual(self.successResultOf(job.result), JobResult(3, "exit code 3"))
+        self.failureResultOf(never, JobNeverStarted)
+
+    def test_damaged_exit_code_file(self):
+        h = self.h
+        task = h.request("bad")
+        os.makedirs(os.path.join(task.directory, ".everest"))
+        with open(os.path.join(task.directory, ".everest", "exitcode"), "w") as f:
+            f.write("not a number\n")
+        d = h.handler.reattach(task, "999")
+        h.reactor.advance(0)
+        self.files.release()
+        self.assertIn("damaged", self.failureResultOf(d, JobLost).getErrorMessage())
+
+
 class PilotWorkerTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
@@ -411,3 +599,36 @@ class CheckLineTests(SynchronousTestCase):
         result = check_pilot(config)
         self.assertFalse(result.ok)
         self.assertIn("never connected back to 10.0.0.1:7", result.message)
+
+
+class ReapTests(SynchronousTestCase):
+    """What a pilot's job script kills once the worker is gone: that pilot's task wrappers only."""
+
+    def test_finds_only_this_pilots_task_wrappers(self):
+        from everest_agent.handlers.local import MARK
+        from everest_agent.pilot.reap import pilot_tasks
+
+        proc = self.mktemp()
+        entries = {
+            "101": ([b"/bin/sh", b"-c", b"W", MARK.encode(), b"/d", b"sleep 9"], b"A=1\0EVEREST_PILOT_ID=p1\0"),
+            "102": ([b"/bin/sh", b"-c", b"W", MARK.encode(), b"/d", b"x"], b"EVEREST_PILOT_ID=p2\0"),
+            "103": ([b"python", b"-m", b"everest_agent.pilot"], b"EVEREST_PILOT_ID=p1\0"),
+            "104": ([b"/bin/sh", b"-c", b"W", MARK.encode()], b"EVEREST_PILOT_ID=p10\0"),
+            "self": ([b"x"], b""),
+        }
+        for pid, (argv, environ) in entries.items():
+            os.makedirs(os.path.join(proc, pid))
+            with open(os.path.join(proc, pid, "cmdline"), "wb") as f:
+                f.write(b"\0".join(argv) + b"\0")
+            with open(os.path.join(proc, pid, "environ"), "wb") as f:
+                f.write(environ)
+        os.makedirs(os.path.join(proc, "105"))  # gone meanwhile: no files
+        self.assertEqual(pilot_tasks("p1", proc), [101])
+
+    def test_job_command_runs_the_reaper_and_keeps_the_workers_status(self):
+        h = Harness(self)
+        h.handler.submit(h.request("t"))
+        record = h.record()
+        command = h.batch.jobs[f"everest-pilot-{record.pilot_id}"].request.command
+        self.assertIn(f"-m everest_agent.pilot.reap {record.pilot_id}", command)
+        self.assertTrue(command.endswith('; exit "$s"'))

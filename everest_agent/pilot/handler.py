@@ -41,9 +41,11 @@ import sys
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from everest_agent import jobscript
+from everest_agent.fsio import InlineFileIO
 from everest_agent.handlers.local import describe_exit
 from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobNeverStarted, JobRequest, JobResult
 from everest_agent.pilot import link as L
@@ -64,6 +66,36 @@ TABLE = "pilots.json"
 
 class PilotError(Exception):
     pass
+
+
+def read_task_end(directory):
+    """
+    What a task sent to a pilot left in its directory (blocking: run in the
+    file-system threads).
+
+    @return: C{(exit code or None, why it is unreadable or None, whether a
+        pilot started it)}; a pilot's spawn makes the task's
+        C{.everest} directory before the task runs.
+    """
+    try:
+        code, unreadable = jobscript.read_exit_code(directory), None
+    except ValueError as e:
+        code, unreadable = None, str(e)
+    except OSError as e:
+        code, unreadable = None, f"cannot read {jobscript.EXIT_CODE_FILE}: {e.strerror or e}"
+    return code, unreadable, code is not None or os.path.isdir(os.path.join(directory, jobscript.STATE_DIR))
+
+
+def read_task_ends(directories):
+    """L{read_task_end} of each directory: the reads of one lost pilot, in one hop."""
+    return [read_task_end(directory) for directory in directories]
+
+
+def _end_or_unreadable(end):
+    """A read's result, or (for a failed hop) an unreadable one."""
+    if isinstance(end, Failure):
+        return None, end.getErrorMessage(), False
+    return end
 
 
 @implementer(IJob)
@@ -151,6 +183,9 @@ class PilotRecord:
 class PilotTaskHandler(service.MultiService):
     log = Logger()
     durable_jobs = False  # see docs/handlers.rst: a pilot never runs a task id twice
+    #: submit()'s Deferred waits for a pilot with room; the worker lets a
+    #: cancel interrupt that wait (the task ends CANCELED, no pilot touched).
+    submit_waits = True
 
     def __init__(self, reactor, batch, state_dir, *, max_tasks, max_pilots=2, cores=1, walltime=3600.0,
                  idle_timeout=60.0, listen=("0.0.0.0", 0), advertise_address="", hostname="",
@@ -192,6 +227,7 @@ class PilotTaskHandler(service.MultiService):
         self.status = None  # the agent's StatusFile
         self._status_key, self._status_written = None, 0.0
         batch.setServiceParent(self)
+        self.use_files(InlineFileIO())
 
     @classmethod
     def from_config(cls, config, reactor, batch):
@@ -253,6 +289,18 @@ class PilotTaskHandler(service.MultiService):
 
     def _factory(self):
         return L.LinkFactory(self, self.reactor, self.heartbeat)
+
+    def use_files(self, files):
+        """
+        Read the task directories a lost pilot leaves (exit-code files,
+        start markers) through C{files}, an L{everest_agent.fsio.IFileIO};
+        the batch handler that submits the pilots gets it too.  The
+        default runs it inline (tests).
+        """
+        self.files = files
+        self._read_end = files.batch(read_task_end)
+        if hasattr(self.batch, "use_files"):
+            self.batch.use_files(files)
 
     # -- the pilots' table ------------------------------------------------------
 
@@ -320,9 +368,15 @@ class PilotTaskHandler(service.MultiService):
             "--kill-grace", f"{self.kill_grace:g}", "--reconnect-for", f"{self.reconnect_for:g}",
             "--heartbeat", f"{self.heartbeat:g}",
         ]
+        # After the worker, however it ended (kill -9 included), the tasks
+        # it left are killed (everest_agent.pilot.reap); the job's exit
+        # status stays the worker's.
+        reap = [self.python, "-m", "everest_agent.pilot.reap", record.pilot_id]
+        command = (" ".join(shlex.quote(a) for a in argv) + "; s=$?; "
+                   + " ".join(shlex.quote(a) for a in reap) + '; exit "$s"')
         return JobRequest(
             task_id=f"everest-pilot-{record.pilot_id}", directory=record.directory,
-            command=" ".join(shlex.quote(a) for a in argv),
+            command=command,
             environment={"EVEREST_PILOT_ID": record.pilot_id},
             requirements={"nodes": 1, "coresPerNode": record.cores, "timeLimit": self.walltime},
         )
@@ -417,17 +471,20 @@ class PilotTaskHandler(service.MultiService):
         level = self.log.info if not record.tasks and was != UNREACHABLE else self.log.warn
         level("Pilot {pilot} (job {job_id}) ended: {why}; {count} tasks were on it",
               pilot=record.pilot_id, job_id=record.job_id, why=why, count=len(record.tasks))
-        tasks, record.tasks = record.tasks, {}
+        tasks, record.tasks = list(record.tasks.values()), {}
         record.free = record.cores
-        requeue = []
-        for job in tasks.values():
-            self._settle_lost(job, record, why, requeue)
+        claims = []
         for task_id, (job, d, pilot_id) in list(self.reattaching.items()):
             if pilot_id == record.pilot_id:
                 del self.reattaching[task_id]
-                self._settle_by_files(job, record, d, why)
+                claims.append((job, d))
+        if tasks or claims:
+            # What their directories say decides; all of them read in one
+            # hop to the file-system threads.
+            directories = [job.request.directory for job in tasks] + [job.request.directory for job, _ in claims]
+            d = self.files.run(read_task_ends, directories)
+            d.addBoth(self._settle_loss, record, why, tasks, claims)
         self._check_unclaimed()
-        self.waiting.extendleft(reversed(requeue))
         try:
             os.unlink(os.path.join(record.directory, "secret"))
         except OSError:
@@ -435,19 +492,30 @@ class PilotTaskHandler(service.MultiService):
         self._save_table()
         self._changed()
 
-    def _settle_lost(self, job, record, why, requeue):
+    def _settle_loss(self, ends, record, why, tasks, claims):
+        if isinstance(ends, Failure):
+            self.log.error("Pilot {pilot}: cannot read its tasks' directories: {error}",
+                           pilot=record.pilot_id, error=ends.getErrorMessage())
+            ends = [ends] * (len(tasks) + len(claims))
+        requeue = []
+        for job, end in zip(tasks, ends):
+            self._settle_lost(job, record, why, _end_or_unreadable(end), requeue)
+        for (job, d), end in zip(claims, ends[len(tasks):]):
+            self._settled_by_files(end, job, record, d, why, None)
+        if requeue:
+            self.waiting.extendleft(reversed(requeue))
+            self._place()
+            self._changed()
+
+    def _settle_lost(self, job, record, why, end, requeue):
         """A task on a pilot that ended: its real outcome, a failure, or back to the queue."""
-        directory = job.request.directory
-        try:
-            code = jobscript.read_exit_code(directory)
-        except (ValueError, OSError):
-            code = None
+        code, _, started = end
         if code is not None:
             reason = f"{describe_exit(code)}; its pilot, batch job {record.job_id}, ended: {why}" if code else None
             job.finish(JobResult(code, reason))
         elif job.cancel_requested:
             job.finish(JobResult(None, "canceled", canceled=True))
-        elif job.started or os.path.isdir(os.path.join(directory, jobscript.STATE_DIR)):
+        elif job.started or started:
             job.finish(JobResult(None, f"the pilot running the task, batch job {record.job_id}, "
                                        f"ended under it: {why}"))
         else:
@@ -594,19 +662,20 @@ class PilotTaskHandler(service.MultiService):
             self._ack(record, task_id)
 
     def _settle_by_files(self, job, record, d, why, pilot=None):
-        """No pilot has the task: what its directory says decides."""
-        directory = job.request.directory
-        try:
-            code = jobscript.read_exit_code(directory)
-        except (ValueError, OSError) as e:
-            d.errback(JobLost(f"the task's exit status file is damaged: {e}"))
+        """No pilot has the task: what its directory says decides (read in the file-system threads)."""
+        self._read_end(job.request.directory).addBoth(self._settled_by_files, job, record, d, why, pilot)
+
+    def _settled_by_files(self, end, job, record, d, why, pilot):
+        code, unreadable, started = _end_or_unreadable(end)
+        if unreadable is not None:
+            d.errback(JobLost(f"the task's exit status file is damaged: {unreadable}"))
             return
         if code is not None:
             if job.job_id is None and record is not None:
                 job.job_id = record.job_id
             d.callback(job)
             job.finish(JobResult(code, describe_exit(code) if code else None))
-        elif not os.path.isdir(os.path.join(directory, jobscript.STATE_DIR)):
+        elif not started:
             d.errback(JobNeverStarted("no pilot ever started the task"))
         elif record is not None:
             d.errback(JobLost(f"the pilot that ran the task, batch job {record.job_id}, ended under it: {why}"))
@@ -689,7 +758,16 @@ class PilotTaskHandler(service.MultiService):
 
     def _cancel(self, job):
         record = job.pilot
-        if record is not None and record.link is not None:
+        if record is None:
+            # Waiting for a pilot with room (back from a lost pilot, or
+            # refused by one): it ends here, no pilot is told anything.
+            try:
+                self.waiting.remove(job)
+            except ValueError:
+                return
+            job.finish(JobResult(None, "canceled", canceled=True))
+            return
+        if record.link is not None:
             record.link.send(L.CANCEL, {"task": job.task_id})
         # Else sent on reconnection (see _hello), or settled when the pilot ends.
 
