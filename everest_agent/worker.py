@@ -459,7 +459,12 @@ class TaskWorker:
         files = list(uploaded)
         for f in kept:
             files.append(dict(f, uri=dialect.kept_uri(self.task_id, f["path"])) if owned else f)
-        await self.report(protocol.STAGED_OUT, **dialect.staged_out(files))
+        info = dialect.staged_out(files)
+        seq = await self.report(protocol.STAGED_OUT, **info)
+        if owned and seq is not None:
+            # Kept with the finished record: a passive client that reconnects
+            # after the end learns the outputs too (passive/tasks.py).
+            self.context.record(self.task_id, staged_out=dict(info, seq=seq))
 
     async def _finish(self, state, result, outputs=()):
         times = self.record.get("times") or {}

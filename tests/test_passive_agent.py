@@ -280,7 +280,8 @@ class SessionTests(PassiveAgentTestCase):
         # Reconnect after it ended while nobody listened: the outcome.
         c = await self.client()
         done = await c.wait_state("r1", "DONE")
-        self.assertEqual(c.states("r1"), ["DONE"])
+        # (its STAGED_OUT first, with the outputData to fetch its files by)
+        self.assertEqual(c.states("r1"), ["STAGED_OUT", "DONE"])
         # ACK covers it: the next session is not told again.
         c.send(["ACK", done[3]["seq"]])
         await eventually(lambda: self.agent.passive.acked, what="ack")
@@ -384,3 +385,69 @@ class RestartTests(PassiveAgentTestCase):
         self.assertGreater(done[3]["seq"], running[3]["seq"])
         response = await self.get("/files/keep/out.txt")
         self.assertEqual(await response.content(), b"k\n")
+
+
+class PassiveTLSTests(PassiveAgentTestCase):
+    """[passive] tls_cert/tls_key: the session is wss:// and verified by the client."""
+
+    def setUp(self):
+        super().setUp()
+        from tests.support import make_certificates
+
+        self.ca, cert, key = make_certificates(os.path.abspath(self.mktemp()))
+        os.chmod(key, 0o600)
+        self.start_passive(tls_cert=cert, tls_key=key)
+        host, port = self.agent.passive_listener.address
+        self.url = f"wss://localhost:{port}/agent/ws"
+
+    def connect(self, trust):
+        from twisted.internet import ssl
+
+        factory = WebSocketClientFactory(self.url, headers={"Authorization": credential()}, protocols=[SUBPROTOCOL])
+        factory.protocol = _Client
+        factory.opened, factory.closed = defer.Deferred(), defer.Deferred()
+        factory.received = []
+        factory.changed = lambda: None
+        factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        options = ssl.optionsForClientTLS("localhost", trustRoot=trust)
+        connector = connectWS(factory, contextFactory=options)
+        self.addCleanup(connector.disconnect)
+        return factory
+
+    async def test_a_task_over_wss(self):
+        from twisted.internet import ssl
+
+        self.assertEqual(self.agent.passive_listener.scheme, "https")
+        with open(self.ca, "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+        factory = self.connect(trust)
+        proto = await factory.opened
+        proto.sendMessage(protocol.encode(["TASK_SUBMIT", "s1", spec("echo secure > out.txt")]))
+        await eventually(lambda: any(m[0] == "TASK_STATE" and m[2] == "DONE" for m in factory.received),
+                         20, "s1 DONE over wss")
+        staged = [m for m in factory.received if m[2] == "STAGED_OUT"][0]
+        self.assertEqual([e["path"] for e in staged[3]["outputData"]], ["out.txt"])
+        proto.sendClose()
+        await factory.closed
+
+    async def test_a_client_that_does_not_trust_the_certificate_gets_nothing(self):
+        from twisted.internet import ssl
+
+        factory = self.connect(ssl.platformTrust())  # the system's CAs: not ours
+        with self.assertRaises(ConnectionError):
+            await factory.opened
+        self.assertEqual(self.agent.registry.records, {})
+
+    async def test_plain_http_to_the_tls_port_is_refused(self):
+        host, port = self.agent.passive_listener.address
+
+        def plain():
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(b"GET /files/x/y HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                try:
+                    return s.recv(100)
+                except (ConnectionResetError, socket.timeout):
+                    return b""
+
+        answer = await deferToThread(plain)
+        self.assertFalse(answer.startswith(b"HTTP/1.1 200"), answer)

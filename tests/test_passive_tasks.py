@@ -136,9 +136,15 @@ class OwnedTaskTests(SynchronousTestCase):
         self.h.pump()
         again = Session(ALICE)
         self.passive.session_opened(ALICE, again)
-        self.assertEqual(again.states("p1"), ["DONE"])
+        # A finished task's STAGED_OUT comes again before its end: the
+        # client needs its outputData to fetch the outputs.
+        self.assertEqual(again.states("p1"), ["STAGED_OUT", "DONE"])
+        live = [m for m in self.alice.sent if m[1] == "p1" and m[2] == "STAGED_OUT"]
+        replayed = [m for m in again.sent if m[1] == "p1" and m[2] == "STAGED_OUT"]
+        self.assertEqual([m[3]["seq"] for m in replayed], [m[3]["seq"] for m in live])
+        self.assertEqual([m[3]["outputData"] for m in replayed], [m[3]["outputData"] for m in live])
         self.assertEqual(len(again.states("p2")), 1)
-        done_seq = [m for m in again.sent if m[1] == "p1"][0][3]["seq"]
+        done_seq = [m for m in again.sent if m[1] == "p1"][-1][3]["seq"]
         self.passive.ack(ALICE, done_seq)
         third = Session(ALICE)
         self.passive.session_opened(ALICE, third)

@@ -163,17 +163,30 @@ class PassiveTasks:
 
     def resend(self, task_id, record):
         """A TASK_SUBMIT again of a task its owner already has: its current state."""
-        message = self._current(task_id, record)
-        if message is not None:
+        for message in self._current(task_id, record):
             self._send(record["owner"], message)
 
-    def _current(self, task_id, record):
+    def _current(self, task_id, record, acked=0):
+        """
+        The messages that tell a task's current state: the state itself and,
+        for a finished task that staged out, its C{STAGED_OUT} first (its
+        C{outputData} is what a client needs to fetch the outputs, and the
+        terminal state does not repeat it).  Those an ACK covers are left out.
+        """
         state = record.get("state")
         if state is None:
-            return None  # its ACCEPTED is on the way
-        fields = dict(record.get("info") or ())
-        fields["seq"] = record.get("state_seq")
-        return [protocol.TASK_STATE, task_id, state, fields]
+            return []  # its ACCEPTED is on the way
+        messages = []
+        staged = record.get("staged_out")
+        if state in protocol.TERMINAL and isinstance(staged, dict) and staged.get("seq", 0) > acked:
+            fields = {"outputData": staged.get("outputData") or [], "seq": staged["seq"]}
+            messages.append([protocol.TASK_STATE, task_id, protocol.STAGED_OUT, fields])
+        seq = record.get("state_seq")
+        if not (isinstance(seq, int) and seq <= acked):
+            fields = dict(record.get("info") or ())
+            fields["seq"] = seq
+            messages.append([protocol.TASK_STATE, task_id, state, fields])
+        return messages
 
     def _send(self, owner, message):
         for session in list(self.sessions.get(owner, ())):
@@ -188,13 +201,10 @@ class PassiveTasks:
         for task_id, record in list(self.registry.records.items()):
             if record.get("owner") != client.owner:
                 continue
-            seq = record.get("state_seq")
-            if isinstance(seq, int) and seq <= acked:
-                continue
-            message = self._current(task_id, record)
-            if message is not None:
+            messages = self._current(task_id, record, acked)
+            for message in messages:
                 session.send(message)
-                count += 1
+            count += bool(messages)
         if count:
             log.info("Passive client {client}: sent the current state of {count} tasks",
                      client=client.label, count=count)
