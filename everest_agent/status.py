@@ -242,10 +242,13 @@ def hello_tasks(records, acked):
     """
     The C{HELLO} task list the agent would send with this state on disk:
     the tasks not finished, or finished with a report not yet acknowledged
-    (as L{everest_agent.manager.TaskManager} computes it at start).
+    (as L{everest_agent.manager.TaskManager} computes it at start);
+    passive clients' tasks are never in it.
     """
     listed = []
     for task_id, record in records.items():
+        if record.get("owner") is not None:
+            continue  # a passive client's task: never named to the platform
         if record.get("finished"):
             seq = record.get("terminal_seq")
             if seq is not None and seq <= acked:
