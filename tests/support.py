@@ -90,10 +90,13 @@ async def eventually(predicate, timeout=10.0, what="condition"):
         waited += 0.02
 
 
-def make_certificates(directory, hostname="localhost", with_ip=True):
+def make_certificates(directory, hostname="localhost", with_ip=True, intermediate=False):
     """
     A private CA and a server certificate it signed for C{hostname} (and
-    127.0.0.1), as PEM files in C{directory}.
+    127.0.0.1), as PEM files in C{directory}.  With C{intermediate}, the CA
+    signs an intermediate CA that signs the server's certificate, and the
+    server's PEM file holds the chain (its certificate, then the
+    intermediate's).
 
     @return: C{(ca_path, cert_path, key_path)}.
     """
@@ -115,6 +118,19 @@ def make_certificates(directory, hostname="localhost", with_ip=True):
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
+    chain = []
+    if intermediate:
+        sub_key = ec.generate_private_key(ec.SECP256R1())
+        sub_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "everest-agent test intermediate")])
+        sub = (
+            x509.CertificateBuilder().subject_name(sub_name).issuer_name(ca_name)
+            .public_key(sub_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        chain.append(sub)
+        ca_key, ca_name = sub_key, sub_name  # the server's issuer
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -130,7 +146,7 @@ def make_certificates(directory, hostname="localhost", with_ip=True):
     paths = [os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key")]
     blobs = [
         ca.public_bytes(serialization.Encoding.PEM),
-        cert.public_bytes(serialization.Encoding.PEM),
+        b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [cert] + chain),
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                           serialization.NoEncryption()),
     ]

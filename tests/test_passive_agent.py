@@ -390,11 +390,13 @@ class RestartTests(PassiveAgentTestCase):
 class PassiveTLSTests(PassiveAgentTestCase):
     """[passive] tls_cert/tls_key: the session is wss:// and verified by the client."""
 
+    intermediate = False
+
     def setUp(self):
         super().setUp()
         from tests.support import make_certificates
 
-        self.ca, cert, key = make_certificates(os.path.abspath(self.mktemp()))
+        self.ca, cert, key = make_certificates(os.path.abspath(self.mktemp()), intermediate=self.intermediate)
         os.chmod(key, 0o600)
         self.start_passive(tls_cert=cert, tls_key=key)
         host, port = self.agent.passive_listener.address
@@ -451,3 +453,13 @@ class PassiveTLSTests(PassiveAgentTestCase):
 
         answer = await deferToThread(plain)
         self.assertFalse(answer.startswith(b"HTTP/1.1 200"), answer)
+
+
+class PassiveTLSChainTests(PassiveTLSTests):
+    """
+    The same with a certificate signed by an intermediate CA, the chain in
+    tls_cert: clients that trust only the root verify it (the listener sends
+    the intermediate).
+    """
+
+    intermediate = True

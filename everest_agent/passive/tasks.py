@@ -21,11 +21,11 @@ import collections
 import os
 
 from twisted.application.service import Service
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from everest_agent import protocol
+from everest_agent import protocol, tlsfiles
 from everest_agent.passive.server import IPassiveTasks, passive_site
 
 log = Logger(namespace="everest_agent.passive.tasks")
@@ -303,11 +303,8 @@ class PassiveListener(Service):
         self.site = passive_site(self.tasks, self.tokens, self.reactor, self.pool)
         host, port = self.listen
         if self.tls_cert:
-            with open(self.tls_cert, "rb") as f:
-                cert = f.read()
-            with open(self.tls_key, "rb") as f:
-                key = f.read()
-            options = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
+            # (The chain after the certificate goes to clients too.)
+            options = tlsfiles.server_options(self.tls_cert, self.tls_key)
             self.port = self.reactor.listenSSL(port, self.site, options, interface=host)
         else:
             self.port = self.reactor.listenTCP(port, self.site, interface=host)

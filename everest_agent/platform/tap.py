@@ -11,6 +11,7 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
+from everest_agent import tlsfiles
 from everest_agent.config import ConfigError, SecretFileError, check_token_text, read_secret_file
 from everest_agent.platform.core import Platform
 from everest_agent.platform.server import listen
@@ -44,36 +45,15 @@ def _read_token_file(path, option):
 
 def load_tls(cert_path, key_path):
     """
-    A server TLS context from PEM files: the certificate file may hold the
-    chain after the server certificate.
+    A server TLS context from PEM files (L{everest_agent.tlsfiles}): the
+    certificate file may hold the chain after the server certificate.
 
     @raise usage.UsageError: if they cannot be read or do not match.
     """
-    from OpenSSL import SSL
-    from twisted.internet import ssl
-
     try:
-        with open(cert_path, "rb") as f:
-            cert_pem = f.read()
-        with open(key_path, "rb") as f:
-            key_pem = f.read()
-    except OSError as e:
-        raise usage.UsageError(f"cannot read {e.filename}: {e.strerror}") from None
-    blocks = re.findall(
-        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", cert_pem, re.S
-    )
-    if not blocks:
-        raise usage.UsageError(f"{cert_path} holds no PEM certificate")
-    try:
-        private = ssl.PrivateCertificate.loadPEM(blocks[0] + b"\n" + key_pem)
-        chain = [ssl.Certificate.loadPEM(b).original for b in blocks[1:]]
-        return ssl.CertificateOptions(
-            privateKey=private.privateKey.original,
-            certificate=private.original,
-            extraCertChain=chain or None,
-        )
-    except (SSL.Error, ValueError) as e:
-        raise usage.UsageError(f"cannot use {cert_path} and {key_path}: {e}") from None
+        return tlsfiles.server_options(cert_path, key_path)
+    except tlsfiles.TLSFilesError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 class Options(usage.Options):
