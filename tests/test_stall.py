@@ -7,6 +7,7 @@ must answer WebSocket pings and handle platform messages within 100 ms,
 and every task still ends once the file system answers.
 """
 
+import gc
 import os
 import threading
 import time
@@ -55,6 +56,13 @@ class StallingFileSystemTests(TestCase):
     timeout = 60
 
     async def test_pings_and_messages_answered_while_the_disk_stalls(self):
+        # What the whole test process holds (a thousand tests before this one
+        # in one trial run) is left out of the garbage collector's scans, so a
+        # full collection of it cannot pass for the agent's reactor waiting
+        # (once seen: 0.64 s late in a full run, never when run alone).
+        gc.collect()
+        gc.freeze()
+        self.addCleanup(gc.unfreeze)
         platform = await start_platform(self, heartbeat=1)
         self.patch(agent_module, "ThreadedFileIO", StallingThreads)
         StallingThreads.calls = 0
