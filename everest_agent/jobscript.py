@@ -182,6 +182,20 @@ def read_exit_code(directory):
     return int(text)
 
 
+def exit_code_or_reason(directory):
+    """
+    L{read_exit_code}, its failure turned into words: C{(exit code or None,
+    why the file is unreadable or None)}, for a handler settling an ended
+    job (blocking: run in the file-system threads).
+    """
+    try:
+        return read_exit_code(directory), None
+    except ValueError as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"cannot read {EXIT_CODE_FILE}: {e.strerror or e}"
+
+
 def job_started(directory):
     """True if the job script has started in C{directory} (its marker exists)."""
     return os.path.exists(os.path.join(directory, STARTED_FILE))

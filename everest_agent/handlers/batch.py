@@ -867,12 +867,7 @@ def read_end(directory):
     @return: C{(exit code or None, why it is unreadable or None, whether
         the job script started)}.
     """
-    try:
-        code, unreadable = jobscript.read_exit_code(directory), None
-    except ValueError as e:
-        code, unreadable = None, str(e)
-    except OSError as e:
-        code, unreadable = None, f"cannot read {jobscript.EXIT_CODE_FILE}: {e}"
+    code, unreadable = jobscript.exit_code_or_reason(directory)
     return code, unreadable, code is not None or jobscript.job_started(directory)
 
 

@@ -77,12 +77,7 @@ def read_task_end(directory):
         pilot started it)}; a pilot's spawn makes the task's
         C{.everest} directory before the task runs.
     """
-    try:
-        code, unreadable = jobscript.read_exit_code(directory), None
-    except ValueError as e:
-        code, unreadable = None, str(e)
-    except OSError as e:
-        code, unreadable = None, f"cannot read {jobscript.EXIT_CODE_FILE}: {e.strerror or e}"
+    code, unreadable = jobscript.exit_code_or_reason(directory)
     return code, unreadable, code is not None or os.path.isdir(os.path.join(directory, jobscript.STATE_DIR))
 
 
