@@ -75,8 +75,10 @@ def filter_log_level(level, beginner=None):
 def makeService(options):
     from twisted.internet import reactor
 
+    from everest_agent import gcpolicy
     from everest_agent.agent import EverestAgent
 
     config = options["parsed"]
     filter_log_level(getattr(config.agent, "log_level", "info"))
+    gcpolicy.configure(reactor)  # this is the agent's process: a long-running server
     return EverestAgent(config, reactor)

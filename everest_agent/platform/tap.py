@@ -204,6 +204,10 @@ def makeService(options, reactor=None):
         from everest_agent.tap import filter_log_level
 
         filter_log_level(options["log-level"])
+    if _logging_not_begun():  # twistd's process (not a test calling this)
+        from everest_agent import gcpolicy
+
+        gcpolicy.configure(reactor)
     files_dir = options["files-dir"]
     directory = None
     if not files_dir:
