@@ -16,6 +16,7 @@ when it stops.
 import random
 from urllib.parse import urlsplit
 
+from autobahn.exception import PayloadExceededError
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application.internet import ClientService
 from twisted.internet import defer, ssl
@@ -24,7 +25,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from everest_agent import protocol
+from everest_agent import protocol, wsframe
 from everest_agent.protocol import ProtocolError
 
 
@@ -48,9 +49,25 @@ class AgentProtocolClient(WebSocketClientProtocol):
         self.dropConnection(abort=True)
 
     def send(self, message):
+        self.send_payload(protocol.encode(message))
+
+    def send_payload(self, payload):
+        """
+        Send one message already encoded (L{protocol.encode}): the outbox
+        encodes each reliable message once, for its journal and the wire.
+
+        @raise PayloadExceededError: if it is larger than a frame may be.
+        """
         if self.state != self.STATE_OPEN:
             return  # closing: reliable messages stay in the outbox for the next session
-        self.sendMessage(protocol.encode(message), isBinary=False)
+        if len(payload) > protocol.MAX_FRAME_SIZE:
+            raise PayloadExceededError(
+                f"a {len(payload)}-byte message is larger than the {protocol.MAX_FRAME_SIZE}-byte frame limit")
+        self.send_text(payload)
+
+    def send_text(self, payload):
+        """Write one masked text frame (see L{everest_agent.wsframe}) to the connection."""
+        self.transport.write(wsframe.text_frame(payload, masked=True))
 
     def onMessage(self, payload, isBinary):
         if isBinary:

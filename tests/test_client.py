@@ -82,7 +82,7 @@ class ProtocolTests(SynchronousTestCase):
         self.proto.factory = self.factory
         self.frames = []
         self.closed = []
-        self.proto.sendMessage = lambda payload, isBinary=False: self.frames.append(json.loads(payload))
+        self.proto.send_text = lambda payload: self.frames.append(json.loads(payload))
         self.proto.sendClose = lambda code=None, reason=None: self.closed.append(code)
         self.proto._fail_connection = lambda code=None, reason=None: self.closed.append(code)
         self.proto.dropConnection = lambda abort=False: self.closed.append("dropped")
@@ -214,7 +214,7 @@ class Backoff(SynchronousTestCase):
         proto = AgentProtocolClient()
         proto.state = AgentProtocolClient.STATE_OPEN
         proto.factory = factory
-        proto.sendMessage = lambda *a, **k: None
+        proto.send_text = lambda payload: None
         proto.onOpen()  # TCP and WebSocket up: not enough to reset
         self.assertEqual(factory.backoff.delay(), 32)
         proto.onMessage(b'["WELCOME", {"ack": 0}]', False)
@@ -236,7 +236,7 @@ class Session(AgentProtocolClient):
         self.dropped = False
         self.onOpen()
 
-    def sendMessage(self, payload, isBinary=False):
+    def send_text(self, payload):
         self.frames.append(json.loads(payload))
 
     def sendClose(self, code=None, reason=None):
