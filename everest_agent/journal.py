@@ -51,6 +51,14 @@ from twisted.logger import Logger
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+def _encode_all(records):
+    """
+    The lines of C{records}: dicts are encoded, C{bytes} are lines encoded
+    already (L{Journal.append_line}).
+    """
+    return b"".join(r if r.__class__ is bytes else _dumps(r).encode("utf-8") + b"\n" for r in records)
+
+
 def fsync_directory(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -95,6 +103,7 @@ class Journal:
         self._unsynced_lines = []
         self._unsynced_offset = None
         self._file = None
+        self._end = 0  # the size of the open file: where the next write starts
         self.failing = False  # the last write failed; records wait queued
         self.lines = 0  # records in the file, for deciding when to compact
         self.flushes = 0
@@ -131,6 +140,10 @@ class Journal:
         if self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._file = os.fdopen(fd, "ab", buffering=0)
+            # Only this object writes the file while it is open (the agent
+            # holds the state directory's lock), so its size is known from
+            # here on without an fstat per write.
+            self._end = os.fstat(fd).st_size
         return self._file
 
     def append(self, record):
@@ -139,16 +152,31 @@ class Journal:
 
         @return: a Deferred that fires (with None) once the record is on disk.
         """
-        self._queue.append(_dumps(record).encode("utf-8") + b"\n")
-        d = Deferred()
-        self._waiting.append(d)
-        self._schedule()
-        return d
+        return self.append_line(_dumps(record).encode("utf-8") + b"\n")
 
     def append_nowait(self, record):
         """Queue a record whose durability nobody waits for (it rides the next flush)."""
-        self._queue.append(_dumps(record).encode("utf-8") + b"\n")
-        self._schedule()
+        self.append_line(_dumps(record).encode("utf-8") + b"\n", wait=False)
+
+    def append_line(self, line, wait=True):
+        """
+        Queue one record already encoded: a JSON object on one line, as
+        UTF-8 bytes ending with a newline (the outbox encodes each message
+        once, for this file and for the wire).
+
+        @return: with C{wait}, a Deferred that fires once the record is on
+            disk; else None (it rides the next flush).
+        """
+        self._queue.append(line)
+        if self._group is not None:
+            self._group.schedule()
+        elif self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self.flush)
+        if wait:
+            d = Deferred()
+            self._waiting.append(d)
+            return d
+        return None
 
     def _schedule(self, delay=0):
         if self._group is not None:
@@ -250,15 +278,18 @@ class Journal:
     def _append(self, data):
         """Write C{data} at the end of the file; @return: where it starts."""
         f = self._open()
-        offset = os.fstat(f.fileno()).st_size
+        offset = self._end
         try:
-            view = memoryview(data)
-            while view:
-                written = f.write(view)
-                view = view[written:]
+            written = f.write(data)
+            if written != len(data):
+                view = memoryview(data)[written:]
+                while view:
+                    written = f.write(view)
+                    view = view[written:]
         except OSError:
             self._truncate(offset)  # a partial write is taken back
             raise
+        self._end = offset + len(data)
         return offset
 
     def _truncate(self, offset):
@@ -266,6 +297,13 @@ class Journal:
             os.ftruncate(self._file.fileno(), offset)
         except OSError:
             pass
+        else:
+            self._end = offset
+            return
+        try:  # how much is there now, then
+            self._end = os.fstat(self._file.fileno()).st_size
+        except OSError:
+            self.close()  # reopened (and measured) at the next write
 
     def flush(self):
         """Write what is queued now (with the rest of its group, in order)."""
@@ -296,7 +334,7 @@ class Journal:
         @raise OSError: if the disk refuses the writes; the old file is
             left as it was.
         """
-        data = b"".join(_dumps(r).encode("utf-8") + b"\n" for r in records)
+        data = _encode_all(records)
         if self._group is not None:
             self._group.sync_now()
         else:
@@ -359,7 +397,7 @@ class Journal:
             self._compaction_over(None, OSError("writes are failing"), None, None, ())
             return
         records = snapshot()
-        data = b"".join(_dumps(r).encode("utf-8") + b"\n" for r in records)
+        data = _encode_all(records)
         # Everything queued or written for this journal is in the snapshot.
         queued = (self._queue, self._waiting)
         self._queue, self._waiting = [], []

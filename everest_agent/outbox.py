@@ -12,13 +12,32 @@ nothing pending), one C{ack} record (what the platform has), plus the
 pending messages.
 
 Records: C{{"seq": n, "msg": [...]}}, C{{"ack": n}}, C{{"next": n}}.
+
+Each message is encoded once (L{protocol.encode}), when it is put: the
+same bytes make its journal line and, once that is on disk, its frame on
+the wire (L{Sender}), and they are what the outbox keeps in memory until
+the platform acknowledges it (a C{bytes} object: small, and nothing for the
+garbage collector to walk).  L{durable_pending} and L{oldest} decode them
+again for the few readers that want the message itself.
+
+The journal is compacted when it holds more than twice as many records as
+are pending plus L{compact_slack}: a compaction rewrites every pending
+message, so with a fixed slack a platform that lags behind a burst of
+100,000 reports would make the agent rewrite them over and over.
 """
 
+import json
 import os
 from collections import OrderedDict
 
+from everest_agent import protocol
 from everest_agent.journal import Journal
 from everest_agent.statedir import replay_outbox
+
+
+def _line(seq, payload):
+    """The journal line of message C{payload} (its encoded bytes) with C{seq}."""
+    return b'{"seq":%d,"msg":%s}\n' % (seq, payload)
 
 
 class Outbox:
@@ -41,7 +60,7 @@ class Outbox:
     def load(self):
         """Read the journal back after a (re)start, then compact it."""
         pending, last_seq, acked = replay_outbox(self._journal.load())
-        self._pending = OrderedDict(pending)
+        self._pending = OrderedDict((seq, protocol.encode(message)) for seq, message in pending)
         self.last_seq = max(self.last_seq, last_seq)
         self.acked = max(self.acked, acked)
         self.durable_seq = self.last_seq
@@ -52,20 +71,23 @@ class Outbox:
         Give the next C{seq} to a message and queue it for disk.
 
         @param build: a callable taking C{seq} and returning the message.
-        @return: C{(seq, message, durable)}, where C{durable} is a Deferred
-            that fires once the message is on disk.
+        @return: C{(seq, payload, durable)}: C{payload} is the message
+            encoded (L{protocol.encode}), as it goes on the wire;
+            C{durable} is a Deferred that fires once it is on disk.
+        @raise ValueError: the message cannot be encoded (nothing is kept
+            and C{seq} is not used).
         """
-        self.last_seq += 1
-        seq = self.last_seq
-        message = build(seq)
-        self._pending[seq] = message
-        d = self._journal.append({"seq": seq, "msg": message})
+        seq = self.last_seq + 1
+        payload = protocol.encode(build(seq))
+        self.last_seq = seq
+        self._pending[seq] = payload
+        d = self._journal.append_line(_line(seq, payload))
 
         def on_disk(_):
             self.durable_seq = max(self.durable_seq, seq)
             return seq
 
-        return seq, message, d.addCallback(on_disk)
+        return seq, payload, d.addCallback(on_disk)
 
     def ack(self, seq):
         """
@@ -85,29 +107,33 @@ class Outbox:
             if first > seq:
                 break
             del pending[first]
-        self._journal.append_nowait({"ack": seq})
-        if self._journal.lines > len(pending) + self.compact_slack:
+        self._journal.append_line(b'{"ack":%d}\n' % seq, wait=False)
+        if self._journal.lines > 2 * len(pending) + self.compact_slack:
             self._journal.compact_soon(self._records)
         return True
 
+    def durable_payloads(self):
+        """The unacknowledged messages already on disk, encoded, in seq order."""
+        durable = self.durable_seq
+        return [payload for seq, payload in self._pending.items() if seq <= durable]
+
     def durable_pending(self):
         """The unacknowledged messages already on disk, in seq order."""
-        durable = self.durable_seq
-        return [msg for seq, msg in self._pending.items() if seq <= durable]
+        return [json.loads(payload) for payload in self.durable_payloads()]
 
     def __len__(self):
         return len(self._pending)
 
     def oldest(self):
         """C{(seq, message)} of the oldest unacknowledged message, or None."""
-        for item in self._pending.items():
-            return item
+        for seq, payload in self._pending.items():
+            return seq, json.loads(payload)
         return None
 
     def _records(self):
-        """What a compacted journal holds."""
+        """What a compacted journal holds (the messages as their lines, encoded already)."""
         records = [{"next": self.last_seq + 1}, {"ack": self.acked}]
-        records.extend({"seq": s, "msg": m} for s, m in self._pending.items())
+        records.extend(_line(s, p) for s, p in self._pending.items())
         return records
 
     def _compact(self):

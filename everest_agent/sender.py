@@ -43,11 +43,13 @@ class Sender(Service):
         """
         self._session = session
         self.ack(ack)
-        pending = self.outbox.durable_pending()
+        pending = self.outbox.durable_payloads()
         if pending:
             self.log.info("Re-sending {count} unacknowledged messages", count=len(pending))
-        for message in pending:
-            self._send(message)
+        send = session.send_payload
+        for payload in pending:
+            self.sent += 1
+            send(payload)
 
     def lost(self, session):
         if self._session is session:
@@ -104,16 +106,16 @@ class Sender(Service):
         return self._reliable(lambda seq: [protocol.TASK_MESSAGE, task_id, text, {"seq": seq}])
 
     def _reliable(self, build):
-        seq, message, durable = self.outbox.put(build)
+        seq, payload, durable = self.outbox.put(build)
+        return durable.addCallback(self._durable, seq, payload)
 
-        def send(_):
-            # Sent only when on disk.  A message acknowledged meanwhile (it
-            # cannot be, but an impatient platform may ack ahead) is skipped.
-            if self._session is not None and seq > self.outbox.acked:
-                self._send(message)
-            return seq
-
-        return durable.addCallback(send)
+    def _durable(self, _, seq, payload):
+        # Sent only when on disk.  A message acknowledged meanwhile (it
+        # cannot be, but an impatient platform may ack ahead) is skipped.
+        if self._session is not None and seq > self.outbox.acked:
+            self.sent += 1
+            self._session.send_payload(payload)
+        return seq
 
     # -- unreliable ----------------------------------------------------------
 

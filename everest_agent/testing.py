@@ -146,6 +146,10 @@ class FakeSession:
         # Round-trip through JSON as the wire would.
         self.sent.append(json.loads(json.dumps(message)))
 
+    def send_payload(self, payload):
+        """A message encoded already (the outbox's), as it would go on the wire."""
+        self.sent.append(json.loads(payload))
+
     def of_type(self, kind):
         return [m for m in self.sent if m[0] == kind]
 

@@ -2,11 +2,13 @@
 The journal, the durable outbox and the sender.
 """
 
+import json
 import os
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from everest_agent import protocol
 from everest_agent.fsio import StallingFileIO
 from everest_agent.journal import CommitGroup, Journal
 from everest_agent.outbox import Outbox
@@ -199,6 +201,61 @@ class JournalTests(SynchronousTestCase):
         self.assertEqual(order, [first, second])
         self.clock.advance(0)
         self.assertEqual(Journal(second.path, self.clock).load(), [{"registry": 1}])
+
+
+class JournalLineTests(SynchronousTestCase):
+    """Lines encoded by the caller (the outbox's), and no fstat per write."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.path = self.mktemp()
+
+    def test_lines_encoded_already(self):
+        journal = Journal(self.path, self.clock)
+        d = journal.append_line(b'{"seq":1,"msg":["X",1]}\n')
+        self.assertIsNone(journal.append_line(b'{"ack":1}\n', wait=False))
+        journal.append({"n": 2})
+        self.assertNoResult(d)
+        self.clock.advance(0)
+        self.successResultOf(d)
+        self.assertEqual(Journal(self.path, self.clock).load(),
+                         [{"seq": 1, "msg": ["X", 1]}, {"ack": 1}, {"n": 2}])
+        journal.rewrite([{"next": 5}, b'{"seq":4,"msg":["X",4]}\n'])
+        self.assertEqual(Journal(self.path, self.clock).load(), [{"next": 5}, {"seq": 4, "msg": ["X", 4]}])
+
+    def test_one_fstat_per_open_file(self):
+        """The journal keeps its end offset: an fstat when it opens the file, none per flush."""
+        from everest_agent import journal as journal_module
+
+        with open(self.path, "wb") as f:
+            f.write(b'{"old":1}\n')
+        stats = []
+        real_fstat = os.fstat
+        self.patch(journal_module.os, "fstat", lambda fd: stats.append(fd) or real_fstat(fd))
+        journal = Journal(self.path, self.clock)
+        for i in range(50):
+            journal.append({"n": i})
+            self.clock.advance(0)
+        self.assertEqual(len(stats), 1)
+        self.assertEqual(journal._end, os.path.getsize(self.path))
+        self.assertEqual(len(Journal(self.path, self.clock).load()), 51)
+
+    def test_failed_write_then_offsets_still_right(self):
+        """After a write is taken back (ENOSPC at fsync), the next ones start where it did."""
+        failing = [True]
+        patch_fsync(self, lambda: failing[0])
+        journal = Journal(self.path, self.clock)
+        d1 = journal.append({"n": 1})
+        self.clock.advance(0)
+        self.assertNoResult(d1)
+        self.assertEqual(os.path.getsize(self.path), 0)
+        failing[0] = False
+        d2 = journal.append({"n": 2})
+        self.clock.advance(journal.retry_delay)
+        self.successResultOf(d1)
+        self.successResultOf(d2)
+        self.assertEqual(journal._end, os.path.getsize(self.path))
+        self.assertEqual(Journal(self.path, self.clock).load(), [{"n": 1}, {"n": 2}])
 
 
 class FakeSyncThread:
@@ -494,6 +551,52 @@ class OutboxTests(SynchronousTestCase):
         box.load()
         self.assertEqual((box.last_seq, box.acked, len(box)), (21, 21, 0))
 
+    def test_message_encoded_once(self):
+        """The journal's line holds the very bytes that go on the wire."""
+        box = self.outbox()
+        seq, payload, d = box.put(lambda seq: ["TASK_STATE", "t1", "ACCEPTED", {"seq": seq, "time": 1.25, "é": "ü"}])
+        self.assertEqual(payload, protocol.encode(["TASK_STATE", "t1", "ACCEPTED", {"seq": 1, "time": 1.25, "é": "ü"}]))
+        self.clock.advance(0)
+        with open(os.path.join(self.dir, "outbox.jsonl"), "rb") as f:
+            self.assertEqual(f.read().splitlines()[-1], b'{"seq":1,"msg":' + payload + b"}")
+        self.assertEqual(box.durable_payloads(), [payload])
+        self.assertEqual(box.oldest(), (1, json.loads(payload)))
+
+    def test_unencodable_message_takes_no_seq(self):
+        box = self.outbox()
+        self.assertRaises(ValueError, box.put, lambda seq: ["X", float("nan")])
+        seq, _, _ = box.put(lambda seq: ["X", seq])
+        self.assertEqual((seq, len(box)), (1, 1))
+
+    def test_compaction_under_a_lagging_platform_is_linear(self):
+        """
+        A platform that stays 1,000 messages behind: each compaction rewrites
+        those 1,000, so they must come at intervals that grow with them, not
+        every C{compact_slack} records.
+        """
+        box = self.outbox()
+        box.compact_slack = 10
+        rewritten = []
+        real = box._records
+
+        def records():
+            got = real()
+            rewritten.append(len(got))
+            return got
+
+        box._records = records
+        for _ in range(1000):
+            box.put(lambda seq: ["X", seq])
+        for _ in range(5000):
+            box.put(lambda seq: ["X", seq])
+            self.clock.advance(0)
+            box.ack(box.last_seq - 1000)
+        self.assertLess(sum(rewritten), 12 * 1002)  # a fixed slack: about 1,000 compactions of 1,002
+        self.assertLess(box._journal.lines, 2 * 1000 + 10 + 3)
+        box.stop()
+        reloaded = self.outbox()
+        self.assertEqual((reloaded.last_seq, reloaded.acked, len(reloaded)), (6000, 5000, 1000))
+
     def test_ack_beyond_last_seq_is_clamped(self):
         box = self.outbox()
         box.put(lambda seq: ["X", seq])
@@ -541,6 +644,27 @@ class SenderTests(SynchronousTestCase):
             [m[1] for m in second.sent], ["t2", "t3", "t3"]
         )
         self.assertEqual(second.sent[-1], ["TASK_MESSAGE", "t3", "hello", {"seq": 5}])
+
+    def test_bytes_on_the_wire_are_the_journals(self):
+        wire = []
+
+        class Session(FakeSession):
+            def send_payload(self, payload):
+                wire.append(payload)
+                super().send_payload(payload)
+
+        session = Session()
+        self.sender.welcomed(session, 0)
+        self.sender.task_state("t1", "ACCEPTED")
+        self.sender.task_message("t1", "hello")
+        self.clock.advance(0)
+        with open(os.path.join(self.dir, "outbox.jsonl"), "rb") as f:
+            lines = f.read().splitlines()[2:]  # (after the "next" and "ack" of load's compaction)
+        self.assertEqual(lines, [b'{"seq":%d,"msg":%s}' % (i + 1, p) for i, p in enumerate(wire)])
+        self.assertEqual(session.sent[1], ["TASK_MESSAGE", "t1", "hello", {"seq": 2}])
+        again = Session()
+        self.sender.welcomed(again, 1)
+        self.assertEqual(wire[-1], wire[1])  # re-sent: the same bytes
 
     def test_unreliable_dropped_while_disconnected(self):
         self.assertFalse(self.sender.send_unreliable(["RESOURCE_STATE", {}]))
