@@ -171,9 +171,21 @@ def decode(payload):
         raise ProtocolError(E_MALFORMED, f"JSON nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(message, list) or not message or not isinstance(message[0], str):
         raise ProtocolError(E_MALFORMED, "a message must be a JSON array whose first item is its type")
-    if not _depth_within(message, MAX_DEPTH):
+    if _openings(payload) > MAX_DEPTH and not _depth_within(message, MAX_DEPTH):
         raise ProtocolError(E_MALFORMED, f"JSON nested deeper than {MAX_DEPTH} levels")
     return message
+
+
+def _openings(payload):
+    """
+    An upper bound of how deep C{payload} nests: every array or object
+    opens with C{[} or C{{} (brackets inside strings count too, so it can
+    only be too high).  Most messages have a handful, and then the walk of
+    L{_depth_within} is not needed.
+    """
+    if isinstance(payload, str):
+        return payload.count("[") + payload.count("{")
+    return payload.count(b"[") + payload.count(b"{")
 
 
 def _depth_within(value, limit):
