@@ -131,8 +131,10 @@ async def wait_accepted(platform, ids):
 async def main(reactor, args):
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from everest_agent import gcpolicy
     from everest_agent.platform import Platform, listen
 
+    gcpolicy.configure()  # this process is the platform's (as everest_agent/platform/tap.py does)
     root = tempfile.mkdtemp(prefix="everest-pilot-bench-")
     work_root = tempfile.mkdtemp(prefix="everest-pilot-tasks-", dir=args.work_dir)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(open(os.path.join(root, "platform.log"), "w"))],
@@ -145,6 +147,9 @@ async def main(reactor, args):
     agent_cpu = pilot_cpu = None
     if args.latency_only:
         await latency_runs(reactor, args, root, work_root, out)
+        return
+    if args.big_only:
+        await big_only(reactor, args, root, work_root, out)
         return
     for run in range(args.runs):
         raw.append(await T.spawn_baseline(reactor, args.tasks, c))
@@ -188,20 +193,7 @@ async def main(reactor, args):
             out.line(f"run {run + 1}: warm pilot submit->RUNNING p50 {p50s[-1]:.2f} ms, "
                      f"p99 {T.percentile(running, 99):.2f} ms ({len(bad)} bad)")
             if run == args.runs - 1 and args.big:
-                ids = []
-                start = time.perf_counter()
-                for _ in range(args.big):
-                    ids.append(platform.submit({"command": "true"}))
-                await wait_accepted(platform, ids)
-                accepted = time.perf_counter() - start
-                rss = T.proc_status(agent.pid)
-                for task_id in ids:
-                    await platform.wait_for(task_id)
-                total = time.perf_counter() - start
-                done = sum(1 for t in ids if platform.task(t).state == P.DONE)
-                rss = T.proc_status(agent.pid)
-                out.line(f"{args.big} at once: all ACCEPTED in {accepted:.1f} s, all ended in {total:.1f} s "
-                         f"({done} DONE), agent peak RSS {rss['VmHWM'] / 2**20:.0f} MiB (load {load()})")
+                await big_burst(platform, agent, args.big, out)
         finally:
             await agent.stop()
             agent.cancel_pilots()
@@ -226,6 +218,62 @@ async def main(reactor, args):
     if agent_cpu is not None:
         out.line(f"  CPU per task: agent {agent_cpu * 1000:.2f} ms, pilots {pilot_cpu * 1000:.2f} ms "
                  "(pilots: worker and its tasks' wrappers)")
+
+
+async def big_burst(platform, agent, count, out):
+    """
+    C{count} tasks C{true} submitted at once: the time until the platform
+    holds every C{ACCEPTED}, until every one ended, the agent's peak RSS,
+    and the CPU per task of the agent, of the pilots and of this process
+    (the platform and the benchmark) over the whole burst.
+    """
+    ids = []
+    a0, p0, own0 = cpu_of([agent.pid]), cpu_of(agent.pilot_workers()), T.own_cpu()
+    start = time.perf_counter()
+    for _ in range(count):
+        ids.append(platform.submit({"command": "true"}))
+    submitted = time.perf_counter() - start
+    await wait_accepted(platform, ids)
+    accepted = time.perf_counter() - start
+    rss_accepted = T.proc_status(agent.pid)
+    a1, own1 = cpu_of([agent.pid]), T.own_cpu()
+    for task_id in ids:
+        await platform.wait_for(task_id)
+    total = time.perf_counter() - start
+    done = sum(1 for t in ids if platform.task(t).state == P.DONE)
+    rss = T.proc_status(agent.pid)
+    agent_ms = (cpu_of([agent.pid]) - a0) / count * 1000
+    pilot_ms = (cpu_of(agent.pilot_workers()) - p0) / count * 1000
+    own_ms = (T.own_cpu() - own0) / count * 1000
+    out.line(f"{count} at once ({submitted:.1f} s to send): all ACCEPTED in {accepted:.1f} s "
+             f"(goal < 30 s; agent CPU {(a1 - a0) / count * 1e6:.0f} us/task, platform+benchmark "
+             f"{(own1 - own0) / count * 1e6:.0f} us/task until then), all ended in {total:.1f} s "
+             f"({done} DONE), agent RSS {rss_accepted['VmRSS'] / 2**20:.0f} MiB when all ACCEPTED, "
+             f"peak {rss['VmHWM'] / 2**20:.0f} MiB (goal < 400 MiB) (load {load()})")
+    out.line(f"   CPU per task over the burst: agent {agent_ms:.2f} ms, pilots {pilot_ms:.2f} ms "
+             f"(worker and its tasks' wrappers), platform+benchmark {own_ms:.2f} ms")
+
+
+async def big_only(reactor, args, root, work_root, out):
+    """Only the burst of C{args.big} tasks (6.), on warm pilots."""
+    from everest_agent.platform import Platform, listen
+
+    platform = Platform({T.TOKEN: "agent"}, reactor)
+    port = await listen(platform, reactor, 0)
+    url = f"ws://127.0.0.1:{port.getHost().port}/compute/agent/v1"
+    sub = os.path.join(root, "big")
+    os.makedirs(sub)
+    agent = PilotAgent(reactor, sub, url, args.concurrency, args.cores, args.pilots,
+                       os.path.join(work_root, "big"))
+    agent.start()
+    try:
+        await platform.wait_connected()
+        await T.run_tasks(platform, 4 * args.concurrency)  # the pilots started and warm
+        await big_burst(platform, agent, args.big, out)
+    finally:
+        await agent.stop()
+        agent.cancel_pilots()
+        await port.stopListening()
 
 
 async def latency_runs(reactor, args, root, work_root, out):
@@ -276,6 +324,8 @@ def parse_args(argv=None):
     parser.add_argument("--sbatch", type=int, default=500, help="plain sbatch jobs (0: skip)")
     parser.add_argument("--work-dir", default=getattr(T, "DEFAULT_WORK_DIR", None),
                         help="where task directories go (default: the temporary directory)")
+    parser.add_argument("--big-only", action="store_true",
+                        help="only the --big tasks submitted at once (6.), on warm pilots")
     parser.add_argument("--latency-only", action="store_true",
                         help="only the warm submit->RUNNING latency, --runs times (with its CPU per task)")
     args = parser.parse_args(argv)

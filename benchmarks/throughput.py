@@ -381,7 +381,62 @@ async def latency(reactor, platform, samples):
 # -- 4. many tasks in flight -------------------------------------------------------------
 
 
-async def many_queued(reactor, platform, agent, count):
+#: How py-spy samples: without stopping the process (the figures stay what
+#: they are), or EVEREST_BENCH_PY_SPY=native to see C frames (the garbage
+#: collector, the JSON encoder) at the price of pausing it at each sample.
+PY_SPY_MODE = ["--native"] if os.environ.get("EVEREST_BENCH_PY_SPY") == "native" else ["--nonblocking"]
+
+
+class BurstProfile:
+    """
+    Sampling profiles (py-spy, collapsed stacks) of the agent and of this
+    process (the platform) while a burst is accepted, and nothing else:
+    C{PREFIX-agent.txt} and C{PREFIX-platform.txt}, summarised by
+    L{summary} as the functions with the most samples of their own.
+    """
+
+    def __init__(self, prefix, pids):
+        import subprocess
+
+        self.prefix = prefix
+        self.procs = []
+        spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        for name, pid in pids.items():
+            path = f"{prefix}-{name}.txt"
+            self.procs.append((name, path, subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", *PY_SPY_MODE,
+                 "-o", path],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        time.sleep(1.0)  # py-spy attaches
+
+    def stop(self):
+        for _, _, proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for _, _, proc in self.procs:
+            proc.wait()
+
+    def summary(self, top=12):
+        """Per process: the total of samples and the C{top} (function, share of samples) by own time."""
+        result = {}
+        for name, path, _ in self.procs:
+            own, total = {}, 0
+            try:
+                with open(path) as f:
+                    for line in f:
+                        stack, _, count = line.rstrip().rpartition(" ")
+                        if not count.isdigit():
+                            continue
+                        leaf = stack.rsplit(";", 1)[-1]
+                        own[leaf] = own.get(leaf, 0) + int(count)
+                        total += int(count)
+            except OSError:
+                continue
+            ranked = sorted(own.items(), key=lambda kv: -kv[1])[:top]
+            result[name] = (total, [(leaf, n / total) for leaf, n in ranked])
+        return result
+
+
+async def many_queued(reactor, platform, agent, count, profile=None):
     accepted = []
     all_accepted = defer.Deferred()
 
@@ -390,7 +445,9 @@ async def many_queued(reactor, platform, agent, count):
         if len(accepted) == count:
             all_accepted.callback(None)
 
+    spy = BurstProfile(profile, {"agent": agent.pid, "platform": os.getpid()}) if profile else None
     cpu0 = sum(proc_cpu(agent.pid)[:2])
+    own0 = own_cpu()
     start = time.perf_counter()
     ids = []
     for _ in range(count):
@@ -400,6 +457,10 @@ async def many_queued(reactor, platform, agent, count):
     submitted = time.perf_counter() - start
     await all_accepted
     accept_time = accepted[-1] - start
+    cpu_to_accepted = sum(proc_cpu(agent.pid)[:2]) - cpu0
+    own_to_accepted = own_cpu() - own0
+    if spy is not None:
+        spy.stop()
     rss_accepted = proc_status(agent.pid)
     # Let every QUEUED/RUNNING report arrive, then look again.
     await sleep(reactor, 1.0)
@@ -439,6 +500,9 @@ async def many_queued(reactor, platform, agent, count):
         "submit_loop_s": submitted,
         "accepted_s": accept_time,
         "agent_cpu_s": cpu_accept,
+        "agent_cpu_to_accepted_s": cpu_to_accepted,
+        "platform_cpu_to_accepted_s": own_to_accepted,
+        "profile": spy.summary() if spy is not None else None,
         "rss_accepted": rss_accepted,
         "rss_settled": rss_settled,
         "states_before_cancel": states,
@@ -487,8 +551,12 @@ async def main(reactor, args):
     from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from everest_agent import gcpolicy
     from everest_agent.platform import Platform, listen
 
+    # This process is the platform's: run its collector as the reference
+    # platform's own process does (everest_agent/platform/tap.py).
+    gcpolicy.configure()
     out = Report(sys.stdout)
     only = set(args.only.split(",")) if args.only else {"1", "2", "3", "4", "5"}
     slots = args.slots
@@ -594,7 +662,7 @@ async def main(reactor, args):
                 out.record("problem", "latency")
 
         if "4" in only:
-            r = await many_queued(reactor, platform, agent, args.queued)
+            r = await many_queued(reactor, platform, agent, args.queued, profile=args.burst_profile)
             rss = r["rss_settled"]["VmRSS"] / 2**20
             hwm = r["rss_settled"]["VmHWM"] / 2**20
             out.record("queued", {k: v for k, v in r.items()})
@@ -604,7 +672,16 @@ async def main(reactor, args):
             out.line(f"   agent RSS {r['rss_accepted']['VmRSS'] / 2**20:.0f} MiB when all ACCEPTED, "
                      f"{rss:.0f} MiB 1 s later (peak {hwm:.0f} MiB)"
                      + out.goal(f"< {GOALS['rss_mib']:g} MiB", hwm < GOALS["rss_mib"]))
-            out.line(f"   states before cancel {r['states_before_cancel']}; agent CPU {r['agent_cpu_s']:.2f} s")
+            out.line(f"   until all ACCEPTED: agent CPU {r['agent_cpu_to_accepted_s']:.2f} s "
+                     f"({r['agent_cpu_to_accepted_s'] / args.queued * 1e6:,.0f} us/task), platform+benchmark "
+                     f"CPU {r['platform_cpu_to_accepted_s']:.2f} s "
+                     f"({r['platform_cpu_to_accepted_s'] / args.queued * 1e6:,.0f} us/task)")
+            out.line(f"   states before cancel {r['states_before_cancel']}; agent CPU {r['agent_cpu_s']:.2f} s "
+                     "(until 1 s after all ACCEPTED)")
+            for name, (samples, ranked) in (r["profile"] or {}).items():
+                out.line(f"   {name} during the burst ({samples} samples), most own time:")
+                for leaf, share in ranked:
+                    out.line(f"      {share * 100:5.1f} %  {leaf[:150]}")
             ok = r["final_states"] == {P.CANCELED: args.queued} and not r["processes_left"]
             out.line(f"   canceled all in {r['cancel_s']:.2f} s: {r['final_states']}, "
                      f"task processes left: {len(r['processes_left'])}" + ("" if ok else "  [PROBLEM]"))
@@ -671,6 +748,9 @@ def parse_args(argv=None):
                         help="give the platform a state file (snapshots written before each ACK)")
     parser.add_argument("--agent-profile", metavar="FILE",
                         help="run the agent under cProfile (twistd --profile) and save the stats in FILE")
+    parser.add_argument("--burst-profile", metavar="PREFIX",
+                        help="item 4: sample the agent and the platform with py-spy while the burst is "
+                             "accepted (PREFIX-agent.txt, PREFIX-platform.txt; a summary is printed)")
     parser.add_argument("--dir", help=f"where to make the temporary directory (default: {DISK}, the ordinary disk)")
     parser.add_argument(
         "--work-dir", default=None,
