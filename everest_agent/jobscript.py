@@ -129,9 +129,11 @@ def write_job_script(request, shell="/bin/sh"):
     @return: the script's absolute path.
     """
     text = job_script(request, shell)
+    from everest_agent.spares import open_state_dir  # (spares needs this module's names)
+
     root = paths.open_task_dir_nofollow(request.directory)
     try:
-        state = paths.fresh_dir(root, STATE_DIR)
+        state = open_state_dir(root)
     finally:
         os.close(root)
     try:
