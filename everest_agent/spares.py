@@ -13,17 +13,18 @@ directory is a spare renamed into place:
 
     work_dir/.spare/<n>/stdout                      (empty)
     work_dir/.spare/<n>/stderr                      (empty)
-    work_dir/.spare/<n>/.everest.spare/exitcode     (empty)
+    work_dir/.spare/<n>/.everest.spare/exitcode     (not written)
 
 Emptying (L{SpareDirs.give}) removes every other entry, keeps those three
 only if each is a regular file with one link (anything else the task left in
 their place is removed, never followed or truncated through), truncates
-them, and renames C{.everest} to C{.everest.spare}: a task directory holds
+them (the exit-code file only loses its newline, which makes it read as not
+written: L{jobscript.exit_code_writer}), and renames C{.everest} to C{.everest.spare}: a task directory holds
 a C{.everest} only once a job was started in it, which is how a restarted
 agent tells a task that never started from one that ended unseen
 (L{everest_agent.handlers.local}, the pilot handler).  L{open_state_dir},
 called just before a job starts, renames it back (or makes C{.everest} if
-there is none), and L{empty_exit_code} empties the exit-code file instead of
+there is none), and L{empty_exit_code} un-writes the exit-code file instead of
 removing it, so the job's own write of its status creates nothing either.
 A spare directory holds no byte of the task it came from.
 
@@ -72,12 +73,18 @@ def _remove(name, dir_fd):
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _open_emptied(name, dir_fd):
+def _open_emptied(name, dir_fd, exit_code=False):
     """
     Open entry C{name} of C{dir_fd} for writing and truncate it, if it is a
     regular file of the agent's user with one link (checked on the open
     descriptor, so nothing swapped in is truncated); else remove whatever
     is there, following no link and opening no FIFO or device for good.
+
+    With C{exit_code}, a written exit-code file of the usual size is not
+    truncated but has its newline taken back (one byte written, where a
+    truncation costs the file system a journal transaction): it then reads
+    as not written (L{jobscript.read_exit_code}), and the next status is
+    written over it in place (L{jobscript.exit_code_writer}).
 
     @return: a blocking descriptor, or None if no file is left.
     """
@@ -95,7 +102,9 @@ def _open_emptied(name, dir_fd):
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
-            if st.st_size:
+            if exit_code and st.st_size == jobscript.EXIT_CODE_SIZE:
+                os.pwrite(fd, b" ", jobscript.EXIT_CODE_SIZE - 1)
+            elif st.st_size:
                 os.ftruncate(fd, 0)
             if stat.S_IMODE(st.st_mode) != FILE_MODE:
                 os.fchmod(fd, FILE_MODE)
@@ -109,9 +118,9 @@ def _open_emptied(name, dir_fd):
     return None
 
 
-def _empty_file(name, dir_fd):
-    """L{_open_emptied}, closed.  @return: whether an empty file is left."""
-    fd = _open_emptied(name, dir_fd)
+def _empty_file(name, dir_fd, exit_code=False):
+    """L{_open_emptied}, closed.  @return: whether a file is left."""
+    fd = _open_emptied(name, dir_fd, exit_code)
     if fd is None:
         return False
     os.close(fd)
@@ -136,11 +145,11 @@ def open_output(dir_fd, name):
 def empty_exit_code(state_fd):
     """
     Make sure no exit status is recorded in the task's C{.everest}
-    (descriptor C{state_fd}) before its job starts: the file is emptied
-    (L{jobscript.read_exit_code} reads an empty file as none), or whatever
-    else is in its place removed.
+    (descriptor C{state_fd}) before its job starts: the file is emptied, or
+    its newline taken back (L{jobscript.read_exit_code} reads either as
+    none), or whatever else is in its place removed.
     """
-    _empty_file(_EXIT_CODE, state_fd)
+    _empty_file(_EXIT_CODE, state_fd, exit_code=True)
 
 
 def open_state_dir(task_fd):
@@ -297,7 +306,7 @@ class SpareDirs:
         try:
             for entry in os.listdir(fd):
                 if entry == _EXIT_CODE:
-                    _empty_file(entry, fd)
+                    _empty_file(entry, fd, exit_code=True)
                 else:
                     _remove(entry, fd)
         finally:

@@ -304,3 +304,33 @@ class LocalTaskInASpareTests(TestCase):
         """Before its spawn a used-again directory has no .everest: a restart starts the task once."""
         second = LocalTaskHandler(reactor, slots=2, kill_grace=0.5)
         return self.assertFailure(second.reattach(self.request("true"), None), JobNeverStarted)
+
+    @defer.inlineCallbacks
+    def test_a_status_is_written_over_the_one_before(self):
+        """The exit-code file goes round without truncation: un-written, then written over in place."""
+        job = yield self.handler.submit(self.request("exit 137"))
+        yield job.result
+        code = self.d.path("t", ".everest", "exitcode")
+        self.assertEqual((os.stat(code).st_size, jobscript.read_exit_code(self.d.path("t"))),
+                         (jobscript.EXIT_CODE_SIZE, 137))
+        inode = os.stat(code).st_ino
+        self.assertTrue(self.d.spares.give(self.d.root, "t"))
+        self.assertTrue(self.d.spares.take(self.d.root, "t2"))
+        idle = self.d.path("t2", IDLE_STATE_DIR, "exitcode")
+        self.assertEqual((os.stat(idle).st_ino, os.stat(idle).st_size), (inode, jobscript.EXIT_CODE_SIZE))
+        os.rename(self.d.path("t2", IDLE_STATE_DIR), self.d.path("t2", ".everest"))
+        self.assertIsNone(jobscript.read_exit_code(self.d.path("t2")))  # not written
+        os.rename(self.d.path("t2", ".everest"), self.d.path("t2", IDLE_STATE_DIR))
+        job = yield self.handler.submit(JobRequest("t2", self.d.path("t2"), "exit 3", {}, {}))
+        result = yield job.result
+        self.assertEqual(result.exit_code, 3)
+        self.assertEqual(jobscript.read_exit_code(self.d.path("t2")), 3)
+        self.assertEqual(os.stat(self.d.path("t2", ".everest", "exitcode")).st_ino, inode)
+
+    def test_an_odd_sized_exit_code_file_is_truncated(self):
+        os.rename(self.d.path("t", IDLE_STATE_DIR), self.d.path("t", ".everest"))
+        write(self.d.path("t", ".everest", "exitcode"), "1234567890123456789\n")
+        state = os.open(self.d.path("t", ".everest"), os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, state)
+        spares.empty_exit_code(state)
+        self.assertEqual(os.stat(self.d.path("t", ".everest", "exitcode")).st_size, 0)
