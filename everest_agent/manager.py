@@ -350,6 +350,9 @@ class TaskManager(Service):
         # queued stays queued for the next start.
         self.pool.stop()
         self.retention.stop()
+        if self.spares.taken or self.spares.given:
+            self.log.info("Task directories used again: {taken}; emptied for use again: {given}",
+                          taken=self.spares.taken, given=self.spares.given)
         for worker in list(self.workers.values()):
             worker.abandon()
         return self.registry.stop()
