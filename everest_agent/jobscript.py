@@ -45,6 +45,11 @@ EXIT_CODE_FILE = os.path.join(STATE_DIR, "exitcode")
 
 
 
+#: The size of a written exit-code file: the status right-aligned in 11
+#: columns, then a newline (L{exit_code_writer}).
+EXIT_CODE_SIZE = 12
+
+
 def exit_code_writer(variable):
     """
     The shell command that records an exit status: the one writer of
@@ -58,9 +63,15 @@ def exit_code_writer(variable):
     written) for no file at all, so no reader ever acts on half of it, with
     no temporary file and no C{mv} process per task.
 
+    Every status is written at the same width (L{EXIT_CODE_SIZE} bytes) into
+    the file opened without truncation (C{1<>}), so the file of a task
+    directory used again, whose newline was taken back
+    (L{everest_agent.spares.empty_exit_code}), is written over in place:
+    no truncation, no new file, and nothing of the earlier status left.
+
     @param variable: the name of the shell variable holding the status.
     """
-    return f"printf '%d\\n' \"${variable}\" >{EXIT_CODE_FILE}"
+    return f"printf '%11d\\n' \"${variable}\" 1<>{EXIT_CODE_FILE}"
 
 
 #: The script's exit status when it cannot enter the task directory.
@@ -129,9 +140,11 @@ def write_job_script(request, shell="/bin/sh"):
     @return: the script's absolute path.
     """
     text = job_script(request, shell)
+    from everest_agent.spares import open_state_dir  # (spares needs this module's names)
+
     root = paths.open_task_dir_nofollow(request.directory)
     try:
-        state = paths.fresh_dir(root, STATE_DIR)
+        state = open_state_dir(root)
     finally:
         os.close(root)
     try:

@@ -20,6 +20,7 @@ from everest_agent import dialect, paths, policy, protocol
 from everest_agent.fsio import InlineFileIO
 from everest_agent.protocol import ProtocolError, SpecError
 from everest_agent.retention import TaskDirRetention
+from everest_agent.spares import SpareDirs
 from everest_agent.worker import Phase, TaskContext, TaskWorker
 
 
@@ -227,8 +228,9 @@ class TaskManager(Service):
         self.allowed_commands = list(allowed_commands)
         self.allowed_environment = frozenset(allowed_environment)
         files = files if files is not None else InlineFileIO()
-        self.retention = TaskDirRetention(work_dir, keep_task_dirs, files.run, registry,
-                                          sender.clock, wallclock)
+        self.spares = SpareDirs(work_dir)
+        self.retention = TaskDirRetention(work_dir, keep_task_dirs, files, registry,
+                                          sender.clock, wallclock, self.spares)
         self.keep_finished = keep_finished
         self.wallclock = wallclock
         self.environ = os.environ if environ is None else environ
@@ -348,6 +350,9 @@ class TaskManager(Service):
         # queued stays queued for the next start.
         self.pool.stop()
         self.retention.stop()
+        if self.spares.taken or self.spares.given:
+            self.log.info("Task directories used again: {taken}; emptied for use again: {given}",
+                          taken=self.spares.taken, given=self.spares.given)
         for worker in list(self.workers.values()):
             worker.abandon()
         return self.registry.stop()
@@ -484,11 +489,18 @@ class TaskManager(Service):
         """
         Create (or check) a task's directory; blocking, so the context runs
         it in the file-system threads, the directories of one reactor turn
-        in one hop.  A planted link or someone else's directory there is
-        moved aside (L{paths.open_task_dir}).
+        in one hop.  A spare directory (L{everest_agent.spares}) is renamed
+        into place if there is one, else one is made.  A planted link or
+        someone else's directory there is moved aside
+        (L{paths.open_task_dir}).
         """
         work_dir, name = os.path.split(path)
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
+        root = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.spares.take(root, name)
+        finally:
+            os.close(root)
         os.close(paths.open_task_dir(work_dir, name, log=self.log))
 
     def slots_changed(self):

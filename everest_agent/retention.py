@@ -12,9 +12,12 @@ not acknowledged yet, is never touched.
 Removal is blocking file work: it runs through the injected C{blocking}
 (a thread pool in the agent), never in the reactor thread.  The directory
 is first renamed to C{.removing-<name>} in C{work_dir} (so a new task of
-the same id would get a fresh one), then removed with L{shutil.rmtree}, which
-walks by descriptors and never follows a link the task left inside.  A removed directory is marked C{dir_removed} in the
-task's record, which C{everest-agent status} counts.
+the same id would get a fresh one), then emptied and kept as a spare for a
+new task's directory (L{everest_agent.spares}: making files is what costs),
+or, with enough spares kept, removed with L{shutil.rmtree}, which walks by
+descriptors and never follows a link the task left inside.  Either way
+nothing of the task is left.  A removed directory is marked
+C{dir_removed} in the task's record, which C{everest-agent status} counts.
 """
 
 import collections
@@ -25,8 +28,12 @@ import stat
 from twisted.logger import Logger
 
 
-def remove_task_dir(work_dir, name):
-    """Remove task directory C{name} of C{work_dir} (blocking). @return: True if there was one."""
+def remove_task_dir(work_dir, name, spares=None):
+    """
+    Remove task directory C{name} of C{work_dir} (blocking), or empty it
+    into C{spares} (an L{everest_agent.spares.SpareDirs}) if they want it.
+    @return: True if there was one.
+    """
     root = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     try:
         aside = f".removing-{name}"
@@ -40,7 +47,8 @@ def remove_task_dir(work_dir, name):
             # a removal that died half-way: finish it first, then this one
             _remove_entry(root, work_dir, aside)
             os.rename(name, aside, src_dir_fd=root, dst_dir_fd=root)
-        _remove_entry(root, work_dir, aside)
+        if spares is None or not spares.give(root, aside):
+            _remove_entry(root, work_dir, aside)
         return True
     finally:
         os.close(root)
@@ -60,16 +68,21 @@ def _remove_entry(root, work_dir, name):
 class TaskDirRetention:
     log = Logger()
 
-    def __init__(self, work_dir, policy, blocking, registry, clock, wallclock):
+    def __init__(self, work_dir, policy, files, registry, clock, wallclock, spares=None):
         """
         @param policy: None (keep every one), C{("count", N)} or
             C{("age", seconds)}, as L{everest_agent.config} parses
             C{keep_task_dirs}.
-        @param blocking: C{blocking(f, *args)} -> Deferred, run off the reactor.
+        @param files: the L{everest_agent.fsio.IFileIO} the removals run
+            in, those of one reactor turn (a burst of acknowledgements) in
+            one hop.
+        @param spares: the L{everest_agent.spares.SpareDirs} that removed
+            directories are emptied into, or None to delete them.
         """
+        self.spares = spares
         self.work_dir = work_dir
         self.policy = policy
-        self._blocking = blocking
+        self._remove_dir = files.batch(self._remove_one)
         self._registry = registry
         self._clock = clock
         self._wallclock = wallclock
@@ -121,7 +134,7 @@ class TaskDirRetention:
 
     def _remove(self, task_id):
         self.removing += 1
-        d = self._blocking(remove_task_dir, self.work_dir, task_id)
+        d = self._remove_dir(task_id)
 
         def done(_):
             self.removing -= 1
@@ -136,6 +149,9 @@ class TaskDirRetention:
 
         d.addCallbacks(done, failed)
         return d
+
+    def _remove_one(self, task_id):
+        return remove_task_dir(self.work_dir, task_id, self.spares)
 
     def stop(self):
         if self._timer is not None and self._timer.active():

@@ -207,6 +207,10 @@ class RetentionTests(SynchronousTestCase):
         self.addCleanup(h.stop)
         return h
 
+    def task_dirs(self, h):
+        """The task directories in work_dir (the spares' .spare aside)."""
+        return sorted(n for n in os.listdir(h.work_dir) if n != ".spare")
+
     def run_task(self, h, name):
         from tests.test_manager import spec
 
@@ -224,7 +228,11 @@ class RetentionTests(SynchronousTestCase):
         self.assertEqual(sorted(os.listdir(h.work_dir)), ["a", "b", "c"])
         h.sender.ack(h.outbox.last_seq)
         h.pump()
-        self.assertEqual(sorted(os.listdir(h.work_dir)), ["b", "c"])
+        self.assertEqual(self.task_dirs(h), ["b", "c"])
+        # a's directory is a spare now, holding nothing of a.
+        (spare,) = os.listdir(os.path.join(h.work_dir, ".spare"))
+        with open(os.path.join(h.work_dir, ".spare", spare, "stdout")) as f:
+            self.assertEqual(f.read(), "")
         self.assertTrue(h.registry.get("a")["dir_removed"])
         self.assertEqual((h.manager.retention.kept, h.manager.retention.removed), (2, 1))
 
@@ -236,9 +244,9 @@ class RetentionTests(SynchronousTestCase):
         self.run_task(h, "new")
         h.sender.ack(h.outbox.last_seq)
         h.clock.advance(1801)
-        self.assertEqual(sorted(os.listdir(h.work_dir)), ["new"])
+        self.assertEqual(self.task_dirs(h), ["new"])
         h.clock.advance(1800)
-        self.assertEqual(os.listdir(h.work_dir), [])
+        self.assertEqual(self.task_dirs(h), [])
 
     def test_links_inside_are_not_followed(self):
         h = self.harness(("count", 0))
@@ -255,17 +263,41 @@ class RetentionTests(SynchronousTestCase):
         h.pump()
         h.sender.ack(h.outbox.last_seq)
         h.pump()
-        self.assertEqual(os.listdir(h.work_dir), [])
+        self.assertEqual(self.task_dirs(h), [])
         self.assertEqual(os.listdir(outside), ["precious"])
+        with open(os.path.join(outside, "precious")) as f:
+            self.assertEqual(f.read(), "keep me")
+        (spare,) = os.listdir(os.path.join(h.work_dir, ".spare"))
+        self.assertNotIn("link", os.listdir(os.path.join(h.work_dir, ".spare", spare)))
 
     def test_removal_runs_through_the_injected_pool(self):
-        h = self.harness(("count", 0))
-        calls = []
-        real = h.manager.retention._blocking
-        h.manager.retention._blocking = lambda f, *a: calls.append(f.__name__) or real(f, *a)
-        self.run_task(h, "t")
-        h.sender.ack(h.outbox.last_seq)
-        self.assertEqual(calls, ["remove_task_dir"])
+        """Off the reactor, through the agent's file I/O: the removals of one turn in one hop."""
+        from twisted.internet.task import Clock
+
+        from everest_agent.fsio import StallingFileIO
+        from everest_agent.retention import TaskDirRetention
+
+        class Registry(dict):
+            def update(self, task_id, **fields):
+                self[task_id].update(fields)
+
+        clock = Clock()
+        work_dir = os.path.abspath(self.mktemp())
+        registry = Registry()
+        for name in ("a", "b", "c"):
+            os.makedirs(os.path.join(work_dir, name))
+            registry[name] = {}
+        files = StallingFileIO(clock, delay=None)
+        retention = TaskDirRetention(work_dir, ("count", 0), files, registry, clock, clock.seconds)
+        for name in ("a", "b", "c"):
+            retention.finished(name)
+        clock.advance(0)
+        self.assertEqual((files.calls, files.pending), (1, 1))
+        self.assertEqual(sorted(os.listdir(work_dir)), ["a", "b", "c"])  # nothing on this thread
+        files.release()
+        self.assertEqual(os.listdir(work_dir), [])
+        self.assertEqual(retention.removed, 3)
+        self.assertTrue(all(r["dir_removed"] for r in registry.values()))
 
     def test_status_reports_what_is_kept(self):
         from everest_agent import status

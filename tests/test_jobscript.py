@@ -65,7 +65,7 @@ class ScriptTextTests(SynchronousTestCase):
         # The exit status is written last, by the one writer of that file.
         self.assertEqual(
             lines[-2],
-            "printf '%d\\n' \"$everest_status\" >.everest/exitcode",
+            "printf '%11d\\n' \"$everest_status\" 1<>.everest/exitcode",
         )
         self.assertEqual(lines[-1], 'exit "$everest_status"')
 

@@ -9,13 +9,16 @@ its own, through a small shell wrapper::
 started with C{posix_spawn} and C{POSIX_SPAWN_SETSID}, standard input from
 C{/dev/null} and standard output and error onto the files C{stdout} and
 C{stderr} (their bytes never pass through the agent), which the agent
-creates afresh through a descriptor of the task directory, never through a
-link an earlier run of the same task id left (L{paths.open_file}).  The
+opens empty through a descriptor of the task directory, never through a
+link an earlier run of the same task id left: a regular file of one link
+there is truncated, anything else replaced by a fresh file
+(L{everest_agent.spares.open_output}).  The
 wrapper C{cd}s to the task directory (given as descriptor 3), runs COMMAND in a
 subshell (a fork of the wrapper, not a second shell to load: the wrapper's
 C{$1}/C{$2} are cleared first), and as its last act writes the command's
 exit status to C{.everest/exitcode} and exits with it.  One C{exec} and one
-file per task beyond C{sh -c COMMAND} alone.
+file per task beyond C{sh -c COMMAND} alone; none in a task directory used
+again, whose files are all there already.
 
 The agent is the wrapper's parent and learns its end from Twisted's own
 SIGCHLD handling (L{twisted.internet.process.registerReapProcessHandler}),
@@ -25,8 +28,9 @@ So a task outlives the agent: after a restart, L{LocalTaskHandler.reattach}
 finds the process again by the pid recorded as its job id (its command line,
 which names the task directory, tells the task's wrapper from an unrelated
 process that got the same pid), watches it until it ends, and reads the
-real exit status from the file.  The directory C{.everest} is made just
-before the spawn, so an agent that stopped before recording the job id can
+real exit status from the file.  The directory C{.everest} is made (or a
+used-again directory's idle one renamed into place, L{everest_agent.spares})
+just before the spawn, so an agent that stopped before recording the job id can
 tell whether it started the job: no directory, no job; else the wrapper's
 command line finds it running, or its exit-code file tells how it ended
 (which is also why the agent need not wait for the disk before a spawn: see
@@ -42,7 +46,7 @@ from twisted.internet import defer, process
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from everest_agent import jobscript, paths
+from everest_agent import jobscript, paths, spares
 from everest_agent.fsio import InlineFileIO
 from everest_agent.interfaces import IJob, ITaskHandler, JobLost, JobNeverStarted, JobResult
 
@@ -508,9 +512,6 @@ class LocalTaskHandler:
         return defer.succeed({})
 
 
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-
-
 def _spawn_wrapper(item):
     """
     Start a task's wrapper (blocking, in the file-system threads: the spawn
@@ -527,15 +528,14 @@ def _spawn_wrapper(item):
     try:
         # Nothing an earlier run of the same task id left is followed: a
         # link in place of .everest, stdout or stderr is replaced
-        # (paths.fresh_dir, paths.open_file), the stale exit code removed.
+        # (spares.open_state_dir, spares.open_output), a stale exit code
+        # emptied.  In a directory used again, all of them exist already:
+        # the spawn then makes no new file (see everest_agent.spares).
         fds.append(paths.open_task_dir_nofollow(directory))
-        fds.append(paths.fresh_dir(fds[0], jobscript.STATE_DIR))
-        try:
-            os.unlink(os.path.basename(jobscript.EXIT_CODE_FILE), dir_fd=fds[1])
-        except FileNotFoundError:
-            pass
+        fds.append(spares.open_state_dir(fds[0]))
+        spares.empty_exit_code(fds[1])
         for name in ("stdout", "stderr"):
-            fds.append(paths.open_file(fds[0], name, _CREATE, 0o644, follow=False))
+            fds.append(spares.open_output(fds[0], name))
         return os.posix_spawn(
             SHELL,
             [SHELL, "-c", _WRAPPER, MARK, directory, command],
