@@ -31,13 +31,26 @@ import os
 from collections import OrderedDict
 
 from everest_agent import protocol
-from everest_agent.journal import Journal
+from everest_agent.journal import Journal, _dumps as _journal_dumps
 from everest_agent.statedir import replay_outbox
 
 
 def _line(seq, payload):
     """The journal line of message C{payload} (its encoded bytes) with C{seq}."""
     return b'{"seq":%d,"msg":%s}\n' % (seq, payload)
+
+
+def _encode_loaded(message):
+    """
+    A message read back from the journal, encoded for the wire.  One that
+    the contract's encoder refuses (a NaN, written by an older version
+    that encoded at sending time) keeps the journal's encoding: it stays
+    pending, in order, as it was.
+    """
+    try:
+        return protocol.encode(message)
+    except ValueError:
+        return _journal_dumps(message).encode("utf-8")
 
 
 class Outbox:
@@ -60,7 +73,7 @@ class Outbox:
     def load(self):
         """Read the journal back after a (re)start, then compact it."""
         pending, last_seq, acked = replay_outbox(self._journal.load())
-        self._pending = OrderedDict((seq, protocol.encode(message)) for seq, message in pending)
+        self._pending = OrderedDict((seq, _encode_loaded(message)) for seq, message in pending)
         self.last_seq = max(self.last_seq, last_seq)
         self.acked = max(self.acked, acked)
         self.durable_seq = self.last_seq

@@ -568,6 +568,13 @@ class OutboxTests(SynchronousTestCase):
         seq, _, _ = box.put(lambda seq: ["X", seq])
         self.assertEqual((seq, len(box)), (1, 1))
 
+    def test_journal_of_an_older_version_with_a_nan_still_loads(self):
+        with open(os.path.join(self.dir, "outbox.jsonl"), "w") as f:
+            f.write('{"seq":1,"msg":["X",NaN]}\n{"seq":2,"msg":["X",2]}\n')
+        box = self.outbox()
+        self.assertEqual(box.durable_payloads(), [b'["X",NaN]', b'["X",2]'])
+        self.assertEqual(box.last_seq, 2)
+
     def test_compaction_under_a_lagging_platform_is_linear(self):
         """
         A platform that stays 1,000 messages behind: each compaction rewrites
