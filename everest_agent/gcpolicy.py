@@ -13,11 +13,13 @@ so they are promoted to the oldest generation before they die and count
 towards its next collection.
 
 L{configure} sets a young-generation threshold large enough that what
-lives for a turn dies young, and moves what exists once the process has
-started (modules, classes, the state loaded at start) out of the
-collector's sight (C{gc.freeze}): that is never garbage.  Reference
-counting still frees everything without a cycle at once; cycles are
-collected as before, only later.
+lives for a turn dies young, and moves what exists when the process has
+imported its code (modules, classes, functions) out of the collector's
+sight (C{gc.freeze}): that is never garbage.  The state loaded later
+(task records, resumed workers) is not frozen, so whatever of it becomes
+cyclic garbage is still collected.  Reference counting still frees
+everything without a cycle at once; cycles are collected as before, only
+later.
 
 It is called once, by the entry points that make a long-running process
 (the twistd plugins of the agent and of the reference platform), never
@@ -33,19 +35,16 @@ YOUNG_THRESHOLD = 50000
 OLDER_THRESHOLDS = (10, 10)
 
 
-def configure(reactor=None):
+def configure():
     """
-    Set the collector's thresholds for a long-running server process now
-    and, once C{reactor} runs (the services have started and loaded their
-    state), move every object that exists then to the permanent generation;
-    at once without a reactor.
+    Set the collector's thresholds for a long-running server process and
+    move every object that exists now to the permanent generation.  Call it
+    once the process has imported its code and before it builds or loads
+    anything that may become garbage.
 
     @return: the thresholds before.
     """
     before = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
-    if reactor is None:
-        gc.freeze()
-    else:
-        reactor.callWhenRunning(gc.freeze)
+    gc.freeze()
     return before

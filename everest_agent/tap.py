@@ -80,5 +80,5 @@ def makeService(options):
 
     config = options["parsed"]
     filter_log_level(getattr(config.agent, "log_level", "info"))
-    gcpolicy.configure(reactor)  # this is the agent's process: a long-running server
+    gcpolicy.configure()  # this is the agent's process: a long-running server (code imported, no state yet)
     return EverestAgent(config, reactor)

@@ -207,7 +207,7 @@ def makeService(options, reactor=None):
     if _logging_not_begun():  # twistd's process (not a test calling this)
         from everest_agent import gcpolicy
 
-        gcpolicy.configure(reactor)
+        gcpolicy.configure()
     files_dir = options["files-dir"]
     directory = None
     if not files_dir:
