@@ -45,7 +45,7 @@ def merge_records(journal_records):
 #: What a finished task's record keeps (besides ``spec``, set to None).
 SMALL_RECORD_KEYS = frozenset({
     "id", "state", "state_seq", "info", "finished", "finished_at", "terminal_seq", "created", "job",
-    "dir_removed", "owner", "staged_out",
+    "dir_removed", "owner", "staged_out", "leftover",
 })
 
 

@@ -134,7 +134,7 @@ class TaskDirRetention:
 
     def _remove(self, task_id):
         self.removing += 1
-        d = self._remove_dir(task_id)
+        d = self._remove_dir((task_id, not (self._registry.get(task_id) or {}).get("leftover")))
 
         def done(_):
             self.removing -= 1
@@ -150,8 +150,9 @@ class TaskDirRetention:
         d.addCallbacks(done, failed)
         return d
 
-    def _remove_one(self, task_id):
-        return remove_task_dir(self.work_dir, task_id, self.spares)
+    def _remove_one(self, item):
+        task_id, reusable = item
+        return remove_task_dir(self.work_dir, task_id, self.spares if reusable else None)
 
     def stop(self):
         if self._timer is not None and self._timer.active():

@@ -28,6 +28,14 @@ there is none), and L{empty_exit_code} un-writes the exit-code file instead of
 removing it, so the job's own write of its status creates nothing either.
 A spare directory holds no byte of the task it came from.
 
+A task whose processes outlived it (a command's C{cmd &} still running when
+its wrapper ended: the job's C{leftover}, recorded with the task) never
+gives its directory: such a process may still write to its C{stdout} or
+through its working directory, which would then be another task's.  What
+this cannot see is a process that left the task's process group and
+session (C{setsid}) and kept the directory or a file of it open; a daemon
+that detaches properly changes to C{/} and closes them.
+
 At most L{LIMIT} spares are kept; beyond that, directories are deleted as
 before.  Everything here blocks: it runs in the file-system threads, and is
 safe from several of them at once.

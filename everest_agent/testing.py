@@ -24,6 +24,7 @@ class FakeJob:
         self.running = defer.Deferred()
         self.result = defer.Deferred()
         self.canceled = False
+        self.leftover = False  # set by a test: processes of the task outlived it
 
     def start(self):
         self.running.callback(None)

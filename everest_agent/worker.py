@@ -392,6 +392,9 @@ class TaskWorker:
             self.report(protocol.RUNNING, submitted, **self._job_info())
         result = await self._step(job.result)
         self.release()
+        if getattr(job, "leftover", False):
+            # Its directory is not to be used again (retention, spares.py).
+            self.context.record(self.task_id, leftover=True)
         times = self.record.setdefault("times", {})
         times["runTime"] = round(clock() - started, 6)
         spec = self.record["spec"]

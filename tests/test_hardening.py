@@ -270,6 +270,26 @@ class RetentionTests(SynchronousTestCase):
         (spare,) = os.listdir(os.path.join(h.work_dir, ".spare"))
         self.assertNotIn("link", os.listdir(os.path.join(h.work_dir, ".spare", spare)))
 
+    def test_a_directory_with_processes_left_is_not_used_again(self):
+        """A task whose background processes outlived it: its directory is deleted, not kept as a spare."""
+        h = self.harness(("count", 0))
+        from tests.test_manager import spec
+
+        h.submit("t", spec())
+        h.handler.jobs["t"].leftover = True
+        h.handler.jobs["t"].finish(0)
+        h.pump()
+        self.assertTrue(h.registry.get("t")["leftover"])
+        h.sender.ack(h.outbox.last_seq)
+        h.pump()
+        self.assertEqual(self.task_dirs(h), [])
+        self.assertFalse(os.path.exists(os.path.join(h.work_dir, ".spare")))
+        self.assertEqual(h.manager.retention.removed, 1)
+        self.run_task(h, "u")  # one without: kept as a spare
+        h.sender.ack(h.outbox.last_seq)
+        h.pump()
+        self.assertEqual(len(os.listdir(os.path.join(h.work_dir, ".spare"))), 1)
+
     def test_removal_runs_through_the_injected_pool(self):
         """Off the reactor, through the agent's file I/O: the removals of one turn in one hop."""
         from twisted.internet.task import Clock

@@ -152,6 +152,20 @@ class PilotHandlerTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(job.result), JobResult(3, "exit code 3"))
         self.assertEqual(pilot.unacked, set())  # the agent acknowledged it
 
+    def test_processes_left_by_a_task_reach_the_agent(self):
+        """A task whose processes outlived it in the pilot: the agent's job says so (its directory is not used again)."""
+        h = Harness(self)
+        ds = [h.handler.submit(h.request(f"t{i}")) for i in range(2)]
+        pilot, tasks = h.connect_pilot(h.record())
+        jobs = [self.successResultOf(d) for d in ds]
+        h.settle()
+        tasks.jobs["t0"].leftover = True
+        for task_id in ("t0", "t1"):
+            tasks.jobs[task_id].finish(0)
+        h.settle()
+        self.assertEqual([job.leftover for job in jobs], [True, False])
+        self.assertEqual(self.successResultOf(jobs[0].result), JobResult(0, None))
+
     def test_one_frame_per_turn(self):
         h = Harness(self)
         ds = [h.handler.submit(h.request(f"t{i}")) for i in range(2)]
@@ -540,6 +554,12 @@ class PilotWorkerTests(SynchronousTestCase):
         self.assertEqual(self.sent[-1][0], L.DRAINING)
         self.tasks.jobs["wide"].finish(0)
         self.assertIn("ending", self.run_task("late")[1]["reason"])
+
+    def test_processes_left_are_told_in_the_fourth_item(self):
+        self.run_task("t")
+        self.tasks.jobs["t"].leftover = True
+        self.tasks.jobs["t"].finish(0)
+        self.assertEqual(self.sent[-1], (L.ENDED, {"task": "t", "result": [0, None, False, True]}))
 
     def test_outcomes_offered_again_until_acknowledged(self):
         self.run_task("t")

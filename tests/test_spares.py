@@ -334,3 +334,40 @@ class LocalTaskInASpareTests(TestCase):
         self.addCleanup(os.close, state)
         spares.empty_exit_code(state)
         self.assertEqual(os.stat(self.d.path("t", ".everest", "exitcode")).st_size, 0)
+
+
+class LeftoverTests(TestCase):
+    """The local handler tells whether a task's processes outlived its wrapper."""
+
+    timeout = 30
+
+    def setUp(self):
+        self.handler = LocalTaskHandler(reactor, slots=2, kill_grace=0.5)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def request(self, command):
+        return JobRequest("t", self.dir, command, {}, {})
+
+    @defer.inlineCallbacks
+    def test_a_background_process_left_running(self):
+        job = yield self.handler.submit(self.request("sleep 30 & exit 0"))
+        self.addCleanup(_kill_group, job.pid)
+        result = yield job.result
+        self.assertEqual(result.exit_code, 0)
+        self.assertTrue(job.leftover)
+
+    @defer.inlineCallbacks
+    def test_nothing_left(self):
+        job = yield self.handler.submit(self.request("sleep 0.01; echo done"))
+        yield job.result
+        self.assertFalse(job.leftover)
+
+
+def _kill_group(pgid):
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

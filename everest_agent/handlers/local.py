@@ -99,6 +99,21 @@ def group_alive(pgid):
     return False
 
 
+def group_gone(pgid):
+    """
+    Whether process group C{pgid} has no member left, zombies included (one
+    signal system call: no file is read, so it may run on the reactor
+    thread; a group that only looks alive is taken for alive).
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _signal_group(pid, sig):
     """Signal the process group led by C{pid}, or just C{pid} if it has none yet."""
     try:
@@ -155,10 +170,18 @@ def describe_exit(exit_code):
 
 
 class _LocalJobBase:
-    """What a task's job does whatever watches its end: limits, kills, results."""
+    """
+    What a task's job does whatever watches its end: limits, kills, results.
+
+    @ivar leftover: set when the job ends: whether processes of the task's
+        group outlived its wrapper (a command's C{&} left running).  Such a
+        task's directory is never used again (L{everest_agent.spares}): they
+        may still write to its files or through their working directory.
+    """
 
     log = Logger()
     batch = False
+    leftover = False
 
     def __init__(self, request, clock, kill_grace, files=None):
         self.request = request
@@ -249,6 +272,8 @@ class _LocalJobBase:
         self._await_call = None
         if self.result.called:
             return
+        if self.pid:
+            self.leftover = not group_gone(self.pid)
         status = self._status
         if status is not None and status[0] is not None:
             # The wrapper exits with the status it recorded (or 126 when it

@@ -99,6 +99,7 @@ class PilotJob:
 
     batch = True
     queued_report = False  # it waited for a slot, not in a scheduler's queue
+    leftover = False  # processes of the task outlived it (the pilot says so at its end)
 
     def __init__(self, handler, request):
         self._handler = handler
@@ -653,7 +654,9 @@ class PilotTaskHandler(service.MultiService):
             d.callback(job)
         else:
             d.callback(job)
-            job.finish(JobResult(*orphan[1]))
+            result = orphan[1]
+            job.leftover = len(result) > 3 and bool(result[3])
+            job.finish(JobResult(*result[:3]))
             self._ack(record, task_id)
 
     def _settle_by_files(self, job, record, d, why, pilot=None):
@@ -939,17 +942,19 @@ class PilotTaskHandler(service.MultiService):
 
     def _msg_ended(self, record, fields):
         task_id = fields["task"]
-        exit_code, reason, canceled = fields["result"]
+        exit_code, reason, canceled = fields["result"][:3]
+        leftover = len(fields["result"]) > 3 and bool(fields["result"][3])
         job = record.tasks.pop(task_id, None)
         if job is None:
             was = record.orphans.get(task_id)
-            record.orphans[task_id] = ("ended", [exit_code, reason, canceled])
+            record.orphans[task_id] = ("ended", [exit_code, reason, canceled, leftover])
             if was is not None and was[0] == "running":
                 record.free += 1
             return
         record.free += job.cores
         if record.terminating and reason and not canceled:
             reason += f"; its pilot, batch job {record.job_id}, was being ended by the scheduler"
+        job.leftover = leftover
         job.finish(JobResult(exit_code, reason, bool(canceled)))
         self._ack(record, task_id)
 

@@ -31,6 +31,8 @@ WELCOME = "welcome"
 RUN = "run"
 CANCEL = "cancel"
 STARTED = "started"
+#: C{{"task", "result": [exit code, reason, canceled]}}, with a fourth
+#: item C{true} when processes of the task outlived it.
 ENDED = "ended"
 REFUSED = "refused"
 ACK = "ack"

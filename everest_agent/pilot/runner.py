@@ -240,9 +240,12 @@ class Pilot:
         job.result.addCallback(self._job_ended, task_id)
 
     def _job_ended(self, result, task_id):
-        _, cores = self.jobs.pop(task_id)
+        job, cores = self.jobs.pop(task_id)
         self.free += cores
-        self._ended(task_id, [result.exit_code, result.reason, result.canceled])
+        ended = [result.exit_code, result.reason, result.canceled]
+        if getattr(job, "leftover", False):
+            ended.append(True)  # processes of the task outlived it: see everest_agent.spares
+        self._ended(task_id, ended)
         self._maybe_exit()
 
     def _ended(self, task_id, result):
