@@ -417,6 +417,8 @@ class BurstProfile:
         self.prefix = prefix
         self.procs = []
         spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        if not os.path.exists(spy):
+            raise SystemExit("--burst-profile needs py-spy (pip install py-spy)")
         for name, pid in pids.items():
             path = f"{prefix}-{name}.txt"
             self.procs.append((name, path, subprocess.Popen(
