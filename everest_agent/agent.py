@@ -31,8 +31,9 @@ from everest_agent.passive.tasks import NoPassiveClients, PassiveListener, Passi
 from everest_agent.registry import TaskRegistry
 from everest_agent.resource import ResourceMonitor
 from everest_agent.sender import Sender
-from everest_agent.transfer.stager import Stager
 from everest_agent.status import StatusFile
+from everest_agent.taskdirs import ProcessTaskDirs, ThreadTaskDirs
+from everest_agent.transfer.stager import Stager
 
 
 def _retention_text(policy):
@@ -76,12 +77,15 @@ class EverestAgent(MultiService):
         self.registry = TaskRegistry(agent.state_dir, reactor, fsync=fsync, group=commits, files=self.files)
         self.sender = Sender(self.outbox, reactor, wallclock)
         self.stager = Stager.from_config(config, reactor)
+        # Task directories are made and retired in a process of their own
+        # (taskdirs.py), or in the file-system threads if it is gone.
+        self.dirs = ProcessTaskDirs(reactor, agent.work_dir, ThreadTaskDirs(agent.work_dir, self.files))
         self.manager = TaskManager(
             self.registry, self.sender, self.handler, self.stager, agent.work_dir, agent.max_tasks,
             allowed_commands=config.security.allowed_commands,
             allowed_environment=config.security.allowed_environment,
             keep_finished=agent.keep_finished, wallclock=wallclock, files=self.files,
-            keep_task_dirs=agent.keep_task_dirs,
+            keep_task_dirs=agent.keep_task_dirs, dirs=self.dirs,
         )
         if hasattr(self.handler, "pool"):  # pilot mode: the slots follow the pilots' cores
             self.handler.pool = self.manager.pool
@@ -125,6 +129,7 @@ class EverestAgent(MultiService):
         # Started in this order, stopped in reverse: the connection goes
         # first, the file-system threads last.
         self.files.setServiceParent(self)
+        self.dirs.setServiceParent(self)
         self.sender.setServiceParent(self)
         if IService.providedBy(self.handler):
             self.handler.setServiceParent(self)

@@ -20,7 +20,7 @@ from everest_agent import dialect, paths, policy, protocol
 from everest_agent.fsio import InlineFileIO
 from everest_agent.protocol import ProtocolError, SpecError
 from everest_agent.retention import TaskDirRetention
-from everest_agent.spares import SpareDirs
+from everest_agent.taskdirs import ThreadTaskDirs
 from everest_agent.worker import Phase, TaskContext, TaskWorker
 
 
@@ -208,11 +208,12 @@ class TaskManager(Service):
 
     def __init__(self, registry, sender, handler, stager, work_dir, slots, *,
                  allowed_commands=(), allowed_environment=(), keep_finished=10000,
-                 wallclock=time.time, files=None, keep_task_dirs=None, environ=None):
+                 wallclock=time.time, files=None, keep_task_dirs=None, environ=None, dirs=None):
         """
-        @param files: the L{everest_agent.fsio.IFileIO} that does the blocking
-            work on task directories (making them, removing old ones);
-            default: inline, for tests.
+        @param files: the L{everest_agent.fsio.IFileIO} for blocking work
+            (default: inline, for tests).
+        @param dirs: the L{everest_agent.taskdirs.ITaskDirs} that makes task
+            directories and retires old ones (default: one in C{files}).
         @param environ: the environment C{$NAME} in an Everest-dialect spec's
             environment values reads (default: the agent's own).
         """
@@ -228,14 +229,14 @@ class TaskManager(Service):
         self.allowed_commands = list(allowed_commands)
         self.allowed_environment = frozenset(allowed_environment)
         files = files if files is not None else InlineFileIO()
-        self.spares = SpareDirs(work_dir)
-        self.retention = TaskDirRetention(work_dir, keep_task_dirs, files, registry,
-                                          sender.clock, wallclock, self.spares)
+        self.dirs = dirs if dirs is not None else ThreadTaskDirs(work_dir, files)
+        self.retention = TaskDirRetention(work_dir, keep_task_dirs, self.dirs, registry,
+                                          sender.clock, wallclock)
         self.keep_finished = keep_finished
         self.wallclock = wallclock
         self.environ = os.environ if environ is None else environ
         self.workers = {}  # task id -> TaskWorker of every unfinished task
-        self.context = TaskContext(self, files.batch(self._make_task_dir))
+        self.context = TaskContext(self, self.dirs.make)
         self._awaiting_ack = collections.deque()  # (terminal seq, task id), in seq order
         self._unreported = set()  # tasks not finished, or finished but not acknowledged
         self._reported = collections.deque()  # finished and acknowledged, oldest first
@@ -350,9 +351,9 @@ class TaskManager(Service):
         # queued stays queued for the next start.
         self.pool.stop()
         self.retention.stop()
-        if self.spares.taken or self.spares.given:
+        if self.dirs.taken or self.dirs.given:
             self.log.info("Task directories used again: {taken}; emptied for use again: {given}",
-                          taken=self.spares.taken, given=self.spares.given)
+                          taken=self.dirs.taken, given=self.dirs.given)
         for worker in list(self.workers.values()):
             worker.abandon()
         return self.registry.stop()
@@ -484,24 +485,6 @@ class TaskManager(Service):
 
     def task_dir(self, task_id):
         return os.path.join(self.work_dir, task_id)
-
-    def _make_task_dir(self, path):
-        """
-        Create (or check) a task's directory; blocking, so the context runs
-        it in the file-system threads, the directories of one reactor turn
-        in one hop.  A spare directory (L{everest_agent.spares}) is renamed
-        into place if there is one, else one is made.  A planted link or
-        someone else's directory there is moved aside
-        (L{paths.open_task_dir}).
-        """
-        work_dir, name = os.path.split(path)
-        os.makedirs(work_dir, mode=0o700, exist_ok=True)
-        root = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self.spares.take(root, name)
-        finally:
-            os.close(root)
-        os.close(paths.open_task_dir(work_dir, name, log=self.log))
 
     def slots_changed(self):
         for listener in self.slot_listeners:

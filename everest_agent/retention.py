@@ -9,8 +9,9 @@ removes the oldest once there are more than a count of them, or once they
 finished longer ago than an age.  A running task, or one whose report is
 not acknowledged yet, is never touched.
 
-Removal is blocking file work: it runs through the injected C{blocking}
-(a thread pool in the agent), never in the reactor thread.  The directory
+Removal is blocking file work: it runs through the injected
+L{everest_agent.taskdirs.ITaskDirs} (in the agent, a process of its own),
+never in the reactor thread.  The directory
 is first renamed to C{.removing-<name>} in C{work_dir} (so a new task of
 the same id would get a fresh one), then emptied and kept as a spare for a
 new task's directory (L{everest_agent.spares}: making files is what costs),
@@ -68,21 +69,18 @@ def _remove_entry(root, work_dir, name):
 class TaskDirRetention:
     log = Logger()
 
-    def __init__(self, work_dir, policy, files, registry, clock, wallclock, spares=None):
+    def __init__(self, work_dir, policy, dirs, registry, clock, wallclock):
         """
         @param policy: None (keep every one), C{("count", N)} or
             C{("age", seconds)}, as L{everest_agent.config} parses
             C{keep_task_dirs}.
-        @param files: the L{everest_agent.fsio.IFileIO} the removals run
-            in, those of one reactor turn (a burst of acknowledgements) in
-            one hop.
-        @param spares: the L{everest_agent.spares.SpareDirs} that removed
-            directories are emptied into, or None to delete them.
+        @param dirs: the L{everest_agent.taskdirs.ITaskDirs} that retires
+            them (off the reactor; a directory is emptied to be used again,
+            L{everest_agent.spares}, unless the task left processes behind).
         """
-        self.spares = spares
         self.work_dir = work_dir
         self.policy = policy
-        self._remove_dir = files.batch(self._remove_one)
+        self._dirs = dirs
         self._registry = registry
         self._clock = clock
         self._wallclock = wallclock
@@ -134,7 +132,7 @@ class TaskDirRetention:
 
     def _remove(self, task_id):
         self.removing += 1
-        d = self._remove_dir((task_id, not (self._registry.get(task_id) or {}).get("leftover")))
+        d = self._dirs.retire(task_id, not (self._registry.get(task_id) or {}).get("leftover"))
 
         def done(_):
             self.removing -= 1
@@ -149,10 +147,6 @@ class TaskDirRetention:
 
         d.addCallbacks(done, failed)
         return d
-
-    def _remove_one(self, item):
-        task_id, reusable = item
-        return remove_task_dir(self.work_dir, task_id, self.spares if reusable else None)
 
     def stop(self):
         if self._timer is not None and self._timer.active():

@@ -296,6 +296,7 @@ class RetentionTests(SynchronousTestCase):
 
         from everest_agent.fsio import StallingFileIO
         from everest_agent.retention import TaskDirRetention
+        from everest_agent.taskdirs import ThreadTaskDirs
 
         class Registry(dict):
             def update(self, task_id, **fields):
@@ -308,14 +309,16 @@ class RetentionTests(SynchronousTestCase):
             os.makedirs(os.path.join(work_dir, name))
             registry[name] = {}
         files = StallingFileIO(clock, delay=None)
-        retention = TaskDirRetention(work_dir, ("count", 0), files, registry, clock, clock.seconds)
+        retention = TaskDirRetention(work_dir, ("count", 0), ThreadTaskDirs(work_dir, files), registry,
+                                     clock, clock.seconds)
         for name in ("a", "b", "c"):
             retention.finished(name)
         clock.advance(0)
         self.assertEqual((files.calls, files.pending), (1, 1))
         self.assertEqual(sorted(os.listdir(work_dir)), ["a", "b", "c"])  # nothing on this thread
         files.release()
-        self.assertEqual(os.listdir(work_dir), [])
+        self.assertEqual(os.listdir(work_dir), [".spare"])  # emptied to be used again
+        self.assertEqual(len(os.listdir(os.path.join(work_dir, ".spare"))), 3)
         self.assertEqual(retention.removed, 3)
         self.assertTrue(all(r["dir_removed"] for r in registry.values()))
 

@@ -19,6 +19,7 @@ from everest_agent import agent as agent_module
 from everest_agent import config as agent_config
 from everest_agent import protocol as P
 from everest_agent.fsio import ThreadedFileIO
+from everest_agent.taskdirs import ProcessTaskDirs
 from tests.support import agent_ini, eventually, start_platform
 
 STALL = 2.0
@@ -52,6 +53,12 @@ def guard(f):
     return guarded
 
 
+class _InThreads(ProcessTaskDirs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_threads("the stalling file system's test")
+
+
 class StallingFileSystemTests(TestCase):
     timeout = 60
 
@@ -65,6 +72,10 @@ class StallingFileSystemTests(TestCase):
         self.addCleanup(gc.unfreeze)
         platform = await start_platform(self, heartbeat=1)
         self.patch(agent_module, "ThreadedFileIO", StallingThreads)
+        # The task directories too go through the stalling threads, not the
+        # directory process (which cannot hold the reactor up: see
+        # test_taskdirs.SlowProcessTests).
+        self.patch(agent_module, "ProcessTaskDirs", _InThreads)
         StallingThreads.calls = 0
         ini = agent_ini(self, platform.ws_url, sections={"agent": {"max_tasks": "20"}})
         agent = agent_module.EverestAgent(agent_config.load(ini), reactor, fsync=False)
