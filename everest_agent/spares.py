@@ -37,7 +37,8 @@ session (C{setsid}) and kept the directory or a file of it open; a daemon
 that detaches properly changes to C{/} and closes them.
 
 At most L{LIMIT} spares are kept; beyond that, directories are deleted as
-before.  Everything here blocks: it runs in the file-system threads, and is
+before.  Everything here blocks: it runs in the agent's directory process
+(L{everest_agent.taskdirs}) or its file-system threads, and is
 safe from several of them at once.
 """
 
