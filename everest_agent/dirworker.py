@@ -3,32 +3,41 @@ C{python -m everest_agent.dirworker WORK_DIR}: the agent's directory
 process (L{everest_agent.taskdirs.ProcessTaskDirs} starts it), and the
 blocking work it does (also done in the agent's threads when it is gone).
 
-It reads requests on standard input, one JSON object a line::
+Its standard input is a Unix stream socket to the agent.  It reads
+requests there, one JSON object a line::
 
     {"id": 7, "op": "make", "work_dir": "...", "name": "TASK"}
-    {"id": 8, "op": "retire", "work_dir": "...", "name": "TASK", "reuse": true}
+    {"id": 8, "op": "prepare", "directory": ".../TASK"}
+    {"id": 9, "op": "retire", "work_dir": "...", "name": "TASK", "reuse": true}
 
-and answers each on standard output, one line each, in the order it
-finishes them::
+and answers each there, one line each, in the order it finishes them::
 
     {"id": 7, "ok": null, "taken": 3, "given": 5, "log": [["warn", "...", {...}]]}
-    {"id": 8, "error": {"kind": "os", "errno": 13, "strerror": "...", "text": "..."}, ...}
+    {"id": 8, "fds": 3, "taken": 3, "given": 5}
+    {"id": 9, "error": {"kind": "os", "errno": 13, "strerror": "...", "text": "..."}, ...}
 
-Making and retiring go in two threads of their own, so that removing a
-big directory does not hold up new tasks.  The spares
+C{prepare} opens what a local task's wrapper needs
+(L{everest_agent.spares.open_for_spawn}) and sends the descriptors with
+its answer (C{SCM_RIGHTS}); the agent then spawns the wrapper with them,
+opening nothing of the task's itself.
+
+Making and preparing go in one thread, retiring in another, so that
+removing a big directory does not hold up new tasks.  The spares
 (L{everest_agent.spares.SpareDirs}) are this process's.  At the end of its
 input it finishes what it was asked, answers, and exits.
 """
 
+import array
 import json
 import os
 import queue
+import socket
 import sys
 import threading
 
 from everest_agent import paths
 from everest_agent.retention import remove_task_dir
-from everest_agent.spares import SpareDirs
+from everest_agent.spares import SpareDirs, open_for_spawn
 
 
 def make_task_dir(work_dir, name, spares, log=None):
@@ -78,21 +87,28 @@ class _Log:
     del _event
 
 
-def serve(requests, out_fd, work_dir, err=None):
+#: Which thread does what (making and preparing never wait behind a removal).
+_QUEUE_OF = {"make": "make", "prepare": "make", "retire": "retire"}
+
+
+def serve(sock, work_dir, err=None):
     """
-    Answer C{requests} (an iterable of lines) on descriptor C{out_fd} until
-    they end; say what cannot be read on C{err} (default: standard error,
-    which the agent logs).
+    Answer the requests read from C{sock} (a connected Unix stream socket)
+    until it ends; say what cannot be read on C{err} (default: standard
+    error, which the agent logs).
     """
     err = sys.stderr if err is None else err
     spares = SpareDirs(work_dir)
     lock = threading.Lock()
 
-    def answer(reply):
+    def answer(reply, fds=()):
         data = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
         with lock:
-            while data:
-                data = data[os.write(out_fd, data):]
+            if fds:
+                sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                data = data[sent:]
+            if data:
+                sock.sendall(data)
 
     def work(q):
         while True:
@@ -101,10 +117,15 @@ def serve(requests, out_fd, work_dir, err=None):
                 return
             log = _Log()
             reply = {"id": request.get("id")}
+            fds = ()
             try:
-                if request["op"] == "make":
+                op = request["op"]
+                if op == "make":
                     make_task_dir(request["work_dir"], request["name"], spares, log)
                     reply["ok"] = None
+                elif op == "prepare":
+                    fds = open_for_spawn(request["directory"])
+                    reply["fds"] = len(fds)
                 else:
                     reply["ok"] = retire_task_dir(request["work_dir"], request["name"], spares,
                                                   request.get("reuse", False))
@@ -113,21 +134,26 @@ def serve(requests, out_fd, work_dir, err=None):
             reply["taken"], reply["given"] = spares.taken, spares.given
             if log.events:
                 reply["log"] = log.events
-            answer(reply)
+            try:
+                answer(reply, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     queues = {"make": queue.SimpleQueue(), "retire": queue.SimpleQueue()}
-    threads = [threading.Thread(target=work, args=(q,), name=f"everest-dirs-{op}", daemon=True)
-               for op, q in queues.items()]
+    threads = [threading.Thread(target=work, args=(q,), name=f"everest-dirs-{name}", daemon=True)
+               for name, q in queues.items()]
     for t in threads:
         t.start()
-    for line in requests:
-        try:
-            request = json.loads(line)
-            q = queues[request["op"]]
-        except (ValueError, KeyError, TypeError):
-            print(f"everest-agent directory process: unreadable request {line[:200]!r}", file=err, flush=True)
-            continue
-        q.put(request)
+    with sock.makefile("rb") as requests:
+        for line in requests:
+            try:
+                request = json.loads(line)
+                q = queues[_QUEUE_OF[request["op"]]]
+            except (ValueError, KeyError, TypeError):
+                print(f"everest-agent directory process: unreadable request {line[:200]!r}", file=err, flush=True)
+                continue
+            q.put(request)
     for q in queues.values():
         q.put(None)
     for t in threads:
@@ -139,7 +165,13 @@ def main(argv=None):
     if len(argv) != 1:
         print("usage: python -m everest_agent.dirworker WORK_DIR", file=sys.stderr)
         return 2
-    serve(sys.stdin.buffer, sys.stdout.fileno(), argv[0])
+    sock = socket.socket(fileno=0)  # (the agent's end of it: see the module's docstring)
+    try:
+        serve(sock, argv[0])
+    except BrokenPipeError:
+        return 1  # the agent is gone
+    finally:
+        sock.close()
     return 0
 
 

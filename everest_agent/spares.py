@@ -180,6 +180,34 @@ def open_state_dir(task_fd):
     return paths.fresh_dir(task_fd, jobscript.STATE_DIR)
 
 
+def open_for_spawn(directory):
+    """
+    Everything a local job's wrapper needs of its task directory
+    C{directory}, ready just before it starts (blocking): the directory
+    opened again (L{paths.open_task_dir_nofollow}), its C{.everest} in place
+    with no exit status in it (L{open_state_dir}, L{empty_exit_code}), and
+    C{stdout} and C{stderr} open for writing (L{open_output}).  In a
+    directory used again none of it makes a file.
+
+    @return: C{[directory, stdout, stderr]}, new descriptors (close-on-exec)
+        the caller owns.
+    """
+    fds = [paths.open_task_dir_nofollow(directory)]
+    try:
+        state = open_state_dir(fds[0])
+        try:
+            empty_exit_code(state)
+        finally:
+            os.close(state)
+        for name in ("stdout", "stderr"):
+            fds.append(open_output(fds[0], name))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 class SpareDirs:
     """
     The spare task directories of one C{work_dir}: L{take} one for a new

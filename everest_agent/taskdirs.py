@@ -1,42 +1,50 @@
 """
-Making a task's directory, and retiring it once retention lets it go.
+Making a task's directory, opening what its spawn needs, and retiring it
+once retention lets it go.
 
-Both are blocking file-system work on directories a task controls, so they
-never run on the reactor thread.  They run often: once each per task, so
-in a sweep of short tasks hundreds of times a second.  Two providers of
-L{ITaskDirs} do the same work (the functions L{everest_agent.dirworker.make_task_dir}
-and L{everest_agent.dirworker.retire_task_dir}, with one L{everest_agent.spares.SpareDirs}):
+All of it is blocking file-system work on directories a task controls, so
+none of it runs on the reactor thread.  It runs often: once each per task,
+so in a sweep of short tasks hundreds of times a second.  Two providers of
+L{ITaskDirs} do the same work (L{everest_agent.dirworker.make_task_dir},
+L{everest_agent.spares.open_for_spawn},
+L{everest_agent.dirworker.retire_task_dir}, with one
+L{everest_agent.spares.SpareDirs}):
 
   - L{ThreadTaskDirs}: in the agent's file-system threads
     (L{everest_agent.fsio}), those of one reactor turn in one hop.  Used by
     tests, and by the agent when its directory process is gone.
   - L{ProcessTaskDirs}: the agent's.  In a child process of its own
-    (L{everest_agent.dirworker}), spoken to over a pipe.  Each of those
-    calls is a handful of system calls, and each system call made in a
-    thread of the agent hands Python's interpreter lock to the reactor
+    (L{everest_agent.dirworker}), spoken to over a Unix socket.  Each of
+    those calls is a handful of system calls, and each system call made in
+    a thread of the agent hands Python's interpreter lock to the reactor
     thread and back: measured on a burst of trivial tasks, those handovers
     (futex calls and the context switches behind them) cost the agent
     about a fifth of its CPU.  In a process of their own the same calls
-    cost the agent only one line of JSON each way, and run beside it on
-    another core.  If the process cannot start, or dies, the agent says
-    so in its log and goes on with L{ThreadTaskDirs}: the calls it had not
-    answered are made again there (both calls may be made twice: a
-    directory made already is only checked, one retired already is gone).
+    cost the agent one line of JSON each way (and, for a spawn, the
+    descriptors, passed with C{SCM_RIGHTS}), and run beside it on another
+    core.  If the process cannot start, or dies, the agent says so in its
+    log and goes on with L{ThreadTaskDirs}: the calls it had not answered
+    are made again there (a call may so be made twice: a directory made
+    already is only checked, one retired already is gone, descriptors
+    opened twice are only opened).
 """
 
+import collections
 import json
 import os
+import socket
 import sys
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.logger import Logger, LogLevel
 from zope.interface import Attribute, Interface, implementer
 
 import everest_agent
 from everest_agent import paths
 from everest_agent.dirworker import make_task_dir, retire_task_dir
-from everest_agent.spares import SpareDirs
+from everest_agent.spares import SpareDirs, open_for_spawn
 
 
 class ITaskDirs(Interface):
@@ -52,6 +60,15 @@ class ITaskDirs(Interface):
         @return: a Deferred firing with None once it exists, or failing
             with the C{OSError} or L{everest_agent.paths.PathEscape} that
             prevented it.
+        """
+
+    def prepare(directory):
+        """
+        Open what a local job's wrapper needs of task directory
+        C{directory} (L{everest_agent.spares.open_for_spawn}).
+
+        @return: a Deferred firing with C{[directory, stdout, stderr]}
+            descriptors (close-on-exec) that the caller owns.
         """
 
     def retire(name, reuse):
@@ -77,6 +94,7 @@ class ThreadTaskDirs:
         self.spares = SpareDirs(work_dir)
         self._make = files.batch(self._make_one)
         self._retire = files.batch(self._retire_one)
+        self.prepare = files.batch(open_for_spawn)
 
     @property
     def taken(self):
@@ -114,32 +132,49 @@ def decode_error(fields):
     return RuntimeError(fields.get("text", "the directory process failed"))
 
 
-class _Pipe(protocol.ProcessProtocol):
-    """The agent's end of the directory process: lines of JSON each way."""
+class _Watch(protocol.ProcessProtocol):
+    """The directory process itself: what it says on stdout or stderr, and its end."""
+
+    def __init__(self, owner):
+        self._owner = owner
+
+    def childDataReceived(self, fd, data):
+        self._owner.child_said(data)
+
+    def processEnded(self, reason):
+        self._owner.gone(reason)
+
+
+@implementer(IFileDescriptorReceiver)
+class _Channel(protocol.Protocol):
+    """The agent's end of the socket to the directory process: lines of JSON, and descriptors."""
 
     def __init__(self, owner):
         self._owner = owner
         self._buffer = b""
 
-    def childDataReceived(self, fd, data):
-        if fd == 2:
-            self._owner.child_said(data)
-            return
+    def fileDescriptorReceived(self, descriptor):
+        # (Before the line it comes with: see Twisted's unix._SendmsgMixin.)
+        os.set_inheritable(descriptor, False)  # never into a task spawned meanwhile
+        self._owner.fds.append(descriptor)
+
+    def dataReceived(self, data):
         lines = (self._buffer + data).split(b"\n")
         self._buffer = lines.pop()
         for line in lines:
             self._owner.answered(line)
 
-    def processEnded(self, reason):
-        self._owner.ended(reason)
+    def connectionLost(self, reason):
+        self._owner.gone(reason)
 
 
 @implementer(ITaskDirs)
 class ProcessTaskDirs(Service):
     """
     L{ITaskDirs} in a child process (C{python -m everest_agent.dirworker
-    WORK_DIR}), started and stopped with the agent's service tree; before
-    it is started, calls wait for it.
+    WORK_DIR}, its standard input a Unix socket to the agent), started and
+    stopped with the agent's service tree; before it is started, calls
+    wait for it.
 
     @param fallback: the L{ThreadTaskDirs} that takes over if the process
         cannot start or ends unasked.
@@ -155,11 +190,14 @@ class ProcessTaskDirs(Service):
         self._fallback = fallback
         self._python = python or sys.executable
         self._process = None
+        self._channel = None
+        self._alive = 0  # of the process and its socket: both end before it is gone
         self._failed = False
         self._stopping = None  # Deferred of the process's end, while stopping
         self._next = 0
         self._pending = {}  # request id -> (op, args, Deferred)
         self._before_start = []  # lines asked for before the process exists
+        self.fds = collections.deque()  # received, for the next answers that carry some
         self._taken = self._given = 0
         self.calls = 0
 
@@ -180,6 +218,9 @@ class ProcessTaskDirs(Service):
         work_dir, name = os.path.split(path)
         return self._ask("make", {"work_dir": work_dir, "name": name})
 
+    def prepare(self, directory):
+        return self._ask("prepare", {"directory": directory})
+
     def retire(self, name, reuse):
         return self._ask("retire", {"work_dir": self.work_dir, "name": name, "reuse": bool(reuse)})
 
@@ -193,22 +234,25 @@ class ProcessTaskDirs(Service):
         d = defer.Deferred()
         self._pending[self._next] = (op, args, d)
         line = json.dumps(dict(args, id=self._next, op=op), separators=(",", ":")).encode() + b"\n"
-        if self._process is None:
+        if self._channel is None:
             self._before_start.append(line)
         else:
-            self._process.write(line)
+            self._channel.transport.write(line)
         return d
 
     def _in_threads(self, op, args):
         if op == "make":
             return self._fallback.make(os.path.join(args["work_dir"], args["name"]))
+        if op == "prepare":
+            return self._fallback.prepare(args["directory"])
         return self._fallback.retire(args["name"], args["reuse"])
 
     def answered(self, line):
         try:
             answer = json.loads(line)
+            fds = self._descriptors(answer.get("fds", 0))
             entry = self._pending.pop(answer["id"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             self.log.error("The directory process answered something unreadable: {line!r}", line=line[:200])
             return
         self._taken = answer.get("taken", self._taken)
@@ -218,14 +262,27 @@ class ProcessTaskDirs(Service):
         d = entry[2]
         if "error" in answer:
             d.errback(decode_error(answer["error"]))
+        elif "fds" in answer:
+            d.callback(fds)
         else:
             d.callback(answer.get("ok"))
+
+    def _descriptors(self, count):
+        if not isinstance(count, int) or count < 0 or count > len(self.fds):
+            raise ValueError("descriptors missing")
+        return [self.fds.popleft() for _ in range(count)]
 
     def child_said(self, data):
         self.log.warn("The directory process says: {text}", text=data.decode("utf-8", "replace").rstrip())
 
-    def ended(self, reason):
-        self._process = None
+    def gone(self, reason):
+        """The process, or its socket, has ended (once each)."""
+        self._alive -= 1
+        if self._alive > 0:
+            return
+        self._process = self._channel = None
+        while self.fds:  # sent with an answer that never came whole
+            os.close(self.fds.popleft())
         if self._stopping is not None:
             stopping, self._stopping = self._stopping, None
             self._take_over()  # (nothing, unless it was killed at the timeout)
@@ -261,25 +318,36 @@ class ProcessTaskDirs(Service):
         # The package this agent runs from, wherever it is.
         here = os.path.dirname(os.path.dirname(os.path.abspath(everest_agent.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._process = self._reactor.spawnProcess(
-                _Pipe(self), self._python, [self._python, "-m", "everest_agent.dirworker", self.work_dir],
-                env=env, childFDs={0: "w", 1: "r", 2: "r"},
+                _Watch(self), self._python, [self._python, "-m", "everest_agent.dirworker", self.work_dir],
+                env=env, childFDs={0: theirs.fileno(), 1: "r", 2: "r"},
             )
         except OSError as e:
+            ours.close()
             self.use_threads(f"cannot start the directory process ({e})")
             return
+        finally:
+            theirs.close()
+        channel = _Channel(self)
+        factory = protocol.Factory()
+        factory.buildProtocol = lambda addr: channel
+        self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        ours.close()  # (adopted: the reactor has a descriptor of its own)
+        self._channel = channel
+        self._alive = 2
         lines, self._before_start = self._before_start, []
         if lines:
-            self._process.write(b"".join(lines))
+            channel.transport.write(b"".join(lines))
 
     def stopService(self):
         super().stopService()
-        if self._process is None:
+        if self._channel is None:
             return None
         # The process answers everything it was asked, then ends.
         self._stopping = defer.Deferred()
-        self._process.closeStdin()
+        self._channel.transport.loseWriteConnection()
         timer = self._reactor.callLater(self.STOP_TIMEOUT, self._kill)
         stopping = self._stopping
 

@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from everest_agent import agent as agent_module
 from everest_agent import config as agent_config
+from everest_agent import paths
 from everest_agent import protocol as P
 from everest_agent.fsio import ThreadedFileIO
 from everest_agent.taskdirs import ProcessTaskDirs
@@ -85,7 +86,9 @@ class StallingFileSystemTests(TestCase):
 
         # Whatever must not happen on the reactor thread fails there.
         self.patch(os, "makedirs", guard(os.makedirs))
-        self.patch(os, "posix_spawn", guard(os.posix_spawn))
+        # (The spawn itself runs on the reactor thread: it opens nothing of
+        # the task's.  What it needs is opened in the stalling threads.)
+        self.patch(paths, "open_task_dir_nofollow", guard(paths.open_task_dir_nofollow))
 
         lag = []
         last = [reactor.seconds()]

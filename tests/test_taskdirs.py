@@ -4,10 +4,12 @@ in the agent's threads, and in the directory process (a real child process,
 everest_agent/dirworker.py).
 """
 
+import array
 import errno
 import io
 import json
 import os
+import socket
 import stat
 import sys
 
@@ -20,6 +22,7 @@ from everest_agent import dirworker, paths
 from everest_agent.fsio import InlineFileIO
 from everest_agent.spares import SPARE_DIR
 from everest_agent.taskdirs import ITaskDirs, ProcessTaskDirs, ThreadTaskDirs, decode_error
+from tests.support import eventually
 
 
 def _task(work_dir, name, text=b"out"):
@@ -87,19 +90,31 @@ class ServeTests(unittest.TestCase):
     """dirworker.serve itself, in this process (its threads, a pipe for its answers)."""
 
     def serve(self, work_dir, requests):
-        r, w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ours.close)
+        ours.sendall(b"".join(requests))
+        ours.shutdown(socket.SHUT_WR)
         self.err = io.StringIO()
         try:
-            dirworker.serve(io.BytesIO(b"".join(requests)), w, work_dir, err=self.err)
+            dirworker.serve(theirs, work_dir, err=self.err)
         finally:
-            os.close(w)
-        with os.fdopen(r, "rb") as f:
-            return [json.loads(line) for line in f]
+            theirs.close()
+        answers, fds, data = [], [], b""
+        while True:
+            chunk, ancillary, _, _ = ours.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            if not chunk:
+                break
+            data += chunk
+        answers = [json.loads(line) for line in data.splitlines()]
+        return answers, fds
 
     def test_answers_each_request_and_ignores_an_unreadable_one(self):
         work_dir = os.path.abspath(self.mktemp())
         _task(work_dir, "a")
-        answers = self.serve(work_dir, [
+        answers, fds = self.serve(work_dir, [
             b'{"id": 1, "op": "make", "work_dir": "%s", "name": "b"}\n' % work_dir.encode(),
             b"not json\n",
             b'{"id": 2, "op": "nothing"}\n',
@@ -111,6 +126,7 @@ class ServeTests(unittest.TestCase):
         self.assertEqual(by_id[1]["ok"], None)
         self.assertIs(by_id[3]["ok"], True)
         self.assertEqual(os.listdir(os.path.join(work_dir, SPARE_DIR)), ["0"])
+        self.assertEqual(fds, [])
         said = self.err.getvalue().splitlines()
         self.assertEqual(len(said), 2)
         self.assertTrue(all("unreadable request" in line for line in said))
@@ -118,6 +134,38 @@ class ServeTests(unittest.TestCase):
 
 class ProcessTaskDirsTests(unittest.TestCase):
     """The directory process, for real."""
+
+    @defer.inlineCallbacks
+    def test_prepare_sends_the_descriptors_a_spawn_needs(self):
+        d = _Dirs(self)
+        d.dirs.startService()
+        _task(d.work_dir, "old")
+        yield d.dirs.retire("old", True)
+        yield d.dirs.make(d.path("t"))
+        fds = yield d.dirs.prepare(d.path("t"))
+        self.addCleanup(lambda: [os.close(fd) for fd in fds])
+        self.assertEqual(len(fds), 3)
+        self.assertEqual([os.get_inheritable(fd) for fd in fds], [False] * 3)
+        self.assertTrue(stat.S_ISDIR(os.fstat(fds[0]).st_mode))
+        self.assertEqual(os.path.samestat(os.fstat(fds[0]), os.stat(d.path("t"))), True)
+        for fd, name in ((fds[1], "stdout"), (fds[2], "stderr")):
+            self.assertTrue(os.path.samestat(os.fstat(fd), os.stat(os.path.join(d.path("t"), name))))
+            self.assertEqual(os.fstat(fd).st_size, 0)
+        self.assertTrue(os.path.isdir(os.path.join(d.path("t"), ".everest")))  # a job may start now
+        os.write(fds[1], b"written through the descriptor")
+        with open(os.path.join(d.path("t"), "stdout"), "rb") as f:
+            self.assertEqual(f.read(), b"written through the descriptor")
+
+    @defer.inlineCallbacks
+    def test_prepare_of_a_planted_link_fails_and_sends_nothing(self):
+        d = _Dirs(self)
+        d.dirs.startService()
+        outside = os.path.abspath(self.mktemp())
+        os.makedirs(outside)
+        os.symlink(outside, d.path("t"))
+        yield self.assertFailure(d.dirs.prepare(d.path("t")), paths.PathEscape)
+        self.assertEqual(os.listdir(outside), [])
+        self.assertEqual(len(d.dirs.fds), 0)
 
     @defer.inlineCallbacks
     def test_make_retire_and_use_again(self):
@@ -185,25 +233,21 @@ class ProcessTaskDirsTests(unittest.TestCase):
         d = _Dirs(self)
         d.dirs.startService()
         yield d.dirs.make(d.path("first"))
-        ended = defer.Deferred()
-        pipe = d.dirs._process.proto
-        original = pipe.processEnded
-
-        def processEnded(reason):
-            original(reason)
-            ended.callback(None)
-
-        pipe.processEnded = processEnded
         # Asked while it dies: answered all the same, by the threads.
         d.dirs._process.signalProcess("KILL")
         pending = [d.dirs.make(d.path(f"t{i}")) for i in range(5)]
-        yield ended
+        _task(d.work_dir, "done")
+        pending.append(d.dirs.retire("done", True))
+        yield eventually(lambda: not d.dirs.in_process, timeout=10, what="the threads taking over")
         yield defer.gatherResults(pending)
-        self.assertFalse(d.dirs.in_process)
         for i in range(5):
             self.assertTrue(os.path.isdir(d.path(f"t{i}")))
+        self.assertFalse(os.path.exists(d.path("done")))
         yield d.dirs.make(d.path("later"))
-        self.assertTrue(os.path.isdir(d.path("later")))
+        fds = yield d.dirs.prepare(d.path("later"))
+        for fd in fds:
+            os.close(fd)
+        self.assertEqual(len(fds), 3)
         self.assertTrue(any("the directory process ended" in t and "agent's threads" in t for t in d.texts()),
                         d.texts())
 

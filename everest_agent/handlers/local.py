@@ -436,14 +436,22 @@ class LocalTaskHandler:
 
     def use_files(self, files):
         """
-        Do the handler's blocking work (each spawn, which creates the task's
-        files; /proc lookups; exit-code files) through C{files}, an
-        L{everest_agent.fsio.IFileIO}: the agent passes its file-system
-        threads; the default runs it inline.  The spawns of one reactor turn
-        go in one hop.
+        Do the handler's blocking work (opening a task's files for its
+        spawn, L{spares.open_for_spawn}; /proc lookups; exit-code files)
+        through C{files}, an L{everest_agent.fsio.IFileIO}: the agent passes
+        its file-system threads; the default runs it inline.  The spawns of
+        one reactor turn go in one hop.
         """
         self.files = files
-        self._spawn = files.batch(_spawn_wrapper)
+        self._prepare = files.batch(spares.open_for_spawn)
+
+    def use_dirs(self, dirs):
+        """
+        Have C{dirs} (an L{everest_agent.taskdirs.ITaskDirs}: the agent's
+        directory process) prepare each task's descriptors instead of the
+        file-system threads.
+        """
+        self._prepare = dirs.prepare
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -476,7 +484,15 @@ class LocalTaskHandler:
             e = f.value
             raise RuntimeError(f"cannot start the task: {getattr(e, 'strerror', None) or e}")
 
-        return self._spawn((request.directory, request.command, environment, first)).addCallbacks(spawned, failed)
+        def spawn(fds):
+            if first:
+                _close_inherited_fds()
+            return _spawn_wrapper(fds, request.directory, request.command, environment)
+
+        # The task directory's files are opened off the reactor (by the
+        # directory process, or the file-system threads); the spawn itself
+        # opens none of them.
+        return self._prepare(request.directory).addCallback(spawn).addCallbacks(spawned, failed)
 
     def reattach(self, request, job_id):
         """
@@ -537,38 +553,24 @@ class LocalTaskHandler:
         return defer.succeed({})
 
 
-def _spawn_wrapper(item):
+def _spawn_wrapper(fds, directory, command, environment):
     """
-    Start a task's wrapper (blocking, in the file-system threads: the spawn
-    creates the task's files).  C{item} is C{(directory, command,
-    environment, first)}; the first spawn of the agent also makes inherited
-    descriptors close-on-exec.
+    Start a task's wrapper with the descriptors L{spares.open_for_spawn}
+    made (C{[directory, stdout, stderr]}), and close them.  It opens
+    nothing of the task's (its only file action opens C{/dev/null}), so it
+    runs on the reactor thread, as Twisted's own spawns do.
 
     @return: the wrapper's pid.
     """
-    directory, command, environment, first = item
-    if first:
-        _close_inherited_fds()
-    fds = []
     try:
-        # Nothing an earlier run of the same task id left is followed: a
-        # link in place of .everest, stdout or stderr is replaced
-        # (spares.open_state_dir, spares.open_output), a stale exit code
-        # emptied.  In a directory used again, all of them exist already:
-        # the spawn then makes no new file (see everest_agent.spares).
-        fds.append(paths.open_task_dir_nofollow(directory))
-        fds.append(spares.open_state_dir(fds[0]))
-        spares.empty_exit_code(fds[1])
-        for name in ("stdout", "stderr"):
-            fds.append(spares.open_output(fds[0], name))
         return os.posix_spawn(
             SHELL,
             [SHELL, "-c", _WRAPPER, MARK, directory, command],
             environment,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, fds[2], 1),
-                (os.POSIX_SPAWN_DUP2, fds[3], 2),
+                (os.POSIX_SPAWN_DUP2, fds[1], 1),
+                (os.POSIX_SPAWN_DUP2, fds[2], 2),
                 (os.POSIX_SPAWN_DUP2, fds[0], 3),
             ],
             setsid=True,
