@@ -253,7 +253,11 @@ class ProcessTaskDirs(Service):
             fds = self._descriptors(answer.get("fds", 0))
             entry = self._pending.pop(answer["id"])
         except (ValueError, KeyError, TypeError, AttributeError):
-            self.log.error("The directory process answered something unreadable: {line!r}", line=line[:200])
+            # Nothing it says can be trusted now: it is ended, and what it
+            # was asked goes to the threads (so no call waits forever).
+            self.log.error("The directory process answered something unreadable: {line!r}; ending it",
+                           line=line[:200])
+            self._end_it()
             return
         self._taken = answer.get("taken", self._taken)
         self._given = answer.get("given", self._given)
@@ -362,6 +366,10 @@ class ProcessTaskDirs(Service):
         if self._process is not None:
             self.log.warn("The directory process did not end in {timeout:g} s; killing it",
                           timeout=self.STOP_TIMEOUT)
+            self._end_it()
+
+    def _end_it(self):
+        if self._process is not None:
             try:
                 self._process.signalProcess("KILL")
             except error.ProcessExitedAlready:

@@ -264,14 +264,19 @@ class ProcessTaskDirsTests(unittest.TestCase):
         self.assertEqual(d.dirs.given, 20)
 
     @defer.inlineCallbacks
-    def test_an_unreadable_answer_is_logged_and_the_rest_goes_on(self):
-        d = _Dirs(self)
-        d.dirs.startService()
-        d.dirs.answered(b"{not json")
-        d.dirs.answered(b'{"id": 999999, "ok": null}')  # nobody asked that
-        self.assertEqual(len([t for t in d.texts() if "unreadable" in t]), 2)
-        yield d.dirs.make(d.path("t"))
-        self.assertTrue(os.path.isdir(d.path("t")))
+    def test_an_unreadable_answer_ends_the_process_and_nothing_waits(self):
+        for bad in (b"{not json", b'{"id": 999999, "ok": null}', b'{"id": 1, "fds": 3}', b"[1, 2]"):
+            d = _Dirs(self)
+            d.dirs.startService()
+            _task(d.work_dir, "old")
+            asked = [d.dirs.make(d.path("t")), d.dirs.retire("old", True)]
+            d.dirs.answered(bad)  # as if the process had said it
+            self.assertTrue(any("unreadable" in t for t in d.texts()), bad)
+            yield defer.gatherResults(asked)  # answered all the same, by the threads
+            self.assertTrue(os.path.isdir(d.path("t")))
+            self.assertFalse(os.path.exists(d.path("old")))
+            self.assertFalse(d.dirs.in_process)
+            yield d.stop()
 
     def test_not_wanted_before_the_start(self):
         d = _Dirs(self)
