@@ -1,14 +1,54 @@
 """
-Keeping a task's files inside its directory: input targets, temporary
-files, output paths and output patterns, with symbolic links planted in the
-task directory.
+Keeping a task's files inside its directory (L{everest_agent.paths}, the
+one walker): input targets, temporary files, output paths and output
+patterns, against symbolic links planted in the task directory, real
+FIFOs, sockets and directories, real rename races, and a table of what a
+hostile task plants.
 """
 
+import contextlib
 import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from everest_agent import paths
+
+
+@contextlib.contextmanager
+def no_hang(seconds=10):
+    """Fail, rather than hang, if the body blocks (a FIFO opened for a blocking read)."""
+
+    def alarm(signum, frame):
+        raise AssertionError(f"blocked for more than {seconds} s")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signals go to the main thread only)
+        return
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def read(found):
+    """The contents of what L{paths.open_output} returned (closed after)."""
+    fd, size = found
+    try:
+        data = os.pread(fd, 1000, 0)
+    finally:
+        os.close(fd)
+    assert len(data) == size, (data, size)
+    return data
 
 
 class PathsTestCase(SynchronousTestCase):
@@ -95,9 +135,15 @@ def _umask():
 
 class OpenOutputTests(PathsTestCase):
     def test_regular(self):
-        self.make("r.txt")
-        with paths.open_output(self.task, "r.txt") as f:
-            self.assertEqual(f.read(), b"r.txt")
+        self.make("r.txt", "a/b/r")
+        self.assertEqual(read(paths.open_output(self.task, "r.txt")), b"r.txt")
+        self.assertEqual(read(paths.open_output(self.task, "a/b/r")), b"a/b/r")
+        self.assertEqual(read(paths.open_output(self.task, "a/./b/../b/r")), b"a/b/r")
+
+    def test_through_a_file_is_missing(self):
+        self.make("a/b/r")
+        self.assertIsNone(paths.open_output(self.task, "a/none"))
+        self.assertIsNone(paths.open_output(self.task, "a/b/r/deeper"))
 
     def test_missing(self):
         self.assertIsNone(paths.open_output(self.task, "nope"))
@@ -113,8 +159,55 @@ class OpenOutputTests(PathsTestCase):
     def test_link_inside(self):
         self.make("real.txt")
         os.symlink("real.txt", os.path.join(self.task, "alias"))
-        with paths.open_output(self.task, "alias") as f:
-            self.assertEqual(f.read(), b"real.txt")
+        self.assertEqual(read(paths.open_output(self.task, "alias")), b"real.txt")
+
+    def test_links_inside_followed_outside_refused(self):
+        self.make("real/x")
+        os.symlink("real", os.path.join(self.task, "rel"))
+        os.symlink(os.path.join(self.task, "real", "x"), os.path.join(self.task, "abs"))
+        os.symlink("../" + os.path.basename(self.outside), os.path.join(self.task, "up"))
+        os.symlink(self.outside, os.path.join(self.task, "out"))
+        os.symlink("loop", os.path.join(self.task, "loop"))
+        self.assertEqual(read(paths.open_output(self.task, "rel/x")), b"real/x")
+        self.assertEqual(read(paths.open_output(self.task, "abs")), b"real/x")
+        self.assertEqual(read(paths.open_output(self.task, "real/../real/x")), b"real/x")
+        for rel in ("up/secret", "out/secret", "../" + os.path.basename(self.outside) + "/secret"):
+            self.assertRaisesRegex(paths.PathEscape, "leads outside", paths.open_output, self.task, rel)
+        self.assertRaisesRegex(paths.PathEscape, "too many levels", paths.open_output, self.task, "loop")
+
+    def test_fifo_fails_without_blocking(self):
+        # The first open() blocked until someone opened the FIFO's other end.
+        os.mkfifo(os.path.join(self.task, "stdout"))
+        with no_hang(), self.assertRaises(paths.NotRegular) as caught:
+            paths.open_output(self.task, "stdout")
+        self.assertEqual(str(caught.exception), "output 'stdout' is a FIFO, not a regular file")
+
+    def test_socket_and_directory_fail(self):
+        task = tempfile.mkdtemp(prefix="ea-")  # short enough for a socket's name
+        self.addCleanup(shutil.rmtree, task, True)
+        s = socket.socket(socket.AF_UNIX)
+        self.addCleanup(s.close)
+        s.bind(os.path.join(task, "sock"))
+        os.makedirs(os.path.join(task, "dir"))
+        os.symlink("dir", os.path.join(task, "dir-link"))
+        self.assertRaisesRegex(paths.NotRegular, "output 'sock' is a socket", paths.open_output, task, "sock")
+        self.assertRaisesRegex(paths.NotRegular, "output 'dir' is a directory", paths.open_output, task, "dir")
+        self.assertRaisesRegex(paths.NotRegular, "is a directory", paths.open_output, task, "dir-link")
+        self.assertRaisesRegex(paths.NotRegular, "is a directory", paths.open_output, task, "dir/..")
+
+    def test_character_device_fails(self):
+        os.symlink("/dev/null", os.path.join(self.task, "null"))  # outside: refused for that
+        self.assertRaisesRegex(paths.PathEscape, "leads outside", paths.open_output, self.task, "null")
+        try:
+            os.mknod(os.path.join(self.task, "zero"), 0o600 | 0o020000, os.makedev(1, 5))
+        except PermissionError:
+            raise SkipTest("needs the right to make a device node")
+        self.assertRaisesRegex(paths.NotRegular, "a character device", paths.open_output, self.task, "zero")
+
+    def test_symlinked_task_directory_refused(self):
+        link = self.task + "-link"
+        os.symlink(self.outside, link)
+        self.assertRaisesRegex(paths.PathEscape, "is a symbolic link", paths.open_output, link, "secret")
 
     def test_parent_link_outside(self):
         os.symlink(self.outside, os.path.join(self.task, "d"))
@@ -189,6 +282,57 @@ class FindOutputsTests(PathsTestCase):
         os.symlink(os.path.join(self.outside, "secret"), os.path.join(self.task, "s.dat"))
         self.assertRaises(paths.PathEscape, paths.match_outputs, self.task, "*.dat")
 
+    def test_bounds(self):
+        os.makedirs(os.path.join(self.task, "many", "sub"))
+        for i in range(60):
+            open(os.path.join(self.task, "many", "sub", f"{i}.dat"), "wb").close()
+        matches, errors = paths.find_outputs(self.task, "many/**/*.dat", max_entries=1000, max_matches=1000)
+        self.assertEqual((len(matches), errors), (60, []))
+        matches, errors = paths.find_outputs(self.task, "many/**", max_entries=50)
+        self.assertEqual(matches, [])
+        self.assertIn("more than 50 entries", errors[0])
+        self.assertIn("max_output_entries", errors[0])
+        matches, errors = paths.find_outputs(self.task, "many/sub/*.dat", max_matches=10)
+        self.assertEqual(matches, [])
+        self.assertIn("matches more than 10 files", errors[0])
+        self.assertIn("max_output_files", errors[0])
+
+    def test_depth_bounded(self):
+        deep = os.path.join(self.task, *["d"] * (paths.MAX_DEPTH + 1))
+        os.makedirs(deep)
+        open(os.path.join(deep, "x.dat"), "wb").close()
+        matches, errors = paths.find_outputs(self.task, "**/*.dat")
+        self.assertEqual(matches, [])
+        self.assertIn(f"goes more than {paths.MAX_DEPTH} directories deep", errors[0])
+
+    def test_fifo_not_matched(self):
+        os.mkfifo(os.path.join(self.task, "a.out"))
+        os.symlink("a.out", os.path.join(self.task, "c.out"))
+        open(os.path.join(self.task, "b.out"), "wb").close()
+        with no_hang():
+            self.assertEqual(paths.find_outputs(self.task, "*.out"), (["b.out"], []))
+
+    def test_entries_typed_without_a_stat_each(self):
+        # (scandir's d_type; a file system that gives none makes this fail.)
+        os.makedirs(os.path.join(self.task, "many"))
+        for i in range(500):
+            open(os.path.join(self.task, "many", f"{i}.dat"), "wb").close()
+        calls = []
+        real_stat = os.stat
+
+        def counting(*args, **kwargs):
+            calls.append(args)
+            return real_stat(*args, **kwargs)
+
+        self.patch(os, "stat", counting)
+        self.assertEqual(len(paths.find_outputs(self.task, "many/*.dat")[0]), 500)
+        self.assertLess(len(calls), 5)
+
+    def test_missing_or_symlinked_task_directory(self):
+        self.assertRaises(FileNotFoundError, paths.find_outputs, self.task + "-none", "*")
+        os.symlink(self.task, self.task + "-link")
+        self.assertRaisesRegex(paths.PathEscape, "is a symbolic link", paths.find_outputs, self.task + "-link", "*")
+
 
 class RaceTests(PathsTestCase):
     """A task that swaps a directory and a link while the agent reads and writes (issue 11, item 5)."""
@@ -240,21 +384,63 @@ class RaceTests(PathsTestCase):
     def test_open_output_never_reads_outside(self):
         self.make("d/secret")  # same name as the outside file, other content
         finish = self.flipper(os.path.join(self.task, "d"))
-        read, refused = [], 0
+        seen, refused = [], 0
         for _ in range(60000):
-            if len(read) >= 1000:
+            if len(seen) >= 1000:
                 break
             try:
-                f = paths.open_output(self.task, "d/secret")
+                found = paths.open_output(self.task, "d/secret")
             except (paths.PathEscape, OSError):
                 refused += 1  # (the old code also failed in the gaps)
                 continue
-            if f is not None:
-                with f:
-                    read.append(f.read())
+            if found is not None:
+                seen.append(read(found))
         finish()
-        self.assertNotIn(b"secret", read)
-        self.assertTrue(set(read) <= {b"d/secret"})
+        self.assertNotIn(b"secret", seen)
+        self.assertTrue(set(seen) <= {b"d/secret"})
+
+    def test_rename_race(self):
+        """
+        A task flips d/ between a directory and a link to the outside by
+        renames while its outputs are opened: no open may ever reach the
+        outside file.  (Resolving with realpath, then opening by name, let
+        some through.)
+        """
+        d = os.path.join(self.task, "d")
+        self.make("d/secret")
+        os.symlink(self.outside, d + ".link")
+        stop = threading.Event()
+        flips = [0]
+
+        def flip():
+            while not stop.is_set():
+                try:
+                    os.rename(d, d + ".real")
+                    os.rename(d + ".link", d)
+                    os.rename(d, d + ".link")
+                    os.rename(d + ".real", d)
+                    flips[0] += 1
+                except OSError:
+                    pass
+
+        flipper = threading.Thread(target=flip)
+        flipper.start()
+        seen = {}
+        try:
+            for _ in range(10000):
+                try:
+                    found = paths.open_output(self.task, "d/secret")
+                except paths.PathEscape:
+                    key = "refused"
+                else:
+                    key = "missing" if found is None else read(found).decode()
+                seen[key] = seen.get(key, 0) + 1
+        finally:
+            stop.set()
+            flipper.join()
+        self.assertGreater(flips[0], 10)
+        self.assertNotIn("secret", seen)
+        self.assertIn("d/secret", seen)
 
     def test_input_target_and_create_never_write_outside(self):
         os.makedirs(os.path.join(self.task, "d"))
@@ -278,8 +464,11 @@ class DescriptorApiTests(PathsTestCase):
 
     def test_fifo_refused_without_blocking(self):
         os.mkfifo(os.path.join(self.task, "stdout"))
-        self.assertRaises(paths.PathEscape, paths.open_file, self.fd, "stdout")
-        self.assertRaises(paths.PathEscape, paths.open_output, self.task, "stdout")
+        with no_hang():
+            self.assertRaisesRegex(paths.NotRegular, "'stdout' is a FIFO", paths.open_file, self.fd, "stdout")
+            # Written without O_CREAT (which would replace it), it does not block either.
+            self.assertRaisesRegex(paths.NotRegular, "'stdout' is a FIFO", paths.open_file, self.fd, "stdout",
+                                   os.O_WRONLY)
 
     def test_link_above_the_root_refused(self):
         os.makedirs(os.path.join(self.task, "a"))
@@ -378,3 +567,4 @@ class TaskDirTests(PathsTestCase):
     def test_bad_names(self):
         for bad in ("", ".", "..", "a/b"):
             self.assertRaises(paths.PathEscape, paths.open_task_dir, self.work, bad)
+
