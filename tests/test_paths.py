@@ -568,3 +568,150 @@ class TaskDirTests(PathsTestCase):
         for bad in ("", ".", "..", "a/b"):
             self.assertRaises(paths.PathEscape, paths.open_task_dir, self.work, bad)
 
+
+class HostileTests(PathsTestCase):
+    """
+    What a hostile task plants, each through every way in: an output
+    opened for reading (stage-out, the passive file server), the output
+    glob, and an input's target made and written.  Each case is a clear
+    error (or, for an output, nothing there), and nothing outside the
+    task directory is read or written.
+
+    A row: C{(case, plant, output, pattern, input)}; C{plant(test)} sets
+    the task directory up and returns the task directory to use (None: the
+    usual one); C{output}, C{pattern} and C{input} are C{(path, expected)},
+    C{expected} a regex of the error, C{None} for "nothing there", or the
+    whole row entry C{None} when that way in does not apply.
+    """
+
+    MANY = 100_000
+
+    def plant_passwd(self):
+        os.symlink("/etc/passwd", os.path.join(self.task, "out.txt"))
+
+    def plant_dir_link(self):
+        os.symlink(self.outside, os.path.join(self.task, "d"))
+
+    def plant_dir(self):
+        os.makedirs(os.path.join(self.task, "a", "dir"))
+
+    def plant_fifo(self):
+        os.mkfifo(os.path.join(self.task, "fifo"))
+
+    def plant_many(self):
+        many = os.path.join(self.task, "many")
+        os.makedirs(many)
+        for i in range(self.MANY):
+            os.close(os.open(os.path.join(many, str(i)), os.O_WRONLY | os.O_CREAT, 0o644))
+
+    def plant_task_link(self):
+        self.make("r.txt")
+        link = self.task + "-link"
+        os.symlink(self.task, link)
+        return link
+
+    def plant_file(self):
+        self.make("a.txt")
+
+    def rows(self):
+        outside = os.path.basename(self.outside)
+        o, full = re.escape(outside), re.escape(self.outside)
+        escape = "leads outside the task directory"
+        return [
+            ("a link to /etc/passwd as an output", self.plant_passwd,
+             ("out.txt", f"^output 'out.txt' {escape}$"),
+             ("*.txt", f"^output 'out.txt' \\(from pattern '\\*.txt'\\) {escape}$"),
+             ("out.txt/x", escape)),
+            ("a link to a directory outside", self.plant_dir_link,
+             ("d/secret", f"^output 'd/secret' {escape}$"),
+             ("d/*", escape),
+             ("d/new/x", f"^input 'd/new/x' {escape}$")),
+            ("'..' segments", self.plant_dir,
+             (f"a/../../{outside}/secret", f"^output 'a/\\.\\./\\.\\./{o}/secret' {escape}$"),
+             (f"a/../../{outside}/*", f"^output pattern 'a/\\.\\./\\.\\./{o}/\\*' {escape}$"),
+             (f"a/dir/../../../{outside}/new", escape)),
+            ("an absolute path", None,
+             (os.path.join(self.outside, "secret"), f"^output '{full}/secret' {escape}$"),
+             (os.path.join(self.outside, "*"), escape),
+             (os.path.join(self.outside, "new"), f"^input '{full}/new' {escape}$")),
+            ("a FIFO as an output", self.plant_fifo,
+             ("fifo", "^output 'fifo' is a FIFO, not a regular file$"),
+             ("fif*", None),
+             ("fifo/x", "^input 'fifo/x' has 'fifo', which is not a directory$")),
+            ("a directory as an output", self.plant_dir,
+             ("a/dir", "^output 'a/dir' is a directory, not a regular file$"),
+             ("a/di*", None),
+             ("a/dir", "^input 'a/dir' names a directory$")),
+            (f"a glob over {self.MANY} entries", self.plant_many,
+             None,
+             ("many/*", f"^output pattern 'many/\\*' matches more than {self.MANY - 1} files"),
+             None),
+            ("a task directory that is itself a link", self.plant_task_link,
+             ("r.txt", "^the task directory .*-link is a symbolic link, not a directory$"),
+             ("*", "^the task directory .*-link is a symbolic link, not a directory$"),
+             ("x", "^the task directory .*-link is a symbolic link, not a directory$")),
+            ("a path through a regular file", self.plant_file,
+             ("a.txt/b", None),
+             ("a.txt/*", None),
+             ("a.txt/b", "^input 'a.txt/b' has 'a.txt', which is not a directory$")),
+        ]
+
+    def outcome_of_output(self, task, rel):
+        try:
+            found = paths.open_output(task, rel)
+        except paths.PathEscape as e:
+            return str(e)
+        if found is not None:
+            os.close(found[0])
+            return "opened"
+        return None
+
+    def outcome_of_pattern(self, task, pattern):
+        try:
+            found, errors = paths.find_outputs(task, pattern, max_matches=self.MANY - 1)
+        except paths.PathEscape as e:  # (the stager reports it as the pattern's error)
+            return str(e)
+        self.assertEqual(found, [])
+        self.assertLessEqual(len(errors), 1)
+        return errors[0] if errors else None
+
+    def outcome_of_input(self, task, rel):
+        try:
+            target = paths.input_target(task, rel)
+        except paths.PathEscape as e:
+            return str(e)
+        fd = paths.create_exclusive(paths.temporary_for(target))
+        os.close(fd)
+        return f"written at {target}"
+
+    def test_hostile_cases(self):
+        for case, plant, output, pattern, input_ in self.rows():
+            shutil.rmtree(self.task)
+            os.makedirs(self.task)
+            for leftover in (self.task + "-link",):
+                if os.path.lexists(leftover):
+                    os.unlink(leftover)
+            task = (plant() if plant else None) or self.task
+            for way, entry, outcome in (("output", output, self.outcome_of_output),
+                                        ("pattern", pattern, self.outcome_of_pattern),
+                                        ("input", input_, self.outcome_of_input)):
+                if entry is None:
+                    continue
+                rel, expected = entry
+                with no_hang():
+                    got = outcome(task, rel)
+                if expected is None:
+                    self.assertIsNone(got, f"{case}, {way} {rel!r}")
+                else:
+                    self.assertIsNotNone(got, f"{case}, {way} {rel!r}")
+                    self.assertRegex(got, expected, f"{case}, {way} {rel!r}")
+                self.assertEqual(os.listdir(self.outside), ["secret"], case)
+                with open(os.path.join(self.outside, "secret")) as f:
+                    self.assertEqual(f.read(), "secret", case)
+
+    def test_bounded_glob_of_many_entries(self):
+        self.plant_many()
+        found, errors = paths.find_outputs(self.task, "many/*", max_entries=self.MANY - 1)
+        self.assertEqual(found, [])
+        self.assertRegex(errors[0], f"^output pattern 'many/\\*' looked at more than {self.MANY - 1} entries")
+        self.assertEqual(len(paths.find_outputs(self.task, "many/*")[0]), self.MANY)
