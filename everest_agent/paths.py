@@ -79,8 +79,10 @@ use walk the same way:
     files it matches (L{TooMany}), listing directories with C{scandir}
     (their entries' types come from the directory itself, no C{stat} each);
   - L{input_target}C{(task_dir, relpath)}, L{temporary_for},
-    L{create_exclusive}: where an input is written (its parents made
-    inside), under a temporary name created without following a link.
+    L{create_exclusive}, L{link_exclusive}, L{replace_into}: where an input
+    is written (its parents made inside), under a temporary name created
+    (or hard-linked) and then renamed into place from a descriptor of its
+    directory, opened without following a link on the way.
 """
 
 import errno
@@ -602,6 +604,33 @@ def temporary_for(target):
     return os.path.join(head, f".{tail}.part")
 
 
+def _open_parent(path):
+    """
+    The directory of C{path}, opened with C{O_NOFOLLOW} on every component
+    of its absolute path (so a link anywhere on the way is refused, never
+    followed), and C{path}'s last name in it.
+
+    @return: C{(descriptor, name)}; the caller closes the descriptor.
+    @raise PathEscape: a component is a link or not a directory.
+    """
+    head, tail = os.path.split(os.path.abspath(path))
+    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    walk = _Walk(root, repr(path))
+    try:
+        for part in _split(head):
+            try:
+                fd = os.open(part, _DIR_FLAGS, dir_fd=walk.fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise PathEscape(f"{path!r}: {part!r} is a symbolic link or not a directory") from None
+                raise
+            walk.stack.append((fd, part))
+        return (walk.stack.pop()[0] if len(walk.stack) > 1 else os.dup(root)), tail
+    finally:
+        walk.close()
+        os.close(root)
+
+
 def create_exclusive(path, mode=0o644):
     """
     Create C{path} for writing, never through a symbolic link: whatever is
@@ -612,25 +641,48 @@ def create_exclusive(path, mode=0o644):
 
     @return: a file descriptor.
     """
-    head, tail = os.path.split(os.path.abspath(path))
-    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    dir_fd, name = _open_parent(path)
     try:
-        walk = _Walk(root, repr(path))
-        try:
-            for part in _split(head):
-                try:
-                    fd = os.open(part, _DIR_FLAGS, dir_fd=walk.fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise PathEscape(f"{path!r}: {part!r} is a symbolic link or not a directory") from None
-                    raise
-                walk.stack.append((fd, part))
-            flags = os.O_WRONLY | os.O_CREAT
-            return open_file(walk.fd, tail, flags, mode, what=repr(path))
-        finally:
-            walk.close()
+        return open_file(dir_fd, name, os.O_WRONLY | os.O_CREAT, mode, what=repr(path))
     finally:
-        os.close(root)
+        os.close(dir_fd)
+
+
+def link_exclusive(source, path):
+    """
+    Hard-link C{source} (the agent's own file, e.g. cached content) at
+    C{path}, its directory opened as L{create_exclusive} opens it; whatever
+    is at C{path} already is removed first, never followed.
+
+    @raise FileNotFoundError: C{source} (or C{path}'s directory) is not there.
+    """
+    dir_fd, name = _open_parent(path)
+    walk = _Walk(dir_fd, repr(path))
+    try:
+        _unlink_entry(walk, name)
+        os.link(source, name, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def replace_into(tmp, target):
+    """
+    Rename C{tmp} over C{target}, both in one directory (as
+    L{temporary_for} names them), that directory opened as
+    L{create_exclusive} opens it: a link swapped in on the way between the
+    write and the rename is refused, never followed; a link at C{target}
+    is replaced.
+
+    @raise PathEscape: a component of the directory is a link.
+    """
+    dir_fd, name = _open_parent(target)
+    try:
+        head, tmp_name = os.path.split(os.path.abspath(tmp))
+        if head != os.path.dirname(os.path.abspath(target)):
+            raise ValueError(f"{tmp!r} and {target!r} are not in one directory")
+        os.rename(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 # -- the path-taking functions: outputs ---------------------------------------

@@ -123,6 +123,38 @@ class CreateExclusiveTests(PathsTestCase):
         self.assertEqual(os.path.getsize(tmp), 0)
         self.assertEqual(os.stat(tmp).st_mode & 0o777, 0o600 & ~_umask())
 
+    def test_replace_into_refuses_a_directory_swapped_for_a_link(self):
+        # Written while d/ was a directory, renamed after a task made it a link.
+        target = paths.input_target(self.task, "d/x")
+        tmp = paths.temporary_for(target)
+        os.close(paths.create_exclusive(tmp))
+        os.rename(os.path.join(self.task, "d"), os.path.join(self.task, "d.real"))
+        os.symlink(self.outside, os.path.join(self.task, "d"))
+        with open(os.path.join(self.outside, ".x.part"), "w") as f:
+            f.write("planted")
+        self.assertRaisesRegex(paths.PathEscape, "'d' is a symbolic link", paths.replace_into, tmp, target)
+        self.assertEqual(sorted(os.listdir(self.outside)), [".x.part", "secret"])
+        os.unlink(os.path.join(self.task, "d"))
+        os.rename(os.path.join(self.task, "d.real"), os.path.join(self.task, "d"))
+        os.symlink(os.path.join(self.outside, "secret"), target)  # a link at the target is replaced
+        paths.replace_into(tmp, target)
+        self.assertFalse(os.path.islink(target))
+        self.assertEqual(os.listdir(os.path.join(self.task, "d")), ["x"])
+
+    def test_link_exclusive_replaces_a_planted_link(self):
+        source = os.path.join(self.task, "cached")
+        with open(source, "w") as f:
+            f.write("content")
+        tmp = os.path.join(self.task, ".x.part")
+        os.symlink(os.path.join(self.outside, "secret"), tmp)
+        paths.link_exclusive(source, tmp)
+        self.assertEqual(os.stat(tmp, follow_symlinks=False).st_ino, os.stat(source).st_ino)
+        with open(os.path.join(self.outside, "secret")) as f:
+            self.assertEqual(f.read(), "secret")
+        os.symlink(self.outside, os.path.join(self.task, "link"))
+        self.assertRaises(paths.PathEscape, paths.link_exclusive, source, os.path.join(self.task, "link", "y"))
+        self.assertEqual(os.listdir(self.outside), ["secret"])
+
     def test_temporary_name(self):
         self.assertEqual(paths.temporary_for("/t/a/b.txt"), "/t/a/.b.txt.part")
 
@@ -450,6 +482,7 @@ class RaceTests(PathsTestCase):
                 target = paths.input_target(self.task, f"d/in{i}")
                 fd = paths.create_exclusive(paths.temporary_for(target))
                 os.close(fd)
+                paths.replace_into(paths.temporary_for(target), target)
             except (paths.PathEscape, OSError):
                 pass
         finish()

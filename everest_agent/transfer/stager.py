@@ -102,7 +102,7 @@ def _write_inline(target, data, executable):
                 os.fchmod(fd, 0o755)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        paths.replace_into(tmp, target)
     except BaseException:
         remove(tmp)
         raise
@@ -472,10 +472,13 @@ class Stager:
                                  0o755 if item.get("executable") else 0o644,
                                  authorization=item.get("authorization"))
         try:
-            await mirror(self._run(os.replace, tmp, target))
+            await mirror(self._run(paths.replace_into, tmp, target))
         except OSError as e:
             remove(tmp)
             raise io_failure(e) from None
+        except paths.PathEscape as e:
+            remove(tmp)
+            raise Failed(str(e)) from None
 
     async def _download(self, key, uri, tmp, size, sha256, mode, authorization=None):
         """
