@@ -1,11 +1,13 @@
 """
-Keeping every file a task names inside its task directory.
+Keeping every file a task names inside its task directory: the one walker.
 
 A spec's paths are checked lexically first (L{everest_agent.protocol}); the
 functions here check them again on the disk, where symbolic links (maybe
 planted by the task itself, or by an earlier task with the same id) could
 lead elsewhere, and where a running task can swap a directory for a link
-between two system calls.
+between two system calls.  Every caller goes through this module: the
+stager's inputs and outputs, the passive-mode file server, the handlers'
+C{stdout}, C{stderr} and exit-code files, the job script.
 
 How confinement is done
 =======================
@@ -13,19 +15,27 @@ How confinement is done
 Never by resolving a path to a string and opening the string afterwards
 (C{realpath} then C{open} leaves a window between the two in which a
 component can be swapped).  Instead every path is walked one component at
-a time from an open descriptor of the task directory, each component opened
-with C{openat(dirfd, name, O_NOFOLLOW | O_DIRECTORY)} relative to the
-descriptor of the one before it.  A symbolic link met on the way is never
-followed by the kernel: its text is read (C{readlinkat}) and walked the
-same way, from the directory that holds it, with C{..} popping back to a
-descriptor already held (never above the task directory) and an absolute
-target accepted only when it names a place inside the task directory.  So
-whatever the task does meanwhile, every descriptor in the walk was reached
-from the task directory's through entries that were not links when they
-were opened: the file finally opened is inside (the equivalent of Linux's
-C{openat2(RESOLVE_IN_ROOT)}, which Python does not expose).  What this does
-not stop: a process of the agent's own user that I{moves} a directory it
-can already read into the task directory (it could as well copy the files).
+a time from an open descriptor of the task directory (L{_Walk}), each
+component opened with C{openat(dirfd, name, O_NOFOLLOW | O_DIRECTORY)}
+relative to the descriptor of the one before it.  A symbolic link met on
+the way is never followed by the kernel: its text is read (C{readlinkat})
+and walked the same way, from the directory that holds it, with C{..}
+popping back to a descriptor already held (never above the task directory)
+and an absolute target accepted only when it names a place inside the task
+directory.  So whatever the task does meanwhile, every descriptor in the
+walk was reached from the task directory's through entries that were not
+links when they were opened: the file finally opened is inside (the
+equivalent of Linux's C{openat2(RESOLVE_IN_ROOT)}, which Python does not
+expose).  What this does not stop: a process of the agent's own user that
+I{moves} a directory it can already read into the task directory (it could
+as well copy the files).
+
+Only regular files are read.  The type of the last component is looked at
+before it is opened (C{fstatat} without following), so a FIFO, socket,
+device or directory is refused with a reason naming what it is (L{kind})
+and never opened; the open itself uses C{O_NONBLOCK | O_NOCTTY} (a FIFO
+swapped in at the last moment cannot block it) and the type is checked
+again on the open descriptor.
 
 The task directory itself is opened by L{open_task_dir} from a descriptor
 of C{work_dir}: an existing entry of the task's name that is a symbolic
@@ -34,31 +44,45 @@ is moved aside (renamed to C{.quarantine/<name>.<n>} in C{work_dir}, and
 the task gets a fresh directory) rather than failing the task: a task id is
 the platform's to reuse, and a link left by one task must not deny the id's
 next run; nothing of the entry is followed, read or deleted, so an operator
-can see what was planted.
+can see what was planted.  Opened again later by its path
+(L{open_task_dir_nofollow}, which every path-taking function here uses),
+it is refused if it has become a link or someone else's.
 
-The API (small, for the staging code and the handlers alike)
-=============================================================
+The API
+=======
 
-All of these block: call them off the reactor thread (a thread pool).
+All of these block on the file system: call them off the reactor thread
+(the stager's and the passive server's file-work threads).
 
   - L{open_task_dir}C{(work_dir, name)}: descriptor of a task directory,
-    created if needed, checked as above.
+    created if needed, checked as above;
+    L{open_task_dir_nofollow}C{(path)}: an existing task directory again.
   - L{open_dir}C{(dir_fd, relpath, create=False)}: descriptor of a directory
     under C{dir_fd} (parents created with C{create}).
   - L{open_file}C{(dir_fd, relpath, flags, mode)}: descriptor of a file
     under C{dir_fd}.  For reading, links inside are followed (confined) and
-    anything but a regular file is refused without blocking (FIFOs are
-    opened with C{O_NONBLOCK}); for writing, the last component is never
-    followed (C{O_NOFOLLOW}; with C{O_CREAT}, whatever is there is unlinked
-    first and the file is created with C{O_EXCL}).
+    anything but a regular file is refused without being opened (see
+    above); for writing, the last component is never followed
+    (C{O_NOFOLLOW}; with C{O_CREAT}, whatever is there is unlinked first
+    and the file is created with C{O_EXCL}).
   - L{replace_file}C{(dir_fd, tmp, name)}: rename within one directory fd.
   - L{fresh_dir}C{(dir_fd, name)}: the agent's own subdirectory (a link or
-    file in its place is removed, never followed);
-    L{open_task_dir_nofollow}C{(path)}: an existing task directory again.
+    file in its place is removed, never followed).
 
-The older path-taking functions (L{input_target}, L{open_output},
-L{create_exclusive}, L{find_outputs}) are kept for the staging code; they
-walk the same way.
+The path-taking functions the staging code and the passive file server
+use walk the same way:
+
+  - L{open_output}C{(task_dir, relpath)}: an output opened for reading:
+    C{(fd, size)}, or None when there is none;
+  - L{find_outputs}C{(task_dir, pattern, max_entries, max_matches)}: the
+    output glob, bounded in the directory entries it looks at and the
+    files it matches (L{TooMany}), listing directories with C{scandir}
+    (their entries' types come from the directory itself, no C{stat} each);
+  - L{input_target}C{(task_dir, relpath)}, L{temporary_for},
+    L{create_exclusive}, L{link_exclusive}, L{replace_into}: where an input
+    is written (its parents made inside), under a temporary name created
+    (or hard-linked) and then renamed into place from a descriptor of its
+    directory, opened without following a link on the way.
 """
 
 import errno
@@ -70,14 +94,26 @@ import stat
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+#: What reading opens with, besides the caller's flags: never a link, never blocking, never a terminal.
+_READ_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | _CLOEXEC
+#: The same for writing (a FIFO in place of a file opened without O_CREAT fails at once).
+_WRITE_FLAGS = _READ_FLAGS
 #: Symbolic links followed in one walk before giving up (the kernel's limit).
 MAX_LINKS = 40
+#: Times one walk looks again at an entry that changed under it before giving up.
+MAX_RETRIES = 100
+#: Directories an output pattern's walk goes down at most.
+MAX_DEPTH = 256
 #: Where L{open_task_dir} moves an unusable entry, inside C{work_dir}.
 QUARANTINE = ".quarantine"
 
 
 class PathEscape(ValueError):
     """A path that leads outside the task directory (or names the wrong kind of file)."""
+
+
+class NotRegular(PathEscape):
+    """A file to read that is not a regular file (a FIFO, a device, a directory...)."""
 
 
 class _NotDirectory(PathEscape):
@@ -88,8 +124,23 @@ class UnsafeDirectory(OSError):
     """A directory the agent must not use (a link, or someone else's)."""
 
 
+class TooMany(Exception):
+    """An output pattern walked or matched more than its bound."""
+
+
+def kind(mode):
+    """What a file of this mode is, in words (for a reason: C{"a FIFO"})."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def _inside(root_real, path_real):
-    return path_real == root_real or path_real.startswith(root_real + os.sep)
+    return path_real == root_real or path_real.startswith(root_real.rstrip("/") + "/")
 
 
 def _fd_path(fd):
@@ -104,10 +155,21 @@ def _split(relpath):
     return [part for part in relpath.split("/") if part not in ("", ".")]
 
 
+def _lstat_mode(name, dir_fd):
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except OSError:
+        return 0
+
+
 class _Walk:
     """
     A walk from C{root_fd}: a stack of (descriptor, name) of the
     directories entered, the root's first (borrowed, never closed here).
+
+    @param what: how the path is named in a reason (C{"output 'x'"}).
+    @param follow: whether links are followed (inside only); without, any
+        link met is refused.
     """
 
     def __init__(self, root_fd, what, follow=True):
@@ -115,6 +177,7 @@ class _Walk:
         self.what = what
         self.follow = follow
         self.links = 0
+        self.retries = 0
         self._root_real = None
 
     @property
@@ -122,6 +185,7 @@ class _Walk:
         return self.stack[-1][0]
 
     def rel(self, name=None):
+        """The path, from the root, of the current directory (or of its entry C{name})."""
         parts = [n for _, n in self.stack[1:]]
         if name is not None:
             parts.append(name)
@@ -134,6 +198,12 @@ class _Walk:
 
     def escape(self, why="leads outside the task directory"):
         return PathEscape(f"{self.what} {why}")
+
+    def again(self):
+        """An entry changed between two looks at it: look again, a bounded number of times."""
+        self.retries += 1
+        if self.retries > MAX_RETRIES:
+            raise self.escape("keeps changing while it is looked up")
 
     def link_parts(self, name):
         """
@@ -180,7 +250,7 @@ class _Walk:
                 try:
                     os.mkdir(name, 0o755, dir_fd=self.fd)
                 except FileExistsError:
-                    pass  # made meanwhile: open it (again) as whatever it is
+                    self.again()  # made meanwhile: open it (again) as whatever it is
                 parts.insert(0, name)
                 continue
             except OSError as e:
@@ -193,27 +263,80 @@ class _Walk:
                 mode = _lstat_mode(name, self.fd)
                 if mode and not stat.S_ISLNK(mode) and not stat.S_ISDIR(mode):
                     raise _NotDirectory(f"{self.what} has {self.rel(name)!r}, which is not a directory") from None
+                self.again()
                 parts.insert(0, name)  # it changed meanwhile: look again
                 continue
             self.stack.append((fd, name))
 
-    def last(self, relpath, create=False):
-        """Walk to the parent of C{relpath}'s last component: @return: that name."""
-        parts = _split(relpath)
-        if not parts:
-            raise self.escape("names the task directory itself")
-        name = parts.pop()
+    def to_last(self, parts, create=False):
+        """
+        Walk all of C{parts} but the last component.
+
+        @return: that last name, or None when C{parts} name a directory
+            that the walk is now in (nothing, or a final C{..}).
+        """
+        name = parts.pop() if parts else None
         if name == "..":
-            raise self.escape("names a directory")
+            parts.append(name)
+            name = None
         self.enter(parts, create=create)
         return name
 
+    def last(self, relpath, create=False):
+        """Walk to the parent of C{relpath}'s last component: @return: that name (see L{to_last})."""
+        return self.to_last(_split(relpath), create=create)
 
-def _lstat_mode(name, dir_fd):
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-    except OSError:
-        return 0
+    def settle(self, name):
+        """
+        Follow the links at the end of the walk (inside only).
+
+        @return: C{(name, stat)} of what the last component is, not
+            following it: a name in the current directory that was not a
+            link when looked at, or C{(None, stat)} for the current
+            directory itself.
+        @raise FileNotFoundError: nothing there.
+        """
+        while True:
+            if name is None:
+                return None, os.fstat(self.fd)
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                return name, st
+            link = self.link_parts(name)
+            if link is None:
+                self.again()
+                continue
+            name = self.to_last(link)
+
+    def open_regular(self, name, flags=os.O_RDONLY):
+        """
+        Open the last component C{name} (links followed, see L{settle}) for
+        reading: a regular file only, refused before it is opened
+        otherwise, opened without blocking and checked again.
+
+        @return: C{(fd, stat)} (the descriptor blocking again).
+        @raise NotRegular: it is something else.
+        """
+        while True:
+            name, st = self.settle(name)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRegular(f"{self.what} is {kind(st.st_mode)}, not a regular file")
+            try:
+                fd = os.open(name, flags | _READ_FLAGS, dir_fd=self.fd)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                self.again()  # a link now: look again
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise NotRegular(f"{self.what} is {kind(st.st_mode)}, not a regular file")
+                os.set_blocking(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, st
 
 
 def open_dir(dir_fd, relpath, create=False, what=None):
@@ -241,7 +364,8 @@ def open_file(dir_fd, relpath, flags=os.O_RDONLY, mode=0o644, what=None, follow=
 
     Reading (C{flags} without C{O_WRONLY}, C{O_RDWR} or C{O_CREAT}): a link
     at the end is followed too, inside only; the file must be a regular
-    file (a FIFO, device, socket or directory is refused, without blocking).
+    file (a FIFO, device, socket or directory is refused without being
+    opened, see L{_Walk.open_regular}).
     Writing: the parents are resolved inside, the last component is opened
     with C{O_NOFOLLOW}; with C{O_CREAT}, what is there is removed first and
     the file made with C{O_EXCL} (a fresh file, never a planted one).
@@ -250,7 +374,8 @@ def open_file(dir_fd, relpath, flags=os.O_RDONLY, mode=0o644, what=None, follow=
     files, which never are links: one there was planted).
 
     @return: a new descriptor.
-    @raise PathEscape: leads outside, is not a regular file (or meets a link
+    @raise PathEscape: leads outside, is not a regular file (L{NotRegular}),
+        passes through something that is not a directory (or meets a link
         without C{follow}).
     @raise FileNotFoundError: nothing there (reading).
     """
@@ -258,43 +383,33 @@ def open_file(dir_fd, relpath, flags=os.O_RDONLY, mode=0o644, what=None, follow=
     writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
     try:
         name = walk.last(relpath)
+        if not writing:
+            return walk.open_regular(name, flags)[0]
+        if name is None:
+            raise walk.escape("names a directory")
         while True:
-            if writing:
-                if flags & os.O_CREAT:
-                    _unlink_entry(walk, name)
-                    flags |= os.O_EXCL
-                try:
-                    fd = os.open(name, flags | os.O_NOFOLLOW | _CLOEXEC, mode, dir_fd=walk.fd)
-                except FileExistsError:
-                    continue  # planted again between the unlink and the open
-                except OSError as e:
-                    if e.errno == errno.ELOOP:
-                        raise walk.escape("is a symbolic link") from None
-                    if e.errno == errno.EISDIR:
-                        raise walk.escape("is a directory") from None
-                    raise
-            else:
-                try:
-                    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=walk.fd)
-                except OSError as e:
-                    if e.errno != errno.ELOOP:
-                        raise
-                    link = walk.link_parts(name)
-                    if link is None:
-                        continue
-                    if not link:
-                        raise walk.escape("names a directory") from None
-                    name = link.pop()
-                    walk.enter(link)
-                    if name == "..":
-                        raise walk.escape("names a directory") from None
-                    continue
+            if flags & os.O_CREAT:
+                _unlink_entry(walk, name)
+                flags |= os.O_EXCL
             try:
-                kind = os.fstat(fd).st_mode
-                if not stat.S_ISREG(kind):
-                    raise walk.escape("is a directory" if stat.S_ISDIR(kind) else "is not a regular file")
-                if not writing:
-                    os.set_blocking(fd, True)
+                fd = os.open(name, flags | _WRITE_FLAGS, mode, dir_fd=walk.fd)
+            except FileExistsError:
+                walk.again()
+                continue  # planted again between the unlink and the open
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise walk.escape("is a symbolic link") from None
+                if e.errno == errno.EISDIR:
+                    raise walk.escape("is a directory") from None
+                if e.errno == errno.ENXIO:  # a FIFO nobody reads (O_NONBLOCK)
+                    raise NotRegular(f"{walk.what} is {kind(_lstat_mode(name, walk.fd))}, "
+                                     "not a regular file") from None
+                raise
+            try:
+                mode_ = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode_):
+                    raise NotRegular(f"{walk.what} is {kind(mode_)}, not a regular file")
+                os.set_blocking(fd, True)
             except BaseException:
                 os.close(fd)
                 raise
@@ -343,14 +458,20 @@ def fresh_dir(dir_fd, name, mode=0o755):
 def open_task_dir_nofollow(path):
     """
     Open an existing task directory C{path} again (its parent is the
-    operator's C{work_dir}): refuse it if it became a link or someone
-    else's.  @return: a descriptor.  @raise PathEscape, FileNotFoundError.
+    operator's C{work_dir}, followed): refuse it if it became a link, is
+    not a directory, or is someone else's.  Where every path-taking
+    function here starts.
+
+    @return: a descriptor.
+    @raise PathEscape: it is refused.
+    @raise FileNotFoundError: it is not there.
     """
     try:
         fd = os.open(path, _DIR_FLAGS)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise PathEscape(f"the task directory {path} is not a directory (a symbolic link?)") from None
+            what = "a symbolic link, not a directory" if os.path.islink(path) else "not a directory"
+            raise PathEscape(f"the task directory {path} is {what}") from None
         raise
     if os.fstat(fd).st_uid != os.geteuid():
         os.close(fd)
@@ -439,11 +560,11 @@ def _quarantine(root, work_dir, name, why, log):
                  name=name, work_dir=work_dir, aside=f"{QUARANTINE}/{name}.{n}", why=why)
 
 
-# -- the path-taking functions the staging code uses -------------------------
+# -- the path-taking functions: inputs ----------------------------------------
 
 
-def _open_root(task_dir):
-    return os.open(task_dir, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+def _lexically_outside(normal):
+    return normal.startswith("/") or normal == ".." or normal.startswith("../")
 
 
 def input_target(task_dir, relpath):
@@ -452,51 +573,62 @@ def input_target(task_dir, relpath):
     (walking from the task directory, see the module's docstring) and
     returns the absolute path of the file's place, its directory part made
     of real directories inside C{task_dir}.  The file itself is written to
-    a temporary name and renamed over the target, which replaces a link
-    instead of following it.
+    a temporary name (L{temporary_for}, L{create_exclusive}) and renamed
+    over the target, which replaces a link instead of following it.
 
     @raise PathEscape: if the path, or its parent once resolved, is
-        outside the task directory, or if it names a directory.
+        outside the task directory, passes through a file that is not a
+        directory, or names a directory; or if the task directory is
+        refused (L{open_task_dir_nofollow}).
     """
     normal = posixpath.normpath(relpath)
-    if normal.startswith("/") or normal in (".", "..") or normal.startswith("../"):
+    if _lexically_outside(normal) or normal == ".":
         raise PathEscape(f"input {relpath!r} leads outside the task directory")
-    root = os.path.realpath(task_dir)
-    root_fd = _open_root(root)
+    root_fd = open_task_dir_nofollow(task_dir)
     walk = _Walk(root_fd, f"input {relpath!r}")
     try:
+        root = _fd_path(root_fd) or os.path.realpath(task_dir)
         name = walk.last(normal, create=True)
-        parent = walk.rel()
-        if stat.S_ISDIR(_lstat_mode(name, walk.fd)):
+        if name is None or stat.S_ISDIR(_lstat_mode(name, walk.fd)):
             raise PathEscape(f"input {relpath!r} names a directory")
+        parent = walk.rel()
     finally:
         walk.close()
         os.close(root_fd)
     return os.path.join(root, parent, name) if parent else os.path.join(root, name)
 
 
-def open_output(task_dir, relpath):
-    """
-    Open output C{relpath} for reading, refusing anything that resolves
-    outside C{task_dir} or is not a regular file (see L{open_file}).
-
-    @return: an open binary file, or None if there is no such file.
-    @raise PathEscape: if it leads outside, or is not a regular file.
-    """
-    root_fd = _open_root(task_dir)
-    try:
-        fd = open_file(root_fd, relpath, what=f"output {relpath!r}")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    finally:
-        os.close(root_fd)
-    return os.fdopen(fd, "rb")
-
-
 def temporary_for(target):
     """The name a file is written under before it is renamed to C{target}."""
     head, tail = os.path.split(target)
     return os.path.join(head, f".{tail}.part")
+
+
+def _open_parent(path):
+    """
+    The directory of C{path}, opened with C{O_NOFOLLOW} on every component
+    of its absolute path (so a link anywhere on the way is refused, never
+    followed), and C{path}'s last name in it.
+
+    @return: C{(descriptor, name)}; the caller closes the descriptor.
+    @raise PathEscape: a component is a link or not a directory.
+    """
+    head, tail = os.path.split(os.path.abspath(path))
+    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    walk = _Walk(root, repr(path))
+    try:
+        for part in _split(head):
+            try:
+                fd = os.open(part, _DIR_FLAGS, dir_fd=walk.fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise PathEscape(f"{path!r}: {part!r} is a symbolic link or not a directory") from None
+                raise
+            walk.stack.append((fd, part))
+        return (walk.stack.pop()[0] if len(walk.stack) > 1 else os.dup(root)), tail
+    finally:
+        walk.close()
+        os.close(root)
 
 
 def create_exclusive(path, mode=0o644):
@@ -509,28 +641,85 @@ def create_exclusive(path, mode=0o644):
 
     @return: a file descriptor.
     """
-    head, tail = os.path.split(os.path.abspath(path))
-    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    dir_fd, name = _open_parent(path)
     try:
-        walk = _Walk(root, repr(path))
-        try:
-            for part in _split(head):
-                try:
-                    fd = os.open(part, _DIR_FLAGS, dir_fd=walk.fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise PathEscape(f"{path!r}: {part!r} is a symbolic link or not a directory") from None
-                    raise
-                walk.stack.append((fd, part))
-            flags = os.O_WRONLY | os.O_CREAT
-            return open_file(walk.fd, tail, flags, mode, what=repr(path))
-        finally:
-            walk.close()
+        return open_file(dir_fd, name, os.O_WRONLY | os.O_CREAT, mode, what=repr(path))
     finally:
-        os.close(root)
+        os.close(dir_fd)
 
 
-def find_outputs(task_dir, pattern):
+def link_exclusive(source, path):
+    """
+    Hard-link C{source} (the agent's own file, e.g. cached content) at
+    C{path}, its directory opened as L{create_exclusive} opens it; whatever
+    is at C{path} already is removed first, never followed.
+
+    @raise FileNotFoundError: C{source} (or C{path}'s directory) is not there.
+    """
+    dir_fd, name = _open_parent(path)
+    walk = _Walk(dir_fd, repr(path))
+    try:
+        _unlink_entry(walk, name)
+        os.link(source, name, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def replace_into(tmp, target):
+    """
+    Rename C{tmp} over C{target}, both in one directory (as
+    L{temporary_for} names them), that directory opened as
+    L{create_exclusive} opens it: a link swapped in on the way between the
+    write and the rename is refused, never followed; a link at C{target}
+    is replaced.
+
+    @raise PathEscape: a component of the directory is a link.
+    """
+    dir_fd, name = _open_parent(target)
+    try:
+        head, tmp_name = os.path.split(os.path.abspath(tmp))
+        if head != os.path.dirname(os.path.abspath(target)):
+            raise ValueError(f"{tmp!r} and {target!r} are not in one directory")
+        os.rename(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -- the path-taking functions: outputs ---------------------------------------
+
+
+def open_output(task_dir, relpath):
+    """
+    Open output C{relpath} of C{task_dir} for reading: links followed
+    inside only, a regular file only (anything else is refused without
+    being opened, see L{_Walk.open_regular}).
+
+    @return: C{(fd, size)} (the caller closes C{fd}), or None if there is
+        no such file (nothing there, or a component on the way is a file,
+        not a directory).
+    @raise PathEscape: it leads outside, the task directory is refused
+        (L{open_task_dir_nofollow}), or it is not a regular file
+        (L{NotRegular}, its reason naming what it is: C{"output 'x' is a
+        FIFO, not a regular file"}).
+    @raise OSError: it cannot be opened (the task directory is missing,
+        permissions).
+    """
+    what = f"output {relpath!r}"
+    if relpath.startswith("/"):
+        raise PathEscape(f"{what} leads outside the task directory")
+    root_fd = open_task_dir_nofollow(task_dir)
+    walk = _Walk(root_fd, what)
+    try:
+        fd, st = walk.open_regular(walk.last(relpath))
+    except (FileNotFoundError, NotADirectoryError, _NotDirectory):
+        return None
+    finally:
+        walk.close()
+        os.close(root_fd)
+    return fd, st.st_size
+
+
+def find_outputs(task_dir, pattern, max_entries=1_000_000, max_matches=100_000):
     """
     The files in C{task_dir} that the glob C{pattern} matches.
 
@@ -541,38 +730,48 @@ def find_outputs(task_dir, pattern):
 
     Nothing outside the task directory is ever looked at: the walk goes
     from directory descriptors (see the module's docstring); symbolic links
-    to directories are followed only when they point inside the task
-    directory, and never by C{**} (so a link loop cannot make the walk
-    endless).  A symbolic link that the pattern matches and that leads
-    outside is reported, not followed; links to files inside are matched.
+    that the pattern matches are resolved inside the task directory only,
+    and never followed by C{**} (so a link loop cannot make the walk
+    endless).  One that leads outside is reported, not followed.  Only
+    regular files match (a FIFO, socket, device, or a link to a
+    directory, does not).
+
+    The walk looks at C{max_entries} directory entries at most, matches
+    C{max_matches} files at most and goes L{MAX_DEPTH} directories deep at
+    most; past a bound the pattern matches nothing and its one error says
+    which bound (L{TooMany}).
 
     @return: C{(matches, errors)}: the matching regular files as sorted
         paths relative to the task directory, and one message for each
-        match that leads outside.
+        match that leads outside, or for a walk past its bounds.
+    @raise PathEscape: the task directory is refused
+        (L{open_task_dir_nofollow}).
+    @raise OSError: it cannot be opened or a directory in it listed.
     """
     normal = posixpath.normpath(pattern)
-    if normal.startswith("/") or normal == ".." or normal.startswith("../"):
+    if _lexically_outside(normal):
         return [], [f"output pattern {pattern!r} leads outside the task directory"]
-    segments = [s for s in normal.split("/") if s not in ("", ".")]
+    segments = _split(normal)
     if segments and segments[-1] == "**":
         segments.append("*")
-    found, errors = set(), []
-    if segments:
+    if not segments:
+        return [], []
+    root_fd = open_task_dir_nofollow(task_dir)
+    try:
+        glob = _Glob(root_fd, pattern, max_entries, max_matches)
         try:
-            root_fd = _open_root(task_dir)
-        except OSError:
-            return [], []
-        try:
-            _walk(root_fd, root_fd, "", segments, 0, found, errors, pattern)
-        finally:
-            os.close(root_fd)
-    return sorted(found), errors
+            glob.walk(root_fd, "", segments, 0, 0)
+        except TooMany as e:
+            return [], [f"output pattern {pattern!r} {e}; name the outputs more narrowly"]
+    finally:
+        os.close(root_fd)
+    return sorted(glob.found), glob.errors
 
 
 def match_outputs(task_dir, pattern):
     """
     Like L{find_outputs}, but raise L{PathEscape} for the first match that
-    leads outside the task directory.
+    leads outside the task directory (or a bound passed).
     """
     found, errors = find_outputs(task_dir, pattern)
     if errors:
@@ -590,101 +789,118 @@ def _segment_matches(name, segment):
     return fnmatch.fnmatchcase(name, segment)
 
 
-def _entries(dir_fd):
-    """(name, lstat mode) of each entry of directory C{dir_fd}."""
+def _is_regular(root_fd, rel, what):
+    """Whether C{rel} (from the root, links followed inside) is a regular file, not opening it."""
+    walk = _Walk(root_fd, what)
     try:
-        with os.scandir(os.dup(dir_fd)) as it:
-            out = []
-            for entry in it:
-                try:
-                    out.append((entry.name, entry.stat(follow_symlinks=False).st_mode))
-                except OSError:
-                    pass
-            return out
-    except OSError:
-        return []
-
-
-def _kind(root_fd, child):
-    """What C{child} (relative to the root) is, links followed inside: 'dir', 'file', None; or PathEscape."""
-    try:
-        fd = open_dir(root_fd, child, what=f"output {child!r}")
-    except _NotDirectory:
-        pass
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    else:
-        os.close(fd)
-        return "dir"
-    walk = _Walk(root_fd, f"output {child!r}")
-    try:
-        name = walk.last(child)
-        for _ in range(MAX_LINKS + 1):
-            mode = _lstat_mode(name, walk.fd)
-            if not stat.S_ISLNK(mode):
-                return "file" if stat.S_ISREG(mode) else None
-            link = walk.link_parts(name)
-            if link is None:
-                continue
-            if not link:
-                return "dir"
-            name = link.pop()
-            walk.enter(link)
-        raise walk.escape("has too many levels of symbolic links")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        return stat.S_ISREG(walk.settle(walk.last(rel))[1].st_mode)
     finally:
         walk.close()
 
 
-def _walk(root_fd, dir_fd, rel, segments, i, found, errors, pattern):
-    """Match C{segments[i:]} against directory C{dir_fd} (C{rel} relative to the root)."""
-    segment = segments[i]
-    last = i == len(segments) - 1
-    if segment == "**":  # never last: find_outputs appends "*" after a final "**"
-        _walk(root_fd, dir_fd, rel, segments, i + 1, found, errors, pattern)
-        for name, mode in _entries(dir_fd):
-            if name.startswith(".") or not stat.S_ISDIR(mode):
-                continue  # links are never followed by **
-            try:
-                sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-            except OSError:
-                continue
-            try:
-                _walk(root_fd, sub, posixpath.join(rel, name) if rel else name,
-                      segments, i, found, errors, pattern)
-            finally:
-                os.close(sub)
-        return
-    magic = _magic(segment)
-    if magic:
-        names = sorted(n for n, _ in _entries(dir_fd) if _segment_matches(n, segment))
-    else:
-        names = [segment]
-    for name in names:
-        child = posixpath.join(rel, name) if rel else name
-        mode = _lstat_mode(name, dir_fd)
-        if not mode:
-            continue
-        if stat.S_ISLNK(mode):
-            try:
-                kind = _kind(root_fd, child)
-            except PathEscape:
-                errors.append(
-                    f"output {child!r} (from pattern {pattern!r}) leads outside the task directory"
-                )
-                continue
+class _Glob:
+    """One pattern's walk from the task directory C{root_fd}, with its bounds."""
+
+    def __init__(self, root_fd, pattern, max_entries, max_matches):
+        self.root_fd = root_fd
+        self.pattern = pattern
+        self.max_entries = max_entries
+        self.max_matches = max_matches
+        self.entries = 0
+        self.found = set()
+        self.errors = []
+
+    def names(self, fd):
+        """
+        The entries of directory C{fd}: C{[(name, is_dir, is_link,
+        is_file)]}, none of them followed; the types are the directory's
+        own (C{d_type}: no C{stat} each, except on file systems that do
+        not give them).
+        """
+        out = []
+        with os.scandir(fd) as it:
+            for e in it:
+                self.entries += 1
+                if self.entries > self.max_entries:
+                    raise TooMany(f"looked at more than {self.max_entries} entries "
+                                  "(the bound, [transfer] max_output_entries)")
+                try:
+                    out.append((e.name, e.is_dir(follow_symlinks=False), e.is_symlink(),
+                                e.is_file(follow_symlinks=False)))
+                except OSError:
+                    continue  # gone meanwhile
+        return out
+
+    def add(self, rel):
+        self.found.add(rel)
+        if len(self.found) > self.max_matches:
+            raise TooMany(f"matches more than {self.max_matches} files "
+                          "(the bound, [transfer] max_output_files)")
+
+    @staticmethod
+    def open_dir(fd, name):
+        """A subdirectory, not followed if it is a link (None if it is not a directory any more)."""
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except OSError:
+            return None
+
+    def down(self, fd, rel, segments, i, depth):
+        """Walk on in subdirectory C{fd} (closed after)."""
+        try:
+            if depth >= MAX_DEPTH:
+                raise TooMany(f"goes more than {MAX_DEPTH} directories deep")
+            self.walk(fd, rel, segments, i, depth + 1)
+        finally:
+            os.close(fd)
+
+    def walk(self, fd, rel, segments, i, depth):
+        """Match C{segments[i:]} against directory C{fd} (C{rel} from the root)."""
+        segment = segments[i]
+        last = i == len(segments) - 1
+        if segment == "**":  # never last: find_outputs appends "*" after a final "**"
+            self.walk(fd, rel, segments, i + 1, depth)
+            for name, is_dir, _, _ in self.names(fd):
+                if name.startswith(".") or not is_dir:
+                    continue  # links are never followed by **
+                child = self.open_dir(fd, name)
+                if child is not None:
+                    self.down(child, posixpath.join(rel, name) if rel else name, segments, i, depth)
+            return
+        if _magic(segment):
+            candidates = sorted(c for c in self.names(fd) if _segment_matches(c[0], segment))
         else:
-            kind = "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else None
-        if last:
-            if kind == "file":
-                found.add(child)
-        elif kind == "dir":
             try:
-                sub = open_dir(root_fd, child)
-            except (OSError, PathEscape):
-                continue
-            try:
-                _walk(root_fd, sub, child, segments, i + 1, found, errors, pattern)
-            finally:
-                os.close(sub)
+                mode = os.stat(segment, dir_fd=fd, follow_symlinks=False).st_mode
+            except OSError:
+                return
+            candidates = [(segment, stat.S_ISDIR(mode), stat.S_ISLNK(mode), stat.S_ISREG(mode))]
+        for name, is_dir, is_link, is_file in candidates:
+            child_rel = posixpath.join(rel, name) if rel else name
+            if is_link:
+                self.follow(child_rel, segments, i, last, depth)
+            elif last:
+                if is_file:
+                    self.add(child_rel)
+            elif is_dir:
+                child = self.open_dir(fd, name)
+                if child is not None:
+                    self.down(child, child_rel, segments, i + 1, depth)
+
+    def follow(self, rel, segments, i, last, depth):
+        """A symbolic link the pattern matched: resolved inside the root only."""
+        what = f"output {rel!r} (from pattern {self.pattern!r})"
+        try:
+            if last:
+                if _is_regular(self.root_fd, rel, what):
+                    self.add(rel)
+                return
+            fd = open_dir(self.root_fd, rel, what=what)
+        except (NotRegular, _NotDirectory):
+            return  # a link to something that is not what the pattern wants
+        except PathEscape as e:
+            self.errors.append(str(e))
+            return
+        except OSError:
+            return  # dangling inside, or changed meanwhile
+        self.down(fd, rel, segments, i + 1, depth)

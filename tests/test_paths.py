@@ -1,14 +1,54 @@
 """
-Keeping a task's files inside its directory: input targets, temporary
-files, output paths and output patterns, with symbolic links planted in the
-task directory.
+Keeping a task's files inside its directory (L{everest_agent.paths}, the
+one walker): input targets, temporary files, output paths and output
+patterns, against symbolic links planted in the task directory, real
+FIFOs, sockets and directories, real rename races, and a table of what a
+hostile task plants.
 """
 
+import contextlib
 import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from everest_agent import paths
+
+
+@contextlib.contextmanager
+def no_hang(seconds=10):
+    """Fail, rather than hang, if the body blocks (a FIFO opened for a blocking read)."""
+
+    def alarm(signum, frame):
+        raise AssertionError(f"blocked for more than {seconds} s")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signals go to the main thread only)
+        return
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def read(found):
+    """The contents of what L{paths.open_output} returned (closed after)."""
+    fd, size = found
+    try:
+        data = os.pread(fd, 1000, 0)
+    finally:
+        os.close(fd)
+    assert len(data) == size, (data, size)
+    return data
 
 
 class PathsTestCase(SynchronousTestCase):
@@ -83,6 +123,38 @@ class CreateExclusiveTests(PathsTestCase):
         self.assertEqual(os.path.getsize(tmp), 0)
         self.assertEqual(os.stat(tmp).st_mode & 0o777, 0o600 & ~_umask())
 
+    def test_replace_into_refuses_a_directory_swapped_for_a_link(self):
+        # Written while d/ was a directory, renamed after a task made it a link.
+        target = paths.input_target(self.task, "d/x")
+        tmp = paths.temporary_for(target)
+        os.close(paths.create_exclusive(tmp))
+        os.rename(os.path.join(self.task, "d"), os.path.join(self.task, "d.real"))
+        os.symlink(self.outside, os.path.join(self.task, "d"))
+        with open(os.path.join(self.outside, ".x.part"), "w") as f:
+            f.write("planted")
+        self.assertRaisesRegex(paths.PathEscape, "'d' is a symbolic link", paths.replace_into, tmp, target)
+        self.assertEqual(sorted(os.listdir(self.outside)), [".x.part", "secret"])
+        os.unlink(os.path.join(self.task, "d"))
+        os.rename(os.path.join(self.task, "d.real"), os.path.join(self.task, "d"))
+        os.symlink(os.path.join(self.outside, "secret"), target)  # a link at the target is replaced
+        paths.replace_into(tmp, target)
+        self.assertFalse(os.path.islink(target))
+        self.assertEqual(os.listdir(os.path.join(self.task, "d")), ["x"])
+
+    def test_link_exclusive_replaces_a_planted_link(self):
+        source = os.path.join(self.task, "cached")
+        with open(source, "w") as f:
+            f.write("content")
+        tmp = os.path.join(self.task, ".x.part")
+        os.symlink(os.path.join(self.outside, "secret"), tmp)
+        paths.link_exclusive(source, tmp)
+        self.assertEqual(os.stat(tmp, follow_symlinks=False).st_ino, os.stat(source).st_ino)
+        with open(os.path.join(self.outside, "secret")) as f:
+            self.assertEqual(f.read(), "secret")
+        os.symlink(self.outside, os.path.join(self.task, "link"))
+        self.assertRaises(paths.PathEscape, paths.link_exclusive, source, os.path.join(self.task, "link", "y"))
+        self.assertEqual(os.listdir(self.outside), ["secret"])
+
     def test_temporary_name(self):
         self.assertEqual(paths.temporary_for("/t/a/b.txt"), "/t/a/.b.txt.part")
 
@@ -95,9 +167,15 @@ def _umask():
 
 class OpenOutputTests(PathsTestCase):
     def test_regular(self):
-        self.make("r.txt")
-        with paths.open_output(self.task, "r.txt") as f:
-            self.assertEqual(f.read(), b"r.txt")
+        self.make("r.txt", "a/b/r")
+        self.assertEqual(read(paths.open_output(self.task, "r.txt")), b"r.txt")
+        self.assertEqual(read(paths.open_output(self.task, "a/b/r")), b"a/b/r")
+        self.assertEqual(read(paths.open_output(self.task, "a/./b/../b/r")), b"a/b/r")
+
+    def test_through_a_file_is_missing(self):
+        self.make("a/b/r")
+        self.assertIsNone(paths.open_output(self.task, "a/none"))
+        self.assertIsNone(paths.open_output(self.task, "a/b/r/deeper"))
 
     def test_missing(self):
         self.assertIsNone(paths.open_output(self.task, "nope"))
@@ -113,8 +191,55 @@ class OpenOutputTests(PathsTestCase):
     def test_link_inside(self):
         self.make("real.txt")
         os.symlink("real.txt", os.path.join(self.task, "alias"))
-        with paths.open_output(self.task, "alias") as f:
-            self.assertEqual(f.read(), b"real.txt")
+        self.assertEqual(read(paths.open_output(self.task, "alias")), b"real.txt")
+
+    def test_links_inside_followed_outside_refused(self):
+        self.make("real/x")
+        os.symlink("real", os.path.join(self.task, "rel"))
+        os.symlink(os.path.join(self.task, "real", "x"), os.path.join(self.task, "abs"))
+        os.symlink("../" + os.path.basename(self.outside), os.path.join(self.task, "up"))
+        os.symlink(self.outside, os.path.join(self.task, "out"))
+        os.symlink("loop", os.path.join(self.task, "loop"))
+        self.assertEqual(read(paths.open_output(self.task, "rel/x")), b"real/x")
+        self.assertEqual(read(paths.open_output(self.task, "abs")), b"real/x")
+        self.assertEqual(read(paths.open_output(self.task, "real/../real/x")), b"real/x")
+        for rel in ("up/secret", "out/secret", "../" + os.path.basename(self.outside) + "/secret"):
+            self.assertRaisesRegex(paths.PathEscape, "leads outside", paths.open_output, self.task, rel)
+        self.assertRaisesRegex(paths.PathEscape, "too many levels", paths.open_output, self.task, "loop")
+
+    def test_fifo_fails_without_blocking(self):
+        # The first open() blocked until someone opened the FIFO's other end.
+        os.mkfifo(os.path.join(self.task, "stdout"))
+        with no_hang(), self.assertRaises(paths.NotRegular) as caught:
+            paths.open_output(self.task, "stdout")
+        self.assertEqual(str(caught.exception), "output 'stdout' is a FIFO, not a regular file")
+
+    def test_socket_and_directory_fail(self):
+        task = tempfile.mkdtemp(prefix="ea-")  # short enough for a socket's name
+        self.addCleanup(shutil.rmtree, task, True)
+        s = socket.socket(socket.AF_UNIX)
+        self.addCleanup(s.close)
+        s.bind(os.path.join(task, "sock"))
+        os.makedirs(os.path.join(task, "dir"))
+        os.symlink("dir", os.path.join(task, "dir-link"))
+        self.assertRaisesRegex(paths.NotRegular, "output 'sock' is a socket", paths.open_output, task, "sock")
+        self.assertRaisesRegex(paths.NotRegular, "output 'dir' is a directory", paths.open_output, task, "dir")
+        self.assertRaisesRegex(paths.NotRegular, "is a directory", paths.open_output, task, "dir-link")
+        self.assertRaisesRegex(paths.NotRegular, "is a directory", paths.open_output, task, "dir/..")
+
+    def test_character_device_fails(self):
+        os.symlink("/dev/null", os.path.join(self.task, "null"))  # outside: refused for that
+        self.assertRaisesRegex(paths.PathEscape, "leads outside", paths.open_output, self.task, "null")
+        try:
+            os.mknod(os.path.join(self.task, "zero"), 0o600 | 0o020000, os.makedev(1, 5))
+        except PermissionError:
+            raise SkipTest("needs the right to make a device node")
+        self.assertRaisesRegex(paths.NotRegular, "a character device", paths.open_output, self.task, "zero")
+
+    def test_symlinked_task_directory_refused(self):
+        link = self.task + "-link"
+        os.symlink(self.outside, link)
+        self.assertRaisesRegex(paths.PathEscape, "is a symbolic link", paths.open_output, link, "secret")
 
     def test_parent_link_outside(self):
         os.symlink(self.outside, os.path.join(self.task, "d"))
@@ -189,6 +314,57 @@ class FindOutputsTests(PathsTestCase):
         os.symlink(os.path.join(self.outside, "secret"), os.path.join(self.task, "s.dat"))
         self.assertRaises(paths.PathEscape, paths.match_outputs, self.task, "*.dat")
 
+    def test_bounds(self):
+        os.makedirs(os.path.join(self.task, "many", "sub"))
+        for i in range(60):
+            open(os.path.join(self.task, "many", "sub", f"{i}.dat"), "wb").close()
+        matches, errors = paths.find_outputs(self.task, "many/**/*.dat", max_entries=1000, max_matches=1000)
+        self.assertEqual((len(matches), errors), (60, []))
+        matches, errors = paths.find_outputs(self.task, "many/**", max_entries=50)
+        self.assertEqual(matches, [])
+        self.assertIn("more than 50 entries", errors[0])
+        self.assertIn("max_output_entries", errors[0])
+        matches, errors = paths.find_outputs(self.task, "many/sub/*.dat", max_matches=10)
+        self.assertEqual(matches, [])
+        self.assertIn("matches more than 10 files", errors[0])
+        self.assertIn("max_output_files", errors[0])
+
+    def test_depth_bounded(self):
+        deep = os.path.join(self.task, *["d"] * (paths.MAX_DEPTH + 1))
+        os.makedirs(deep)
+        open(os.path.join(deep, "x.dat"), "wb").close()
+        matches, errors = paths.find_outputs(self.task, "**/*.dat")
+        self.assertEqual(matches, [])
+        self.assertIn(f"goes more than {paths.MAX_DEPTH} directories deep", errors[0])
+
+    def test_fifo_not_matched(self):
+        os.mkfifo(os.path.join(self.task, "a.out"))
+        os.symlink("a.out", os.path.join(self.task, "c.out"))
+        open(os.path.join(self.task, "b.out"), "wb").close()
+        with no_hang():
+            self.assertEqual(paths.find_outputs(self.task, "*.out"), (["b.out"], []))
+
+    def test_entries_typed_without_a_stat_each(self):
+        # (scandir's d_type; a file system that gives none makes this fail.)
+        os.makedirs(os.path.join(self.task, "many"))
+        for i in range(500):
+            open(os.path.join(self.task, "many", f"{i}.dat"), "wb").close()
+        calls = []
+        real_stat = os.stat
+
+        def counting(*args, **kwargs):
+            calls.append(args)
+            return real_stat(*args, **kwargs)
+
+        self.patch(os, "stat", counting)
+        self.assertEqual(len(paths.find_outputs(self.task, "many/*.dat")[0]), 500)
+        self.assertLess(len(calls), 5)
+
+    def test_missing_or_symlinked_task_directory(self):
+        self.assertRaises(FileNotFoundError, paths.find_outputs, self.task + "-none", "*")
+        os.symlink(self.task, self.task + "-link")
+        self.assertRaisesRegex(paths.PathEscape, "is a symbolic link", paths.find_outputs, self.task + "-link", "*")
+
 
 class RaceTests(PathsTestCase):
     """A task that swaps a directory and a link while the agent reads and writes (issue 11, item 5)."""
@@ -240,21 +416,63 @@ class RaceTests(PathsTestCase):
     def test_open_output_never_reads_outside(self):
         self.make("d/secret")  # same name as the outside file, other content
         finish = self.flipper(os.path.join(self.task, "d"))
-        read, refused = [], 0
+        seen, refused = [], 0
         for _ in range(60000):
-            if len(read) >= 1000:
+            if len(seen) >= 1000:
                 break
             try:
-                f = paths.open_output(self.task, "d/secret")
+                found = paths.open_output(self.task, "d/secret")
             except (paths.PathEscape, OSError):
                 refused += 1  # (the old code also failed in the gaps)
                 continue
-            if f is not None:
-                with f:
-                    read.append(f.read())
+            if found is not None:
+                seen.append(read(found))
         finish()
-        self.assertNotIn(b"secret", read)
-        self.assertTrue(set(read) <= {b"d/secret"})
+        self.assertNotIn(b"secret", seen)
+        self.assertTrue(set(seen) <= {b"d/secret"})
+
+    def test_rename_race(self):
+        """
+        A task flips d/ between a directory and a link to the outside by
+        renames while its outputs are opened: no open may ever reach the
+        outside file.  (Resolving with realpath, then opening by name, let
+        some through.)
+        """
+        d = os.path.join(self.task, "d")
+        self.make("d/secret")
+        os.symlink(self.outside, d + ".link")
+        stop = threading.Event()
+        flips = [0]
+
+        def flip():
+            while not stop.is_set():
+                try:
+                    os.rename(d, d + ".real")
+                    os.rename(d + ".link", d)
+                    os.rename(d, d + ".link")
+                    os.rename(d + ".real", d)
+                    flips[0] += 1
+                except OSError:
+                    pass
+
+        flipper = threading.Thread(target=flip)
+        flipper.start()
+        seen = {}
+        try:
+            for _ in range(10000):
+                try:
+                    found = paths.open_output(self.task, "d/secret")
+                except paths.PathEscape:
+                    key = "refused"
+                else:
+                    key = "missing" if found is None else read(found).decode()
+                seen[key] = seen.get(key, 0) + 1
+        finally:
+            stop.set()
+            flipper.join()
+        self.assertGreater(flips[0], 10)
+        self.assertNotIn("secret", seen)
+        self.assertIn("d/secret", seen)
 
     def test_input_target_and_create_never_write_outside(self):
         os.makedirs(os.path.join(self.task, "d"))
@@ -264,6 +482,7 @@ class RaceTests(PathsTestCase):
                 target = paths.input_target(self.task, f"d/in{i}")
                 fd = paths.create_exclusive(paths.temporary_for(target))
                 os.close(fd)
+                paths.replace_into(paths.temporary_for(target), target)
             except (paths.PathEscape, OSError):
                 pass
         finish()
@@ -278,8 +497,11 @@ class DescriptorApiTests(PathsTestCase):
 
     def test_fifo_refused_without_blocking(self):
         os.mkfifo(os.path.join(self.task, "stdout"))
-        self.assertRaises(paths.PathEscape, paths.open_file, self.fd, "stdout")
-        self.assertRaises(paths.PathEscape, paths.open_output, self.task, "stdout")
+        with no_hang():
+            self.assertRaisesRegex(paths.NotRegular, "'stdout' is a FIFO", paths.open_file, self.fd, "stdout")
+            # Written without O_CREAT (which would replace it), it does not block either.
+            self.assertRaisesRegex(paths.NotRegular, "'stdout' is a FIFO", paths.open_file, self.fd, "stdout",
+                                   os.O_WRONLY)
 
     def test_link_above_the_root_refused(self):
         os.makedirs(os.path.join(self.task, "a"))
@@ -378,3 +600,151 @@ class TaskDirTests(PathsTestCase):
     def test_bad_names(self):
         for bad in ("", ".", "..", "a/b"):
             self.assertRaises(paths.PathEscape, paths.open_task_dir, self.work, bad)
+
+
+class HostileTests(PathsTestCase):
+    """
+    What a hostile task plants, each through every way in: an output
+    opened for reading (stage-out, the passive file server), the output
+    glob, and an input's target made and written.  Each case is a clear
+    error (or, for an output, nothing there), and nothing outside the
+    task directory is read or written.
+
+    A row: C{(case, plant, output, pattern, input)}; C{plant(test)} sets
+    the task directory up and returns the task directory to use (None: the
+    usual one); C{output}, C{pattern} and C{input} are C{(path, expected)},
+    C{expected} a regex of the error, C{None} for "nothing there", or the
+    whole row entry C{None} when that way in does not apply.
+    """
+
+    MANY = 100_000
+
+    def plant_passwd(self):
+        os.symlink("/etc/passwd", os.path.join(self.task, "out.txt"))
+
+    def plant_dir_link(self):
+        os.symlink(self.outside, os.path.join(self.task, "d"))
+
+    def plant_dir(self):
+        os.makedirs(os.path.join(self.task, "a", "dir"))
+
+    def plant_fifo(self):
+        os.mkfifo(os.path.join(self.task, "fifo"))
+
+    def plant_many(self):
+        many = os.path.join(self.task, "many")
+        os.makedirs(many)
+        for i in range(self.MANY):
+            os.close(os.open(os.path.join(many, str(i)), os.O_WRONLY | os.O_CREAT, 0o644))
+
+    def plant_task_link(self):
+        self.make("r.txt")
+        link = self.task + "-link"
+        os.symlink(self.task, link)
+        return link
+
+    def plant_file(self):
+        self.make("a.txt")
+
+    def rows(self):
+        outside = os.path.basename(self.outside)
+        o, full = re.escape(outside), re.escape(self.outside)
+        escape = "leads outside the task directory"
+        return [
+            ("a link to /etc/passwd as an output", self.plant_passwd,
+             ("out.txt", f"^output 'out.txt' {escape}$"),
+             ("*.txt", f"^output 'out.txt' \\(from pattern '\\*.txt'\\) {escape}$"),
+             ("out.txt/x", escape)),
+            ("a link to a directory outside", self.plant_dir_link,
+             ("d/secret", f"^output 'd/secret' {escape}$"),
+             ("d/*", escape),
+             ("d/new/x", f"^input 'd/new/x' {escape}$")),
+            ("'..' segments", self.plant_dir,
+             (f"a/../../{outside}/secret", f"^output 'a/\\.\\./\\.\\./{o}/secret' {escape}$"),
+             (f"a/../../{outside}/*", f"^output pattern 'a/\\.\\./\\.\\./{o}/\\*' {escape}$"),
+             (f"a/dir/../../../{outside}/new", escape)),
+            ("an absolute path", None,
+             (os.path.join(self.outside, "secret"), f"^output '{full}/secret' {escape}$"),
+             (os.path.join(self.outside, "*"), escape),
+             (os.path.join(self.outside, "new"), f"^input '{full}/new' {escape}$")),
+            ("a FIFO as an output", self.plant_fifo,
+             ("fifo", "^output 'fifo' is a FIFO, not a regular file$"),
+             ("fif*", None),
+             ("fifo/x", "^input 'fifo/x' has 'fifo', which is not a directory$")),
+            ("a directory as an output", self.plant_dir,
+             ("a/dir", "^output 'a/dir' is a directory, not a regular file$"),
+             ("a/di*", None),
+             ("a/dir", "^input 'a/dir' names a directory$")),
+            (f"a glob over {self.MANY} entries", self.plant_many,
+             None,
+             ("many/*", f"^output pattern 'many/\\*' matches more than {self.MANY - 1} files"),
+             None),
+            ("a task directory that is itself a link", self.plant_task_link,
+             ("r.txt", "^the task directory .*-link is a symbolic link, not a directory$"),
+             ("*", "^the task directory .*-link is a symbolic link, not a directory$"),
+             ("x", "^the task directory .*-link is a symbolic link, not a directory$")),
+            ("a path through a regular file", self.plant_file,
+             ("a.txt/b", None),
+             ("a.txt/*", None),
+             ("a.txt/b", "^input 'a.txt/b' has 'a.txt', which is not a directory$")),
+        ]
+
+    def outcome_of_output(self, task, rel):
+        try:
+            found = paths.open_output(task, rel)
+        except paths.PathEscape as e:
+            return str(e)
+        if found is not None:
+            os.close(found[0])
+            return "opened"
+        return None
+
+    def outcome_of_pattern(self, task, pattern):
+        try:
+            found, errors = paths.find_outputs(task, pattern, max_matches=self.MANY - 1)
+        except paths.PathEscape as e:  # (the stager reports it as the pattern's error)
+            return str(e)
+        self.assertEqual(found, [])
+        self.assertLessEqual(len(errors), 1)
+        return errors[0] if errors else None
+
+    def outcome_of_input(self, task, rel):
+        try:
+            target = paths.input_target(task, rel)
+        except paths.PathEscape as e:
+            return str(e)
+        fd = paths.create_exclusive(paths.temporary_for(target))
+        os.close(fd)
+        return f"written at {target}"
+
+    def test_hostile_cases(self):
+        for case, plant, output, pattern, input_ in self.rows():
+            shutil.rmtree(self.task)
+            os.makedirs(self.task)
+            for leftover in (self.task + "-link",):
+                if os.path.lexists(leftover):
+                    os.unlink(leftover)
+            task = (plant() if plant else None) or self.task
+            for way, entry, outcome in (("output", output, self.outcome_of_output),
+                                        ("pattern", pattern, self.outcome_of_pattern),
+                                        ("input", input_, self.outcome_of_input)):
+                if entry is None:
+                    continue
+                rel, expected = entry
+                with no_hang():
+                    got = outcome(task, rel)
+                if expected is None:
+                    self.assertIsNone(got, f"{case}, {way} {rel!r}")
+                else:
+                    self.assertIsNotNone(got, f"{case}, {way} {rel!r}")
+                    self.assertRegex(got, expected, f"{case}, {way} {rel!r}")
+                self.assertEqual(os.listdir(self.outside), ["secret"], case)
+                with open(os.path.join(self.outside, "secret")) as f:
+                    self.assertEqual(f.read(), "secret", case)
+
+    def test_bounded_glob_of_many_entries(self):
+        self.plant_many()
+        found, errors = paths.find_outputs(self.task, "many/*", max_entries=self.MANY - 1)
+        self.assertEqual(found, [])
+        self.assertRegex(errors[0], f"^output pattern 'many/\\*' looked at more than {self.MANY - 1} entries")
+        self.assertEqual(len(paths.find_outputs(self.task, "many/*")[0]), self.MANY)

@@ -13,7 +13,8 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web import resource
 
-from everest_agent.transfer import confine, fastpath
+from everest_agent import paths
+from everest_agent.transfer import fastpath
 from everest_agent.transfer.jobs import run_inline
 from everest_agent.transfer.stager import Stager
 from tests.test_transfer_stager import FileServer, payload, serve, sha
@@ -84,13 +85,13 @@ class BoundsTests(TestCase):
     async def test_outputs_found_and_opened_off_the_reactor_thread(self):
         threads = []
         for name in ("find_outputs", "open_output"):
-            original = getattr(confine, name)
+            original = getattr(paths, name)
 
             def spy(*args, _original=original, **kwargs):
                 threads.append(threading.current_thread())
                 return _original(*args, **kwargs)
 
-            self.patch(confine, name, spy)
+            self.patch(paths, name, spy)
         task = self.task(x=b"x")
         uploaded, errors = await self.stager().stage_out(task, [
             {"path": "x", "uri": self.base + "/up/x"}, {"pattern": "*", "uri": self.base + "/p/"},

@@ -22,7 +22,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 
 from everest_agent.transfer import fastpath, producer as producing, sink
@@ -1134,6 +1134,15 @@ class StagingTests(TestCase):
         stager = Stager.from_config(config, reactor)
         self.addCleanup(stager.close)
         self.assertIsNone(stager.cache)
+
+
+class SameOriginTests(SynchronousTestCase):
+    def test_scheme_counts(self):
+        self.assertTrue(same_origin("wss://p.example/agent", "https://p.example/files/x"))
+        self.assertTrue(same_origin("ws://p.example:8080/a", "http://P.EXAMPLE:8080/f"))
+        # The token of a wss:// platform never travels in clear text.
+        self.assertFalse(same_origin("wss://p.example/agent", "http://p.example:443/f"))
+        self.assertFalse(same_origin("ws://p.example:8080/a", "https://p.example:8080/f"))
 
 
 class NginxTests(TestCase):

@@ -2,8 +2,9 @@
 Task outputs over HTTP in passive mode: C{GET}/C{HEAD /files/<taskId>/<path>}.
 
 Only the credential that submitted a task may read its files.  A file is
-opened inside the task directory without following any symbolic link (the
-same confinement as stage-out), off the reactor thread, and streamed from
+opened inside the task directory by the walker stage-out uses
+(L{everest_agent.paths.open_output}: symbolic links followed inside only,
+regular files only), off the reactor thread, and streamed from
 a worker thread a block at a time with the transport's backpressure, so a
 1 GiB output never sits in memory.  C{Range: bytes=...} (one range) is
 honoured; other forms of C{Range} get the whole file, as HTTP allows.
@@ -151,17 +152,17 @@ class FilesResource(resource.Resource):
     async def _serve(self, reply, task_dir, relpath):
         request = reply.request
         try:
-            f = await deferToThreadPool(self._reactor, self._pool, paths.open_output, task_dir, relpath)
+            found = await deferToThreadPool(self._reactor, self._pool, _open, task_dir, relpath)
         except paths.PathEscape as e:
             reply.error(http.FORBIDDEN, str(e))
             return
         except OSError as e:
             reply.error(http.NOT_FOUND, f"cannot open it: {e.strerror}")
             return
-        if f is None:
+        if found is None:
             reply.error(http.NOT_FOUND, "no such file")
             return
-        size = os.fstat(f.fileno()).st_size
+        f, size = found
         wanted = parse_range(_text(request.getHeader(b"range")), size)
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"content-type", b"application/octet-stream")
@@ -188,6 +189,24 @@ class FilesResource(resource.Resource):
         log.failure("Serving a task file failed", failure)
         if not reply.request.startedWriting:
             reply.error(http.INTERNAL_SERVER_ERROR, "internal error")
+
+
+def _open(task_dir, relpath):
+    """
+    Output C{relpath} of C{task_dir} opened for reading as stage-out opens
+    it (L{paths.open_output}; in a worker thread).
+
+    @return: C{(file, size)}, or None if there is no such file.
+    """
+    found = paths.open_output(task_dir, relpath)
+    if found is None:
+        return None
+    fd, size = found
+    try:
+        return os.fdopen(fd, "rb"), size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _text(value):

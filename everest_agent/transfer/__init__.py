@@ -17,9 +17,10 @@ One module, one job:
     the thread-pool seam;
   - L{space}: disk space claimed by downloads in flight;
   - L{cached}: the content cache glue;
-  - L{confine}: outputs found and opened without leaving the task
-    directory;
   - L{stager}: L{stager.Stager}, which puts these together.
+
+Paths inside a task directory (inputs' targets, outputs found and opened)
+are walked by L{everest_agent.paths}, the one walker every caller shares.
 
 Nothing is imported here, so C{everest_agent.transfer.urls} costs no
 Twisted web import.

@@ -57,9 +57,8 @@ def link_into(source, target):
         link cannot be made here.
     """
     tmp = paths.temporary_for(target)
-    remove(tmp)
     try:
-        os.link(source, tmp)
+        paths.link_exclusive(source, tmp)
     except FileNotFoundError:
         if not os.path.exists(source):
             return "gone"
@@ -69,8 +68,8 @@ def link_into(source, target):
             return "copy"
         raise
     try:
-        os.replace(tmp, target)
-    except OSError:
+        paths.replace_into(tmp, target)
+    except BaseException:
         remove(tmp)
         raise
     return "ok"
@@ -81,7 +80,7 @@ def copy_into(source, target, mode):
     tmp = paths.temporary_for(target)
     try:
         copy_file(source, tmp, mode)
-        os.replace(tmp, target)
+        paths.replace_into(tmp, target)
     except BaseException:
         remove(tmp)
         raise

@@ -7,7 +7,8 @@ L{everest_agent.transfer.producer}, each attempt is an
 L{everest_agent.transfer.exchange} and every transfer goes through the one
 retry loop of L{everest_agent.transfer.retry}; inputs naming a C{sha256} go
 through the content cache (L{everest_agent.transfer.cached}); outputs are
-found and opened through L{everest_agent.transfer.confine}.
+found and opened through L{everest_agent.paths} (the one walker that keeps
+every path inside the task directory).
 
 Limits and fairness
     At most C{max_concurrent} transfers (downloads and uploads together) run
@@ -64,7 +65,6 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from everest_agent import paths
 from everest_agent.cache import ContentCache
 from everest_agent.client import trust_root
-from everest_agent.transfer import confine
 from everest_agent.transfer.cached import CachedInputs
 from everest_agent.transfer.errors import Failed, StagingError, describe, io_failure, remove
 from everest_agent.transfer.exchange import Exchanges, RangeState
@@ -102,7 +102,7 @@ def _write_inline(target, data, executable):
                 os.fchmod(fd, 0o755)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        paths.replace_into(tmp, target)
     except BaseException:
         remove(tmp)
         raise
@@ -160,7 +160,7 @@ def _plan_outputs(task_dir, outputs, max_entries, max_files):
         for item in outputs:
             if "pattern" in item:
                 try:
-                    matches, problems = confine.find_outputs(task_dir, item["pattern"], max_entries, max_files)
+                    matches, problems = paths.find_outputs(task_dir, item["pattern"], max_entries, max_files)
                 except (OSError, paths.PathEscape) as e:
                     matches, problems = [], [f"output pattern {item['pattern']!r}: {getattr(e, 'strerror', None) or e}"]
                 base = item["uri"] if item["uri"].endswith("/") else item["uri"] + "/"
@@ -177,7 +177,7 @@ def _plan_outputs(task_dir, outputs, max_entries, max_files):
 def _open_output(task_dir, rel, uri, optional):
     what = f"output {rel!r}"
     try:
-        found = confine.open_output(task_dir, rel)
+        found = paths.open_output(task_dir, rel)
     except paths.PathEscape as e:
         return ("error", str(e))
     except OSError as e:
@@ -216,7 +216,7 @@ def _list_outputs(task_dir, patterns, max_entries, max_files):
     files, errors, seen = [], [], set()
     for pattern in patterns:
         try:
-            matches, problems = confine.find_outputs(task_dir, pattern, max_entries, max_files)
+            matches, problems = paths.find_outputs(task_dir, pattern, max_entries, max_files)
         except (OSError, paths.PathEscape) as e:
             matches, problems = [], [f"output pattern {pattern!r}: {getattr(e, 'strerror', None) or e}"]
         errors.extend(problems)
@@ -472,10 +472,13 @@ class Stager:
                                  0o755 if item.get("executable") else 0o644,
                                  authorization=item.get("authorization"))
         try:
-            await mirror(self._run(os.replace, tmp, target))
+            await mirror(self._run(paths.replace_into, tmp, target))
         except OSError as e:
             remove(tmp)
             raise io_failure(e) from None
+        except paths.PathEscape as e:
+            remove(tmp)
+            raise Failed(str(e)) from None
 
     async def _download(self, key, uri, tmp, size, sha256, mode, authorization=None):
         """
