@@ -80,6 +80,26 @@ def sleep(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+def watch_reactor_lag(test, interval=0.01):
+    """
+    Tick every C{interval} seconds until the test ends.  @return: the list
+    the lateness of each tick goes into (seconds past its due time): what
+    the reactor spent not running.
+    """
+    lag = []
+    last = [reactor.seconds()]
+
+    def tick():
+        now = reactor.seconds()
+        lag.append(now - last[0] - interval)
+        last[0] = now
+
+    ticker = task.LoopingCall(tick)
+    ticker.start(interval, now=False)
+    test.addCleanup(lambda: ticker.running and ticker.stop())
+    return lag
+
+
 async def eventually(predicate, timeout=10.0, what="condition"):
     """Poll C{predicate} until true (for what has no event to wait on)."""
     waited = 0.0

@@ -21,7 +21,7 @@ from everest_agent import paths
 from everest_agent import protocol as P
 from everest_agent.fsio import ThreadedFileIO
 from everest_agent.taskdirs import ProcessTaskDirs
-from tests.support import agent_ini, eventually, start_platform
+from tests.support import agent_ini, eventually, start_platform, watch_reactor_lag
 
 STALL = 2.0
 LIMIT = 0.1
@@ -90,17 +90,7 @@ class StallingFileSystemTests(TestCase):
         # the task's.  What it needs is opened in the stalling threads.)
         self.patch(paths, "open_task_dir_nofollow", guard(paths.open_task_dir_nofollow))
 
-        lag = []
-        last = [reactor.seconds()]
-
-        def tick():
-            now = reactor.seconds()
-            lag.append(now - last[0] - 0.01)
-            last[0] = now
-
-        ticker = task.LoopingCall(tick)
-        ticker.start(0.01, now=False)
-        self.addCleanup(lambda: ticker.running and ticker.stop())
+        lag = watch_reactor_lag(self)
 
         start = reactor.seconds()
         ids = [platform.submit({"command": "true"}) for _ in range(20)]

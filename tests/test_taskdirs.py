@@ -13,7 +13,7 @@ import socket
 import stat
 import sys
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -22,7 +22,7 @@ from everest_agent import dirworker, paths
 from everest_agent.fsio import InlineFileIO
 from everest_agent.spares import SPARE_DIR
 from everest_agent.taskdirs import ITaskDirs, ProcessTaskDirs, ThreadTaskDirs, decode_error
-from tests.support import eventually
+from tests.support import eventually, watch_reactor_lag
 
 
 def _task(work_dir, name, text=b"out"):
@@ -317,16 +317,7 @@ class SlowProcessTests(unittest.TestCase):
         os.chmod(slow, stat.S_IRWXU)
         d.dirs._python = slow
         d.dirs.startService()
-        lag, last = [], [reactor.seconds()]
-
-        def tick():
-            now = reactor.seconds()
-            lag.append(now - last[0] - 0.01)
-            last[0] = now
-
-        ticker = task.LoopingCall(tick)
-        ticker.start(0.01, now=False)
-        self.addCleanup(lambda: ticker.running and ticker.stop())
+        lag = watch_reactor_lag(self)
         start = reactor.seconds()
         yield defer.gatherResults([d.dirs.make(d.path(f"t{i}")) for i in range(2)])
         self.assertGreaterEqual(reactor.seconds() - start, 2.0)  # it did stall
