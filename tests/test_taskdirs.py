@@ -323,3 +323,52 @@ class SlowProcessTests(unittest.TestCase):
         self.assertGreaterEqual(reactor.seconds() - start, 2.0)  # it did stall
         self.assertTrue(d.dirs.in_process)
         self.assertLess(max(lag), 0.1)
+
+
+class LocalSpawnTests(unittest.TestCase):
+    """The local handler with its descriptors from the directory process, real tasks."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_tasks_get_their_three_descriptors_and_nothing_else(self):
+        from everest_agent.handlers.local import LocalTaskHandler
+        from everest_agent.interfaces import JobRequest
+
+        d = _Dirs(self)
+        d.dirs.startService()
+        handler = LocalTaskHandler(reactor, slots=8, kill_grace=0.5)
+        handler.use_dirs(d.dirs)
+        names = [f"t{i}" for i in range(8)]
+        for name in names:
+            yield d.dirs.make(d.path(name))
+        # Eight at once: the descriptors of the others are in the agent
+        # while each one starts.
+        jobs = yield defer.gatherResults([
+            handler.submit(JobRequest(name, d.path(name), "ls /proc/$$/fd; echo $EVEREST_TASK_ID",
+                                      {"EVEREST_TASK_ID": name}, {}))
+            for name in names
+        ])
+        results = yield defer.gatherResults([job.result for job in jobs])
+        self.assertEqual([r.exit_code for r in results], [0] * 8)
+        for name in names:
+            with open(os.path.join(d.path(name), "stdout")) as f:
+                self.assertEqual(f.read(), f"0\n1\n2\n{name}\n")
+        self.assertEqual(len(d.dirs.fds), 0)  # every one received went to its spawn
+
+    @defer.inlineCallbacks
+    def test_a_task_directory_turned_link_fails_its_spawn(self):
+        from everest_agent.handlers.local import LocalTaskHandler
+        from everest_agent.interfaces import JobRequest
+
+        d = _Dirs(self)
+        d.dirs.startService()
+        handler = LocalTaskHandler(reactor, slots=1, kill_grace=0.5)
+        handler.use_dirs(d.dirs)
+        outside = os.path.abspath(self.mktemp())
+        os.makedirs(outside)
+        os.symlink(outside, d.path("t"))
+        failure = yield self.assertFailure(
+            handler.submit(JobRequest("t", d.path("t"), "echo hi > escaped", {}, {})), RuntimeError)
+        self.assertIn("cannot start the task", str(failure))
+        self.assertEqual(os.listdir(outside), [])
