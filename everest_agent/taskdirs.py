@@ -183,6 +183,9 @@ class ProcessTaskDirs(Service):
     log = Logger()
     #: Seconds the process has to finish what it was asked at stop.
     STOP_TIMEOUT = 30.0
+    #: Seconds a killed process has to end before the agent stops without
+    #: it (one stuck in a hung file system ends only when its call does).
+    KILL_WAIT = 5.0
 
     def __init__(self, reactor, work_dir, fallback, python=None):
         self._reactor = reactor
@@ -291,8 +294,10 @@ class ProcessTaskDirs(Service):
             stopping, self._stopping = self._stopping, None
             self._take_over()  # (nothing, unless it was killed at the timeout)
             stopping.callback(None)
-            return
-        self.use_threads(f"the directory process ended ({reason.getErrorMessage()})")
+        elif not self.running:
+            self._failed = True  # it ended after the agent gave up waiting for it
+        else:
+            self.use_threads(f"the directory process ended ({reason.getErrorMessage()})")
 
     def use_threads(self, why):
         """
@@ -367,6 +372,15 @@ class ProcessTaskDirs(Service):
             self.log.warn("The directory process did not end in {timeout:g} s; killing it",
                           timeout=self.STOP_TIMEOUT)
             self._end_it()
+            self._reactor.callLater(self.KILL_WAIT, self._give_up)
+
+    def _give_up(self):
+        if self._stopping is None:
+            return
+        self.log.error("The directory process does not end (a hung file system?); the agent stops "
+                       "without it: what it was not done with is done again at the next start")
+        stopping, self._stopping = self._stopping, None
+        stopping.callback(None)
 
     def _end_it(self):
         if self._process is not None:

@@ -325,6 +325,37 @@ class SlowProcessTests(unittest.TestCase):
         self.assertLess(max(lag), 0.1)
 
 
+class StuckProcessTests(unittest.TestCase):
+    """A directory process that will not end (stuck in a hung file system): the agent still stops."""
+
+    @defer.inlineCallbacks
+    def test_stop_gives_up_on_it(self):
+        d = _Dirs(self)
+        stuck = os.path.join(d.work_dir, "..", "stuck-python")
+        with open(stuck, "w") as f:
+            f.write(f"#!/bin/sh\nexec {sys.executable} -c 'import time; time.sleep(60)' \"$@\"\n")
+        os.chmod(stuck, stat.S_IRWXU)
+        d.dirs._python = stuck
+        d.dirs.STOP_TIMEOUT = d.dirs.KILL_WAIT = 0.2
+        d.dirs.startService()
+        process = d.dirs._process
+
+        def kill_it():
+            if process.pid:
+                process.signalProcess("KILL")
+            return defer.Deferred.fromCoroutine(
+                eventually(lambda: d.dirs._channel is None, what="the stuck process gone"))
+
+        self.addCleanup(kill_it)
+        asked = d.dirs.make(d.path("t"))
+        self.patch(d.dirs, "_end_it", lambda: None)  # as if SIGKILL could not end it yet
+        start = reactor.seconds()
+        yield d.dirs.stopService()
+        self.assertLess(reactor.seconds() - start, 5)
+        self.assertFalse(asked.called)  # done again at the next start
+        self.assertTrue(any("does not end" in t for t in d.texts()), d.texts())
+
+
 class LocalSpawnTests(unittest.TestCase):
     """The local handler with its descriptors from the directory process, real tasks."""
 
