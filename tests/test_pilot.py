@@ -579,6 +579,15 @@ class PilotWorkerTests(SynchronousTestCase):
         self.pilot._retry()
         self.assertTrue(self.pilot.ended)
 
+    def test_a_second_sigterm_does_not_stop_the_reactor_again(self):
+        from everest_agent.pilot.runner import TermOnce
+
+        stops = []
+        handler = TermOnce(type("Reactor", (), {"sigTerm": lambda _, number, frame: stops.append(number)})())
+        handler(15, None)  # the scheduler's
+        handler(15, None)  # the guard's, forwarded
+        self.assertEqual((stops, handler.received), ([15], 2))
+
 
 class SlotPoolCapacityTests(SynchronousTestCase):
     def test_raised_capacity_grants(self):
