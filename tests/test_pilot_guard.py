@@ -51,7 +51,7 @@ while True:
 '''
 
 
-def wait_for(predicate, timeout=10.0, what="condition"):
+def wait_for(predicate, timeout=30.0, what="condition"):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -85,13 +85,15 @@ class GuardTests(SynchronousTestCase):
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
-    def start(self, mode, command="sleep MARK", job_shell=False, plain=None):
+    def start(self, mode, command="sleep MARK", job_shell=False, plain=None, leader=False):
         """
         Start the guard over the fake worker; wait for the task's C{sleep}.
 
         @param job_shell: run the guard under a shell that leads a session
             and process group of its own and writes the guard's status to
             C{status}, as a batch job's script does.
+        @param leader: start the guard itself in a session of its own (so
+            it leads its process group).
         @return: C{(guard process, marker, (worker pid, guard pid, wrapper pid))}.
         """
         directory = os.path.join(self.root, f"task-{len(os.listdir(self.root))}")
@@ -104,23 +106,24 @@ class GuardTests(SynchronousTestCase):
                 sys.executable, self.worker_script, mode, directory]
         if job_shell:
             argv = ["/bin/sh", "-c", '"$@"; s=$?; echo $s > "$0"; exit $s', os.path.join(directory, "status"), *argv]
-        stderr = open(os.path.join(directory, "stderr"), "wb")
-        self.addCleanup(stderr.close)
-        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                   start_new_session=job_shell)
+        out = open(os.path.join(directory, "guard.out"), "wb")
+        self.addCleanup(out.close)
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                   start_new_session=job_shell or leader)
         self.addCleanup(self.clean_up, process, mark)
         self.directory = directory
         path = os.path.join(directory, "worker")
         wait_for(lambda: os.path.exists(path) or process.poll() is not None, what="the fake worker")
-        self.assertIsNone(process.poll(), self.stderr())
+        self.assertIsNone(process.poll(), self.output())
         with open(path) as f:
             pids = tuple(int(p) for p in f.read().split())
         wait_for(lambda: any(c.startswith("sleep ") for c in marked_processes(mark).values()),
                  what="the task's sleep")
         return process, mark, pids
 
-    def stderr(self):
-        with open(os.path.join(self.directory, "stderr"), encoding="utf-8", errors="replace") as f:
+    def output(self):
+        """What the guard (and the fake worker) wrote to their standard output and error."""
+        with open(os.path.join(self.directory, "guard.out"), encoding="utf-8", errors="replace") as f:
             return f.read()
 
     def clean_up(self, process, mark):
@@ -152,7 +155,7 @@ class GuardTests(SynchronousTestCase):
         self.go()
         self.assertEqual(process.wait(timeout=15), 3)  # the worker's status
         self.assert_none_left(mark)
-        self.assertIn("process groups it left: 1 (SIGTERM", self.stderr())
+        self.assertIn("process groups it left: 1 (SIGTERM", self.output())
 
     def test_worker_killed(self):
         process, mark, (worker, _, wrapper) = self.start("wait")
@@ -165,7 +168,7 @@ class GuardTests(SynchronousTestCase):
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(timeout=15), 7)  # the worker took the TERM and exited 7
         self.assert_none_left(mark)
-        self.assertIn("got SIGTERM: sending SIGTERM to the worker", self.stderr())
+        self.assertIn("got SIGTERM: sending SIGTERM to the worker", self.output())
 
     def test_sigterm_to_a_worker_that_dies_of_it(self):
         process, mark, _ = self.start("wait")
@@ -197,7 +200,7 @@ class GuardTests(SynchronousTestCase):
             self.assertEqual(f.read(), "5\n")
         self.assert_none_left(mark)
         self.assert_none_left(plain)
-        self.assertIn("process groups it left: 1, processes in the job's group: 1", self.stderr())
+        self.assertIn("process groups it left: 1, processes in the job's group: 1", self.output())
 
     def test_finished_tasks_leftover_is_the_guards_and_is_killed(self):
         process, mark, (worker, guard_pid, wrapper) = self.start("wait", command="sleep MARK &")
@@ -215,6 +218,22 @@ class GuardTests(SynchronousTestCase):
         os.kill(worker, signal.SIGKILL)
         self.assertEqual(process.wait(timeout=15), 128 + signal.SIGKILL)
         self.assert_none_left(mark)
+
+    def test_guard_that_leads_its_group(self):
+        """It cannot leave the group, says so, and still ends what the worker left."""
+        process, mark, (worker, guard_pid, _) = self.start("wait", leader=True)
+        self.assertEqual(os.getpgid(guard_pid), guard_pid)
+        os.kill(worker, signal.SIGKILL)
+        self.assertEqual(process.wait(timeout=15), 128 + signal.SIGKILL)
+        self.assert_none_left(mark)
+        self.assertIn("it leads the job's process group and cannot leave it", self.output())
+
+    def test_children(self):
+        child = subprocess.Popen(["sleep", "30"])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        self.assertIn(child.pid, guard.children(os.getpid()))
+        self.assertNotIn(os.getpid(), guard.children(os.getpid()))
 
     def test_worker_does_not_outlive_the_guard(self):
         process, mark, (worker, _, _) = self.start("wait")
