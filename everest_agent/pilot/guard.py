@@ -44,7 +44,9 @@ Where there is no C{prctl} (not Linux) or it fails, the guard says so on
 its standard error and C{exec}s the worker: the pilot runs unguarded, as
 before.  If the guard leads the job's process group (a job command run by
 the job's first process itself), it cannot leave it, and says so; a
-group-wide kill then ends it with the worker, and the tasks run on.
+group-wide kill then ends it with the worker, and the tasks run on.  So do
+they if the guard alone is killed with SIGKILL (its worker dies with it,
+by the death signal).
 
 It imports no Twisted: it is started for every pilot job and must start
 fast.
@@ -192,7 +194,11 @@ class Guard:
         return exit_status(self.status)
 
     def _start_worker(self, old_mask):
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            sys.exit(exec_worker(self.command, f"cannot fork the worker: {e.strerror or e}"))
         if pid:
             return pid
         try:
