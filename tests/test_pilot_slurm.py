@@ -262,3 +262,15 @@ class PilotSgeTests(PilotSlurmCase):
         await self.lose_pilot_under_a_task()
         self.assertEqual(handler.submitted_pilots, 1)
         self.assertEqual(self.platform.violations, [])
+
+    async def test_h_rt_of_a_pilot_under_a_task(self):
+        """The pilot's walltime (h_rt, a kill of the job's process group) ends it under a running task."""
+        await self.start(max_pilots="1", walltime="15")
+        mark = sleep_marker()
+        lost = self.platform.submit({"command": TERM_IGNORING.format(mark)})
+        await self.platform.wait_for(lost, "RUNNING")
+        job_id = self.platform.task(lost).info["jobId"]
+        record = await self.platform.wait_for(lost)
+        self.assertEqual(record.state, "FAILED")
+        self.assertIn(job_id, record.info["reason"])
+        await none_left(mark, what=f"task {lost} of the pilot job {job_id}, ended by h_rt")
