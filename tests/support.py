@@ -4,6 +4,7 @@ loopback, configured through a real agent.ini.
 """
 
 import os
+import time
 
 from twisted.internet import reactor, task
 
@@ -108,6 +109,50 @@ async def eventually(predicate, timeout=10.0, what="condition"):
             raise AssertionError(f"timed out waiting for {what}")
         await sleep(0.02)
         waited += 0.02
+
+
+def sleep_marker(seconds=300):
+    """
+    A unique number of seconds, about C{seconds}, for C{sleep} (GNU sleep
+    takes fractions): on the command line of the C{sleep} and of the task's
+    wrapper, it finds every process of the task (L{marked_processes}).
+    """
+    import random
+
+    return f"{seconds}.{random.randrange(10 ** 8, 10 ** 9)}"
+
+
+def marked_processes(marker):
+    """
+    C{{pid: command line}} of the live processes (zombies have no command
+    line) whose command line holds C{marker}, this process aside: what is
+    left of a task whose command holds a unique marker.
+    """
+    needle = marker.encode() if isinstance(marker, str) else marker
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if needle in cmdline:
+            found[int(name)] = cmdline.replace(b"\0", b" ").decode("utf-8", "replace")
+    return found
+
+
+async def none_left(marker, timeout=20.0, what="the task"):
+    """Wait until no process whose command line holds C{marker} is alive; fail naming those left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = marked_processes(marker)
+        if not left:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"processes of {what} still alive after {timeout:g} s: {left}")
+        await sleep(0.1)
 
 
 def make_certificates(directory, hostname="localhost", with_ip=True, intermediate=False):

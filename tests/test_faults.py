@@ -39,7 +39,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from everest_agent import protocol as P
 from everest_agent.platform import NotConnected
-from tests.support import TOKEN as TOKEN_OF_AGENT
+from tests.support import TOKEN as TOKEN_OF_AGENT, none_left
 from tests.faults import (
     AgentProcess,
     ChaosProxy,
@@ -1451,6 +1451,8 @@ class PilotLossTests(PilotFaultScenario):
         await self.finish("pilot: scancel of the pilot under running tasks", expectations)
         reason = self.plat.task(ids[1]).info["reason"]
         self.assertIn(job_id, reason)
+        # (the task's id is on its wrapper's command line)
+        await none_left(ids[1], what=f"task {ids[1]} of the canceled pilot job {job_id}")
 
     async def test_pilot_link_frozen_then_healed(self):
         await self.start_agent({"pilot": {"max_pilots": "1"}})
@@ -1518,6 +1520,7 @@ class PilotLossTests(PilotFaultScenario):
         second_job = self.plat.task(running[0]).info["jobId"]
         os.kill(self.pilot_worker_pid(), signal.SIGKILL)
         await self.pilot_job_gone(second_job)
+        await none_left(running[0], what=f"task {running[0]} of the pilot job {second_job}, its worker killed")
         after = self.tasks.make("wk", exit_code=0)
         self.submit([after])
         expectations = [Expect(ended[0], ("FAILED",), 3), Expect(unsent[0], ("DONE",), 0),

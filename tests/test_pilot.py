@@ -5,6 +5,7 @@ worker joined by an in-memory link, on a Clock.
 
 import json
 import os
+import shlex
 import struct
 
 from twisted.application.service import Service
@@ -578,6 +579,15 @@ class PilotWorkerTests(SynchronousTestCase):
         self.pilot._retry()
         self.assertTrue(self.pilot.ended)
 
+    def test_a_second_sigterm_does_not_stop_the_reactor_again(self):
+        from everest_agent.pilot.runner import TermOnce
+
+        stops = []
+        handler = TermOnce(type("Reactor", (), {"sigTerm": lambda _, number, frame: stops.append(number)})())
+        handler(15, None)  # the scheduler's
+        handler(15, None)  # the guard's, forwarded
+        self.assertEqual((stops, handler.received), ([15], 2))
+
 
 class SlotPoolCapacityTests(SynchronousTestCase):
     def test_raised_capacity_grants(self):
@@ -621,34 +631,17 @@ class CheckLineTests(SynchronousTestCase):
         self.assertIn("never connected back to 10.0.0.1:7", result.message)
 
 
-class ReapTests(SynchronousTestCase):
-    """What a pilot's job script kills once the worker is gone: that pilot's task wrappers only."""
+class GuardCommandTests(SynchronousTestCase):
+    """The pilot's job command: the worker under its guard (everest_agent.pilot.guard)."""
 
-    def test_finds_only_this_pilots_task_wrappers(self):
-        from everest_agent.handlers.local import MARK
-        from everest_agent.pilot.reap import pilot_tasks
-
-        proc = self.mktemp()
-        entries = {
-            "101": ([b"/bin/sh", b"-c", b"W", MARK.encode(), b"/d", b"sleep 9"], b"A=1\0EVEREST_PILOT_ID=p1\0"),
-            "102": ([b"/bin/sh", b"-c", b"W", MARK.encode(), b"/d", b"x"], b"EVEREST_PILOT_ID=p2\0"),
-            "103": ([b"python", b"-m", b"everest_agent.pilot"], b"EVEREST_PILOT_ID=p1\0"),
-            "104": ([b"/bin/sh", b"-c", b"W", MARK.encode()], b"EVEREST_PILOT_ID=p10\0"),
-            "self": ([b"x"], b""),
-        }
-        for pid, (argv, environ) in entries.items():
-            os.makedirs(os.path.join(proc, pid))
-            with open(os.path.join(proc, pid, "cmdline"), "wb") as f:
-                f.write(b"\0".join(argv) + b"\0")
-            with open(os.path.join(proc, pid, "environ"), "wb") as f:
-                f.write(environ)
-        os.makedirs(os.path.join(proc, "105"))  # gone meanwhile: no files
-        self.assertEqual(pilot_tasks("p1", proc), [101])
-
-    def test_job_command_runs_the_reaper_and_keeps_the_workers_status(self):
+    def test_job_command_execs_the_guard_over_the_worker(self):
         h = Harness(self)
         h.handler.submit(h.request("t"))
         record = h.record()
         command = h.batch.jobs[f"everest-pilot-{record.pilot_id}"].request.command
-        self.assertIn(f"-m everest_agent.pilot.reap {record.pilot_id}", command)
-        self.assertTrue(command.endswith('; exit "$s"'))
+        argv = shlex.split(command)
+        self.assertEqual(argv[0], "exec")  # the guard is the job's process, not a child of a shell
+        self.assertEqual(argv[1:7], [h.handler.python, "-m", "everest_agent.pilot.guard",
+                                     "--grace", f"{h.handler.kill_grace:g}", "--"])
+        self.assertEqual(argv[7:10], [h.handler.python, "-m", "everest_agent.pilot"])
+        self.assertEqual(argv[argv.index("--pilot-id") + 1], record.pilot_id)

@@ -1,8 +1,10 @@
 """
 Pilot mode on the real single-node SLURM, against the reference platform:
 tasks inside pilot jobs end to end, cancel, time limit, packing of
-multi-core tasks, a pilot canceled under running tasks, idle pilots
-ending, and a pilot that cannot connect back.
+multi-core tasks, a pilot canceled under running tasks (no process of the
+task left after: the pilot's guard), idle pilots ending, and a pilot that
+cannot connect back; the same through the TORQUE-style wrappers and on
+Grid Engine.
 """
 
 import os
@@ -10,8 +12,16 @@ import subprocess
 
 from twisted.trial.unittest import TestCase
 
-from tests.support import eventually, sleep, start_agent, start_platform
+from tests.support import eventually, none_left, sleep, sleep_marker, start_agent, start_platform
 from tests.test_slurm import REAL_SLURM_PROBLEM
+
+
+#: A long task that ignores SIGTERM (its shell and its sleep; the marker is
+#: the sleep's seconds): SLURM's SIGKILL, KillWait seconds after its SIGTERM,
+#: ends it only if it is still in the job's process tree, Grid Engine's kill
+#: of the job's process group not at all; the pilot's guard keeps it in the
+#: tree and kills it.
+TERM_IGNORING = "trap '' TERM; sleep {}"
 
 
 def pilot_sections(handler_type="slurm", **pilot):
@@ -52,6 +62,22 @@ class PilotSlurmCase(TestCase):
         self.platform.cancel(sleeping)
         record = await self.platform.wait_for(sleeping)
         self.assertEqual(record.state, "CANCELED")
+
+    async def lose_pilot_under_a_task(self):
+        """
+        The pilot's job canceled with C{cancel_command} under a running
+        task: the task fails naming the job, and no process of it is left
+        within 20 s (the pilot's guard, everest_agent.pilot.guard).
+        """
+        mark = sleep_marker()
+        lost = self.platform.submit({"command": TERM_IGNORING.format(mark)})
+        await self.platform.wait_for(lost, "RUNNING")
+        job_id = self.platform.task(lost).info["jobId"]
+        subprocess.run([self.cancel_command, job_id], check=False, capture_output=True)
+        record = await self.platform.wait_for(lost)
+        self.assertEqual(record.state, "FAILED")
+        self.assertIn(job_id, record.info["reason"])
+        await none_left(mark, what=f"task {lost} of the canceled pilot job {job_id}")
 
     def cancel_pilots(self):
         ids = [r.job_id for r in self.agent.handler.pilots.values() if r.job_id]
@@ -118,7 +144,8 @@ class PilotSlurmTests(PilotSlurmCase):
         await self.start(max_pilots="1")
         quick = self.platform.submit({"command": "true"})
         await self.platform.wait_for(quick)
-        slow = self.platform.submit({"command": "sleep 300"})
+        mark = sleep_marker()
+        slow = self.platform.submit({"command": TERM_IGNORING.format(mark)})
         await self.platform.wait_for(slow, "RUNNING")
         job_id = self.platform.task(slow).info["jobId"]
         subprocess.run(["scancel", job_id], check=True)
@@ -128,6 +155,7 @@ class PilotSlurmTests(PilotSlurmCase):
         # or left running when the pilot went (the scheduler's word is in it).
         self.assertIn(f"batch job {job_id}", record.info["reason"])
         self.assertEqual(record.info["jobId"], job_id)
+        await none_left(mark, what=f"task {slow} of the canceled pilot job {job_id}")
         # A replacement pilot runs what comes next.
         after = self.platform.submit({"command": "true"})
         record = await self.platform.wait_for(after)
@@ -194,10 +222,12 @@ class PilotTorqueWrapperTests(PilotSlurmCase):
     handler_type = "torque"
     cancel_command = "qdel"
 
-    async def test_tasks_and_cancel_through_torque_pilots(self):
+    async def test_tasks_cancel_and_loss_through_torque_pilots(self):
         handler = await self.start(max_pilots="1")
         self.assertEqual(handler.name, "torque")
         await self.exit_codes_and_cancel(handler)
+        # qdel of the pilot under a running task.
+        await self.lose_pilot_under_a_task()
         self.assertEqual(handler.submitted_pilots, 1)
         self.assertEqual(self.platform.violations, [])
 
@@ -215,6 +245,10 @@ class PilotSgeTests(PilotSlurmCase):
         self.platform = await start_platform(self, heartbeat=1)
         sections = pilot_sections(self.handler_type, **pilot)
         sections["handler"]["command_dir"] = self.SGE_BIN
+        # Grid Engine passes the job no environment: the pilots import the
+        # tree under test (not an installed copy), as the agent does.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sections["handler"]["extra_args"] = f"-v PYTHONPATH={root}"
         self.agent = start_agent(self, self.platform, sections=sections)
         self.addCleanup(self.cancel_pilots)
         await self.platform.wait_connected()
@@ -224,13 +258,19 @@ class PilotSgeTests(PilotSlurmCase):
         handler = await self.start(max_pilots="1")
         self.assertEqual(handler.name, "sge")
         await self.exit_codes_and_cancel(handler)
-        # qdel of the pilot under a running task: the task fails naming the job.
-        lost = self.platform.submit({"command": "sleep 300"})
+        # qdel of the pilot under a running task (Grid Engine kills the job's process group).
+        await self.lose_pilot_under_a_task()
+        self.assertEqual(handler.submitted_pilots, 1)
+        self.assertEqual(self.platform.violations, [])
+
+    async def test_h_rt_of_a_pilot_under_a_task(self):
+        """The pilot's walltime (h_rt, a kill of the job's process group) ends it under a running task."""
+        await self.start(max_pilots="1", walltime="15")
+        mark = sleep_marker()
+        lost = self.platform.submit({"command": TERM_IGNORING.format(mark)})
         await self.platform.wait_for(lost, "RUNNING")
-        job_id = list(handler.pilots.values())[0].job_id
-        subprocess.run([self.cancel_command, job_id], check=False, capture_output=True)
+        job_id = self.platform.task(lost).info["jobId"]
         record = await self.platform.wait_for(lost)
         self.assertEqual(record.state, "FAILED")
         self.assertIn(job_id, record.info["reason"])
-        self.assertEqual(handler.submitted_pilots, 1)
-        self.assertEqual(self.platform.violations, [])
+        await none_left(mark, what=f"task {lost} of the pilot job {job_id}, ended by h_rt")

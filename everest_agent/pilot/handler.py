@@ -23,6 +23,8 @@ for it.
    reason naming the pilot's job id and what the scheduler said; one sent
    but never started goes back to the queue.  A pilot whose link stays
    down for C{lost_timeout} seconds is canceled, which ends the same way.
+   The job runs the worker under its guard (L{everest_agent.pilot.guard}),
+   so no task's process outlives the job.
    A pilot job that runs but never connects back within C{connect_timeout}
    is canceled and logged, and further submissions back off.
  - Restart: the pilots' table (ids, job ids, the port) is kept in the state
@@ -364,12 +366,12 @@ class PilotTaskHandler(service.MultiService):
             "--kill-grace", f"{self.kill_grace:g}", "--reconnect-for", f"{self.reconnect_for:g}",
             "--heartbeat", f"{self.heartbeat:g}",
         ]
-        # After the worker, however it ended (kill -9 included), the tasks
-        # it left are killed (everest_agent.pilot.reap); the job's exit
-        # status stays the worker's.
-        reap = [self.python, "-m", "everest_agent.pilot.reap", record.pilot_id]
-        command = (" ".join(shlex.quote(a) for a in argv) + "; s=$?; "
-                   + " ".join(shlex.quote(a) for a in reap) + '; exit "$s"')
+        # The worker runs under the guard (everest_agent.pilot.guard), which
+        # the job's shell becomes: once the worker has ended, however it
+        # ended (scancel, qdel, kill -9), the tasks it left are killed; the
+        # job's exit status stays the worker's.
+        guard = [self.python, "-m", "everest_agent.pilot.guard", "--grace", f"{self.kill_grace:g}", "--"]
+        command = "exec " + " ".join(shlex.quote(a) for a in guard + argv)
         return JobRequest(
             task_id=f"everest-pilot-{record.pilot_id}", directory=record.directory,
             command=command,

@@ -23,6 +23,7 @@ What it promises:
 """
 
 import os
+import signal
 
 from twisted.internet import protocol
 from twisted.logger import Logger
@@ -266,9 +267,32 @@ class Pilot:
         self._maybe_exit()
 
 
+class TermOnce:
+    """
+    The worker's SIGTERM handler: the reactor's, once.  SIGTERM often
+    reaches the worker twice at once, from the scheduler, which signals
+    every process of the job, and from the pilot's guard, which forwards
+    its own (L{everest_agent.pilot.guard}); the second must not stop a
+    reactor that is stopping already (Twisted logs that as critical).
+    """
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.received = 0
+
+    def __call__(self, number, frame=None):
+        self.received += 1
+        if self.received == 1:
+            self.reactor.sigTerm(number, frame)
+
+    def install(self):
+        signal.signal(signal.SIGTERM, self)
+
+
 def run(reactor, host, port, pilot_id, secret, cores, walltime, **kwargs):
     """Run a pilot until it ends (for C{python -m everest_agent.pilot})."""
     pilot = Pilot(reactor, host, port, pilot_id, secret, cores, walltime, **kwargs)
+    reactor.callWhenRunning(TermOnce(reactor).install)  # after the reactor's own handlers
     reactor.callWhenRunning(pilot.start)
     reactor.run()
     return pilot
