@@ -2,7 +2,8 @@
 The pilot's guard (L{everest_agent.pilot.guard}) with real processes.
 
 A fake worker (L{WORKER}) starts a task the way the local handler does
-(L{everest_agent.handlers.local._spawn_wrapper}: the shell wrapper, in a
+(L{everest_agent.spares.open_for_spawn} and
+L{everest_agent.handlers.local._spawn_wrapper}: the shell wrapper, in a
 session of its own) whose command is a C{sleep} with a unique number of
 seconds, the marker that finds every process of the task in C{/proc};
 then it exits, waits to be killed, or takes SIGTERM, as the test says.
@@ -34,13 +35,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = r'''
 import os, signal, subprocess, sys, time
 from everest_agent.handlers.local import _spawn_wrapper
+from everest_agent.spares import open_for_spawn
 
 mode, directory = sys.argv[1:3]
 if mode == "term":
     signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
 if mode == "plain":
     subprocess.Popen(["sleep", os.environ["PLAIN"]])
-wrapper = _spawn_wrapper((directory, os.environ["TASK_COMMAND"], dict(os.environ), False))
+wrapper = _spawn_wrapper(open_for_spawn(directory), directory, os.environ["TASK_COMMAND"], dict(os.environ))
 with open(os.path.join(directory, "worker.tmp"), "w") as f:
     f.write(f"{os.getpid()} {os.getppid()} {wrapper}\n")
 os.rename(os.path.join(directory, "worker.tmp"), os.path.join(directory, "worker"))
