@@ -20,6 +20,8 @@ from zope.interface.verify import verifyObject
 
 from everest_agent import dirworker, paths
 from everest_agent.fsio import InlineFileIO
+from everest_agent.handlers.local import LocalTaskHandler
+from everest_agent.interfaces import JobRequest
 from everest_agent.spares import SPARE_DIR
 from everest_agent.taskdirs import ITaskDirs, ProcessTaskDirs, ThreadTaskDirs, decode_error
 from tests.support import eventually, watch_reactor_lag
@@ -361,15 +363,17 @@ class LocalSpawnTests(unittest.TestCase):
 
     timeout = 60
 
-    @defer.inlineCallbacks
-    def test_tasks_get_their_three_descriptors_and_nothing_else(self):
-        from everest_agent.handlers.local import LocalTaskHandler
-        from everest_agent.interfaces import JobRequest
-
+    def handler(self, slots):
+        """A work_dir's directory process, and a local handler that spawns with its descriptors."""
         d = _Dirs(self)
         d.dirs.startService()
-        handler = LocalTaskHandler(reactor, slots=8, kill_grace=0.5)
+        handler = LocalTaskHandler(reactor, slots=slots, kill_grace=0.5)
         handler.use_dirs(d.dirs)
+        return d, handler
+
+    @defer.inlineCallbacks
+    def test_tasks_get_their_three_descriptors_and_nothing_else(self):
+        d, handler = self.handler(8)
         names = [f"t{i}" for i in range(8)]
         for name in names:
             yield d.dirs.make(d.path(name))
@@ -389,13 +393,7 @@ class LocalSpawnTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_task_directory_turned_link_fails_its_spawn(self):
-        from everest_agent.handlers.local import LocalTaskHandler
-        from everest_agent.interfaces import JobRequest
-
-        d = _Dirs(self)
-        d.dirs.startService()
-        handler = LocalTaskHandler(reactor, slots=1, kill_grace=0.5)
-        handler.use_dirs(d.dirs)
+        d, handler = self.handler(1)
         outside = os.path.abspath(self.mktemp())
         os.makedirs(outside)
         os.symlink(outside, d.path("t"))
