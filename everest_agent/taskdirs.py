@@ -323,10 +323,7 @@ class ProcessTaskDirs(Service):
         super().startService()
         if self._failed:
             return
-        env = dict(os.environ)
-        # The package this agent runs from, wherever it is.
-        here = os.path.dirname(os.path.dirname(os.path.abspath(everest_agent.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONPATH=everest_agent.pythonpath(os.environ))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._process = self._reactor.spawnProcess(

@@ -645,3 +645,21 @@ class GuardCommandTests(SynchronousTestCase):
                                      "--grace", f"{h.handler.kill_grace:g}", "--"])
         self.assertEqual(argv[7:10], [h.handler.python, "-m", "everest_agent.pilot"])
         self.assertEqual(argv[argv.index("--pilot-id") + 1], record.pilot_id)
+
+    def test_the_pilot_imports_the_agents_own_package(self):
+        """Whatever the scheduler passes the job (Grid Engine: nothing), the agent's package first."""
+        import everest_agent
+
+        self.patch(os, "environ", dict(os.environ, PYTHONPATH="/site/extra"))
+        h = Harness(self)
+        h.handler.submit(h.request("t"))
+        request = h.batch.jobs[f"everest-pilot-{h.record().pilot_id}"].request
+        here = os.path.dirname(os.path.dirname(os.path.abspath(everest_agent.__file__)))
+        self.assertEqual(request.environment["PYTHONPATH"].split(os.pathsep), [here, "/site/extra"])
+
+    def test_another_python_keeps_its_own_packages(self):
+        h = Harness(self)
+        h.handler.python = "/opt/other/bin/python3"
+        h.handler.submit(h.request("t"))
+        request = h.batch.jobs[f"everest-pilot-{h.record().pilot_id}"].request
+        self.assertNotIn("PYTHONPATH", request.environment)

@@ -245,10 +245,9 @@ class PilotSgeTests(PilotSlurmCase):
         self.platform = await start_platform(self, heartbeat=1)
         sections = pilot_sections(self.handler_type, **pilot)
         sections["handler"]["command_dir"] = self.SGE_BIN
-        # Grid Engine passes the job no environment: the pilots import the
-        # tree under test (not an installed copy), as the agent does.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sections["handler"]["extra_args"] = f"-v PYTHONPATH={root}"
+        # (Grid Engine passes the job none of the agent's environment: the
+        # pilot's job script sets PYTHONPATH to the agent's own package,
+        # the tree under test, itself.)
         self.agent = start_agent(self, self.platform, sections=sections)
         self.addCleanup(self.cancel_pilots)
         await self.platform.wait_connected()

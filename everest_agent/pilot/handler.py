@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+import everest_agent
 from everest_agent import jobscript
 from everest_agent.fsio import InlineFileIO
 from everest_agent.handlers.local import describe_exit
@@ -372,10 +373,16 @@ class PilotTaskHandler(service.MultiService):
         # job's exit status stays the worker's.
         guard = [self.python, "-m", "everest_agent.pilot.guard", "--grace", f"{self.kill_grace:g}", "--"]
         command = "exec " + " ".join(shlex.quote(a) for a in guard + argv)
+        environment = {"EVEREST_PILOT_ID": record.pilot_id}
+        if self.python == sys.executable:
+            # The agent's own interpreter: the pilot imports the agent's own
+            # package too, also where the scheduler passes the job none of
+            # the agent's environment (Grid Engine without -V).
+            environment["PYTHONPATH"] = everest_agent.pythonpath(os.environ)
         return JobRequest(
             task_id=f"everest-pilot-{record.pilot_id}", directory=record.directory,
             command=command,
-            environment={"EVEREST_PILOT_ID": record.pilot_id},
+            environment=environment,
             requirements={"nodes": 1, "coresPerNode": record.cores, "timeLimit": self.walltime},
         )
 
