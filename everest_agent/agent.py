@@ -87,8 +87,6 @@ class EverestAgent(MultiService):
             keep_finished=agent.keep_finished, wallclock=wallclock, files=self.files,
             keep_task_dirs=agent.keep_task_dirs, dirs=self.dirs,
         )
-        if hasattr(self.handler, "use_dirs"):  # the local handler: its spawns' descriptors too
-            self.handler.use_dirs(self.dirs)
         if hasattr(self.handler, "pool"):  # pilot mode: the slots follow the pilots' cores
             self.handler.pool = self.manager.pool
             self.manager.pool.set_capacity(0)

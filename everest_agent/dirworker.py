@@ -7,27 +7,19 @@ Its standard input is a Unix stream socket to the agent.  It reads
 requests there, one JSON object a line::
 
     {"id": 7, "op": "make", "work_dir": "...", "name": "TASK"}
-    {"id": 8, "op": "prepare", "directory": ".../TASK"}
-    {"id": 9, "op": "retire", "work_dir": "...", "name": "TASK", "reuse": true}
+    {"id": 8, "op": "retire", "work_dir": "...", "name": "TASK", "reuse": true}
 
 and answers each there, one line each, in the order it finishes them::
 
     {"id": 7, "ok": null, "taken": 3, "given": 5, "log": [["warn", "...", {...}]]}
-    {"id": 8, "fds": 3, "taken": 3, "given": 5}
-    {"id": 9, "error": {"kind": "os", "errno": 13, "strerror": "...", "text": "..."}, ...}
+    {"id": 8, "error": {"kind": "os", "errno": 13, "strerror": "...", "text": "..."}, ...}
 
-C{prepare} opens what a local task's wrapper needs
-(L{everest_agent.spares.open_for_spawn}) and sends the descriptors with
-its answer (C{SCM_RIGHTS}); the agent then spawns the wrapper with them,
-opening nothing of the task's itself.
-
-Making and preparing go in one thread, retiring in another, so that
-removing a big directory does not hold up new tasks.  The spares
+Making goes in one thread, retiring in another, so that removing a big
+directory does not hold up new tasks.  The spares
 (L{everest_agent.spares.SpareDirs}) are this process's.  At the end of its
 input it finishes what it was asked, answers, and exits.
 """
 
-import array
 import json
 import os
 import queue
@@ -37,7 +29,7 @@ import threading
 
 from everest_agent import paths
 from everest_agent.retention import remove_task_dir
-from everest_agent.spares import SpareDirs, open_for_spawn
+from everest_agent.spares import SpareDirs
 
 
 def make_task_dir(work_dir, name, spares, log=None):
@@ -87,8 +79,8 @@ class _Log:
     del _event
 
 
-#: Which thread does what (making and preparing never wait behind a removal).
-_QUEUE_OF = {"make": "make", "prepare": "make", "retire": "retire"}
+#: Which thread does what (making never waits behind a removal).
+_QUEUE_OF = {"make": "make", "retire": "retire"}
 
 
 def serve(sock, work_dir, err=None):
@@ -101,14 +93,10 @@ def serve(sock, work_dir, err=None):
     spares = SpareDirs(work_dir)
     lock = threading.Lock()
 
-    def answer(reply, fds=()):
+    def answer(reply):
         data = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
         with lock:
-            if fds:
-                sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                data = data[sent:]
-            if data:
-                sock.sendall(data)
+            sock.sendall(data)
 
     def work(q):
         while True:
@@ -117,15 +105,11 @@ def serve(sock, work_dir, err=None):
                 return
             log = _Log()
             reply = {"id": request.get("id")}
-            fds = ()
             try:
                 op = request["op"]
                 if op == "make":
                     make_task_dir(request["work_dir"], request["name"], spares, log)
                     reply["ok"] = None
-                elif op == "prepare":
-                    fds = open_for_spawn(request["directory"])
-                    reply["fds"] = len(fds)
                 else:
                     reply["ok"] = retire_task_dir(request["work_dir"], request["name"], spares,
                                                   request.get("reuse", False))
@@ -134,11 +118,7 @@ def serve(sock, work_dir, err=None):
             reply["taken"], reply["given"] = spares.taken, spares.given
             if log.events:
                 reply["log"] = log.events
-            try:
-                answer(reply, fds)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            answer(reply)
 
     queues = {"make": queue.SimpleQueue(), "retire": queue.SimpleQueue()}
     threads = [threading.Thread(target=work, args=(q,), name=f"everest-dirs-{name}", daemon=True)
@@ -165,7 +145,7 @@ def main(argv=None):
     if len(argv) != 1:
         print("usage: python -m everest_agent.dirworker WORK_DIR", file=sys.stderr)
         return 2
-    sock = socket.socket(fileno=0)  # (the agent's end of it: see the module's docstring)
+    sock = socket.socket(fileno=0)  # (its socket to the agent: see the module's docstring)
     try:
         serve(sock, argv[0])
     except BrokenPipeError:

@@ -1,12 +1,10 @@
 """
-Making a task's directory, opening what its spawn needs, and retiring it
-once retention lets it go.
+Making a task's directory, and retiring it once retention lets it go.
 
-All of it is blocking file-system work on directories a task controls, so
-none of it runs on the reactor thread.  It runs often: once each per task,
-so in a sweep of short tasks hundreds of times a second.  Two providers of
-L{ITaskDirs} do the same work (L{everest_agent.dirworker.make_task_dir},
-L{everest_agent.spares.open_for_spawn},
+Both are blocking file-system work on directories a task controls, so
+neither runs on the reactor thread.  They run often: once each per task, so
+in a sweep of short tasks hundreds of times a second.  Two providers of
+L{ITaskDirs} do the same work (L{everest_agent.dirworker.make_task_dir} and
 L{everest_agent.dirworker.retire_task_dir}, with one
 L{everest_agent.spares.SpareDirs}):
 
@@ -20,16 +18,18 @@ L{everest_agent.spares.SpareDirs}):
     thread and back: measured on a burst of trivial tasks, those handovers
     (futex calls and the context switches behind them) cost the agent
     about a fifth of its CPU.  In a process of their own the same calls
-    cost the agent one line of JSON each way (and, for a spawn, the
-    descriptors, passed with C{SCM_RIGHTS}), and run beside it on another
+    cost the agent one line of JSON each way, and run beside it on another
     core.  If the process cannot start, or dies, the agent says so in its
     log and goes on with L{ThreadTaskDirs}: the calls it had not answered
     are made again there (a call may so be made twice: a directory made
-    already is only checked, one retired already is gone, descriptors
-    opened twice are only opened).
+    already is only checked, one retired already is gone).
+
+A local task's spawn stays in the agent's file-system threads
+(L{everest_agent.handlers.local}): its process must be the agent's child,
+and the C{.everest} it makes just before says a job was started, so the
+two must not be a reactor turn apart.
 """
 
-import collections
 import json
 import os
 import socket
@@ -37,14 +37,13 @@ import sys
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.logger import Logger, LogLevel
 from zope.interface import Attribute, Interface, implementer
 
 import everest_agent
 from everest_agent import paths
 from everest_agent.dirworker import make_task_dir, retire_task_dir
-from everest_agent.spares import SpareDirs, open_for_spawn
+from everest_agent.spares import SpareDirs
 
 
 class ITaskDirs(Interface):
@@ -60,15 +59,6 @@ class ITaskDirs(Interface):
         @return: a Deferred firing with None once it exists, or failing
             with the C{OSError} or L{everest_agent.paths.PathEscape} that
             prevented it.
-        """
-
-    def prepare(directory):
-        """
-        Open what a local job's wrapper needs of task directory
-        C{directory} (L{everest_agent.spares.open_for_spawn}).
-
-        @return: a Deferred firing with C{[directory, stdout, stderr]}
-            descriptors (close-on-exec) that the caller owns.
         """
 
     def retire(name, reuse):
@@ -94,7 +84,6 @@ class ThreadTaskDirs:
         self.spares = SpareDirs(work_dir)
         self._make = files.batch(self._make_one)
         self._retire = files.batch(self._retire_one)
-        self.prepare = files.batch(open_for_spawn)
 
     @property
     def taken(self):
@@ -145,18 +134,12 @@ class _Watch(protocol.ProcessProtocol):
         self._owner.gone(reason)
 
 
-@implementer(IFileDescriptorReceiver)
 class _Channel(protocol.Protocol):
-    """The agent's end of the socket to the directory process: lines of JSON, and descriptors."""
+    """The agent's end of the socket to the directory process: lines of JSON."""
 
     def __init__(self, owner):
         self._owner = owner
         self._buffer = b""
-
-    def fileDescriptorReceived(self, descriptor):
-        # (Before the line it comes with: see Twisted's unix._SendmsgMixin.)
-        os.set_inheritable(descriptor, False)  # never into a task spawned meanwhile
-        self._owner.fds.append(descriptor)
 
     def dataReceived(self, data):
         lines = (self._buffer + data).split(b"\n")
@@ -200,7 +183,6 @@ class ProcessTaskDirs(Service):
         self._next = 0
         self._pending = {}  # request id -> (op, args, Deferred)
         self._before_start = []  # lines asked for before the process exists
-        self.fds = collections.deque()  # received, for the next answers that carry some
         self._taken = self._given = 0
         self.calls = 0
 
@@ -220,9 +202,6 @@ class ProcessTaskDirs(Service):
     def make(self, path):
         work_dir, name = os.path.split(path)
         return self._ask("make", {"work_dir": work_dir, "name": name})
-
-    def prepare(self, directory):
-        return self._ask("prepare", {"directory": directory})
 
     def retire(self, name, reuse):
         return self._ask("retire", {"work_dir": self.work_dir, "name": name, "reuse": bool(reuse)})
@@ -246,14 +225,11 @@ class ProcessTaskDirs(Service):
     def _in_threads(self, op, args):
         if op == "make":
             return self._fallback.make(os.path.join(args["work_dir"], args["name"]))
-        if op == "prepare":
-            return self._fallback.prepare(args["directory"])
         return self._fallback.retire(args["name"], args["reuse"])
 
     def answered(self, line):
         try:
             answer = json.loads(line)
-            fds = self._descriptors(answer.get("fds", 0))
             entry = self._pending.pop(answer["id"])
         except (ValueError, KeyError, TypeError, AttributeError):
             # Nothing it says can be trusted now: it is ended, and what it
@@ -269,15 +245,8 @@ class ProcessTaskDirs(Service):
         d = entry[2]
         if "error" in answer:
             d.errback(decode_error(answer["error"]))
-        elif "fds" in answer:
-            d.callback(fds)
         else:
             d.callback(answer.get("ok"))
-
-    def _descriptors(self, count):
-        if not isinstance(count, int) or count < 0 or count > len(self.fds):
-            raise ValueError("descriptors missing")
-        return [self.fds.popleft() for _ in range(count)]
 
     def child_said(self, data):
         self.log.warn("The directory process says: {text}", text=data.decode("utf-8", "replace").rstrip())
@@ -288,8 +257,6 @@ class ProcessTaskDirs(Service):
         if self._alive > 0:
             return
         self._process = self._channel = None
-        while self.fds:  # sent with an answer that never came whole
-            os.close(self.fds.popleft())
         if self._stopping is not None:
             stopping, self._stopping = self._stopping, None
             self._take_over()  # (nothing, unless it was killed at the timeout)

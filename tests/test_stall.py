@@ -86,8 +86,7 @@ class StallingFileSystemTests(TestCase):
 
         # Whatever must not happen on the reactor thread fails there.
         self.patch(os, "makedirs", guard(os.makedirs))
-        # (The spawn itself runs on the reactor thread: it opens nothing of
-        # the task's.  What it needs is opened in the stalling threads.)
+        self.patch(os, "posix_spawn", guard(os.posix_spawn))
         self.patch(paths, "open_task_dir_nofollow", guard(paths.open_task_dir_nofollow))
 
         lag = watch_reactor_lag(self)

@@ -4,7 +4,6 @@ in the agent's threads, and in the directory process (a real child process,
 everest_agent/dirworker.py).
 """
 
-import array
 import errno
 import io
 import json
@@ -20,8 +19,6 @@ from zope.interface.verify import verifyObject
 
 from everest_agent import dirworker, paths
 from everest_agent.fsio import InlineFileIO
-from everest_agent.handlers.local import LocalTaskHandler
-from everest_agent.interfaces import JobRequest
 from everest_agent.spares import SPARE_DIR
 from everest_agent.taskdirs import ITaskDirs, ProcessTaskDirs, ThreadTaskDirs, decode_error
 from tests.support import eventually, watch_reactor_lag
@@ -101,22 +98,18 @@ class ServeTests(unittest.TestCase):
             dirworker.serve(theirs, work_dir, err=self.err)
         finally:
             theirs.close()
-        answers, fds, data = [], [], b""
+        data = b""
         while True:
-            chunk, ancillary, _, _ = ours.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            chunk = ours.recv(65536)
             if not chunk:
                 break
             data += chunk
-        answers = [json.loads(line) for line in data.splitlines()]
-        return answers, fds
+        return [json.loads(line) for line in data.splitlines()]
 
     def test_answers_each_request_and_ignores_an_unreadable_one(self):
         work_dir = os.path.abspath(self.mktemp())
         _task(work_dir, "a")
-        answers, fds = self.serve(work_dir, [
+        answers = self.serve(work_dir, [
             b'{"id": 1, "op": "make", "work_dir": "%s", "name": "b"}\n' % work_dir.encode(),
             b"not json\n",
             b'{"id": 2, "op": "nothing"}\n',
@@ -129,7 +122,6 @@ class ServeTests(unittest.TestCase):
         self.assertIs(by_id[3]["ok"], True)
         self.assertFalse(os.path.exists(os.path.join(work_dir, "a")))
         self.assertEqual(by_id[3]["given"], 1)  # kept as a spare (which "b" may have taken meanwhile)
-        self.assertEqual(fds, [])
         said = self.err.getvalue().splitlines()
         self.assertEqual(len(said), 2)
         self.assertTrue(all("unreadable request" in line for line in said))
@@ -137,38 +129,6 @@ class ServeTests(unittest.TestCase):
 
 class ProcessTaskDirsTests(unittest.TestCase):
     """The directory process, for real."""
-
-    @defer.inlineCallbacks
-    def test_prepare_sends_the_descriptors_a_spawn_needs(self):
-        d = _Dirs(self)
-        d.dirs.startService()
-        _task(d.work_dir, "old")
-        yield d.dirs.retire("old", True)
-        yield d.dirs.make(d.path("t"))
-        fds = yield d.dirs.prepare(d.path("t"))
-        self.addCleanup(lambda: [os.close(fd) for fd in fds])
-        self.assertEqual(len(fds), 3)
-        self.assertEqual([os.get_inheritable(fd) for fd in fds], [False] * 3)
-        self.assertTrue(stat.S_ISDIR(os.fstat(fds[0]).st_mode))
-        self.assertEqual(os.path.samestat(os.fstat(fds[0]), os.stat(d.path("t"))), True)
-        for fd, name in ((fds[1], "stdout"), (fds[2], "stderr")):
-            self.assertTrue(os.path.samestat(os.fstat(fd), os.stat(os.path.join(d.path("t"), name))))
-            self.assertEqual(os.fstat(fd).st_size, 0)
-        self.assertTrue(os.path.isdir(os.path.join(d.path("t"), ".everest")))  # a job may start now
-        os.write(fds[1], b"written through the descriptor")
-        with open(os.path.join(d.path("t"), "stdout"), "rb") as f:
-            self.assertEqual(f.read(), b"written through the descriptor")
-
-    @defer.inlineCallbacks
-    def test_prepare_of_a_planted_link_fails_and_sends_nothing(self):
-        d = _Dirs(self)
-        d.dirs.startService()
-        outside = os.path.abspath(self.mktemp())
-        os.makedirs(outside)
-        os.symlink(outside, d.path("t"))
-        yield self.assertFailure(d.dirs.prepare(d.path("t")), paths.PathEscape)
-        self.assertEqual(os.listdir(outside), [])
-        self.assertEqual(len(d.dirs.fds), 0)
 
     @defer.inlineCallbacks
     def test_make_retire_and_use_again(self):
@@ -247,10 +207,7 @@ class ProcessTaskDirsTests(unittest.TestCase):
             self.assertTrue(os.path.isdir(d.path(f"t{i}")))
         self.assertFalse(os.path.exists(d.path("done")))
         yield d.dirs.make(d.path("later"))
-        fds = yield d.dirs.prepare(d.path("later"))
-        for fd in fds:
-            os.close(fd)
-        self.assertEqual(len(fds), 3)
+        self.assertTrue(os.path.isdir(d.path("later")))
         self.assertTrue(any("the directory process ended" in t and "agent's threads" in t for t in d.texts()),
                         d.texts())
 
@@ -268,7 +225,7 @@ class ProcessTaskDirsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_an_unreadable_answer_ends_the_process_and_nothing_waits(self):
-        for bad in (b"{not json", b'{"id": 999999, "ok": null}', b'{"id": 1, "fds": 3}', b"[1, 2]"):
+        for bad in (b"{not json", b'{"id": 999999, "ok": null}', b'{"ok": null}', b"[1, 2]"):
             d = _Dirs(self)
             d.dirs.startService()
             _task(d.work_dir, "old")
@@ -356,48 +313,3 @@ class StuckProcessTests(unittest.TestCase):
         self.assertLess(reactor.seconds() - start, 5)
         self.assertFalse(asked.called)  # done again at the next start
         self.assertTrue(any("does not end" in t for t in d.texts()), d.texts())
-
-
-class LocalSpawnTests(unittest.TestCase):
-    """The local handler with its descriptors from the directory process, real tasks."""
-
-    timeout = 60
-
-    def handler(self, slots):
-        """A work_dir's directory process, and a local handler that spawns with its descriptors."""
-        d = _Dirs(self)
-        d.dirs.startService()
-        handler = LocalTaskHandler(reactor, slots=slots, kill_grace=0.5)
-        handler.use_dirs(d.dirs)
-        return d, handler
-
-    @defer.inlineCallbacks
-    def test_tasks_get_their_three_descriptors_and_nothing_else(self):
-        d, handler = self.handler(8)
-        names = [f"t{i}" for i in range(8)]
-        for name in names:
-            yield d.dirs.make(d.path(name))
-        # Eight at once: the descriptors of the others are in the agent
-        # while each one starts.
-        jobs = yield defer.gatherResults([
-            handler.submit(JobRequest(name, d.path(name), "ls /proc/$$/fd; echo $EVEREST_TASK_ID",
-                                      {"EVEREST_TASK_ID": name}, {}))
-            for name in names
-        ])
-        results = yield defer.gatherResults([job.result for job in jobs])
-        self.assertEqual([r.exit_code for r in results], [0] * 8)
-        for name in names:
-            with open(os.path.join(d.path(name), "stdout")) as f:
-                self.assertEqual(f.read(), f"0\n1\n2\n{name}\n")
-        self.assertEqual(len(d.dirs.fds), 0)  # every one received went to its spawn
-
-    @defer.inlineCallbacks
-    def test_a_task_directory_turned_link_fails_its_spawn(self):
-        d, handler = self.handler(1)
-        outside = os.path.abspath(self.mktemp())
-        os.makedirs(outside)
-        os.symlink(outside, d.path("t"))
-        failure = yield self.assertFailure(
-            handler.submit(JobRequest("t", d.path("t"), "echo hi > escaped", {}, {})), RuntimeError)
-        self.assertIn("cannot start the task", str(failure))
-        self.assertEqual(os.listdir(outside), [])

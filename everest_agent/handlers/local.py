@@ -436,22 +436,15 @@ class LocalTaskHandler:
 
     def use_files(self, files):
         """
-        Do the handler's blocking work (opening a task's files for its
-        spawn, L{spares.open_for_spawn}; /proc lookups; exit-code files)
+        Do the handler's blocking work (each spawn, with the opening of the
+        task's files before it, L{_open_and_spawn}; /proc lookups;
+        exit-code files)
         through C{files}, an L{everest_agent.fsio.IFileIO}: the agent passes
         its file-system threads; the default runs it inline.  The spawns of
         one reactor turn go in one hop.
         """
         self.files = files
-        self._prepare = files.batch(spares.open_for_spawn)
-
-    def use_dirs(self, dirs):
-        """
-        Have C{dirs} (an L{everest_agent.taskdirs.ITaskDirs}: the agent's
-        directory process) prepare each task's descriptors instead of the
-        file-system threads.
-        """
-        self._prepare = dirs.prepare
+        self._spawn = files.batch(_open_and_spawn)
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -484,15 +477,7 @@ class LocalTaskHandler:
             e = f.value
             raise RuntimeError(f"cannot start the task: {getattr(e, 'strerror', None) or e}")
 
-        def spawn(fds):
-            if first:
-                _close_inherited_fds()
-            return _spawn_wrapper(fds, request.directory, request.command, environment)
-
-        # The task directory's files are opened off the reactor (by the
-        # directory process, or the file-system threads); the spawn itself
-        # opens none of them.
-        return self._prepare(request.directory).addCallback(spawn).addCallbacks(spawned, failed)
+        return self._spawn((request.directory, request.command, environment, first)).addCallbacks(spawned, failed)
 
     def reattach(self, request, job_id):
         """
@@ -553,12 +538,32 @@ class LocalTaskHandler:
         return defer.succeed({})
 
 
+def _open_and_spawn(item):
+    """
+    Open what a task's wrapper needs (L{spares.open_for_spawn}: its
+    C{.everest} in place, which says a job was started there) and start the
+    wrapper right after, in one go (blocking, in the file-system threads).
+    C{item} is C{(directory, command, environment, first)}; the first spawn
+    of the agent also makes inherited descriptors close-on-exec.
+
+    The two stay together: a restarted agent takes a C{.everest} with no
+    live wrapper and no exit status for a job that was killed, so nothing
+    may come between making it and the spawn (the fault table's kill storm
+    found the task failed, never run, when the spawn waited a reactor turn
+    behind it).
+
+    @return: the wrapper's pid.
+    """
+    directory, command, environment, first = item
+    if first:
+        _close_inherited_fds()
+    return _spawn_wrapper(spares.open_for_spawn(directory), directory, command, environment)
+
+
 def _spawn_wrapper(fds, directory, command, environment):
     """
     Start a task's wrapper with the descriptors L{spares.open_for_spawn}
-    made (C{[directory, stdout, stderr]}), and close them.  It opens
-    nothing of the task's (its only file action opens C{/dev/null}), so it
-    runs on the reactor thread, as Twisted's own spawns do.
+    made (C{[directory, stdout, stderr]}), and close them.
 
     @return: the wrapper's pid.
     """
