@@ -51,6 +51,14 @@ class _Dirs:
     def path(self, name):
         return os.path.join(self.work_dir, name)
 
+    def python_running(self, code):
+        """Have the directory process be C{python -c CODE} (its arguments after), not dirworker's main."""
+        script = os.path.join(self.work_dir, "..", "python-running")
+        with open(script, "w") as f:
+            f.write(f"#!/bin/sh\nexec {sys.executable} -c '{code}' \"$@\"\n")
+        os.chmod(script, stat.S_IRWXU)
+        self.dirs._python = script
+
     def formats(self):
         return [e.get("log_format", "") for e in self.events]
 
@@ -264,17 +272,10 @@ class SlowProcessTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_the_reactor_goes_on_meanwhile(self):
         d = _Dirs(self)
-        slow = os.path.join(d.work_dir, "..", "slow-python")
-        with open(slow, "w") as f:
-            f.write(
-                "#!/bin/sh\n"
-                f"exec {sys.executable} -c '"
-                "import sys, time; from everest_agent import dirworker as w; make = w.make_task_dir; "
-                "w.make_task_dir = lambda *a, **k: (time.sleep(1), make(*a, **k))[1]; "
-                "sys.exit(w.main(sys.argv[-1:]))' \"$@\"\n"
-            )
-        os.chmod(slow, stat.S_IRWXU)
-        d.dirs._python = slow
+        d.python_running(
+            "import sys, time; from everest_agent import dirworker as w; make = w.make_task_dir; "
+            "w.make_task_dir = lambda *a, **k: (time.sleep(1), make(*a, **k))[1]; "
+            "sys.exit(w.main(sys.argv[-1:]))")
         d.dirs.startService()
         lag = watch_reactor_lag(self)
         start = reactor.seconds()
@@ -290,11 +291,7 @@ class StuckProcessTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_stop_gives_up_on_it(self):
         d = _Dirs(self)
-        stuck = os.path.join(d.work_dir, "..", "stuck-python")
-        with open(stuck, "w") as f:
-            f.write(f"#!/bin/sh\nexec {sys.executable} -c 'import time; time.sleep(60)' \"$@\"\n")
-        os.chmod(stuck, stat.S_IRWXU)
-        d.dirs._python = stuck
+        d.python_running("import time; time.sleep(60)")
         d.dirs.STOP_TIMEOUT = d.dirs.KILL_WAIT = 0.2
         d.dirs.startService()
         process = d.dirs._process
