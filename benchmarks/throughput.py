@@ -120,20 +120,16 @@ def proc_cpu(pid):
 
 
 def children_running(pid, marker):
-    """Pids of the live children of C{pid} whose command line holds C{marker}."""
+    """Pids of the children of C{pid} whose command line holds C{marker}."""
+    from everest_agent.pilot.guard import children
+
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for child in children(pid):
         try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != pid:
-                continue
-            with open(f"/proc/{name}/cmdline", "rb") as f:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
                 if marker.encode() in f.read():
-                    found.append(int(name))
-        except (OSError, ValueError, IndexError):
+                    found.append(child)
+        except OSError:
             continue
     return found
 

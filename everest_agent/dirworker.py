@@ -1,7 +1,8 @@
 """
 C{python -m everest_agent.dirworker WORK_DIR}: the agent's directory
-process (L{everest_agent.taskdirs.ProcessTaskDirs} starts it), and the
-blocking work it does (also done in the agent's threads when it is gone).
+process (L{everest_agent.taskdirs.ProcessTaskDirs} starts it), the
+blocking work it does (also done in the agent's threads when it is gone),
+and how its errors travel (L{encode_error}, L{decode_error}).
 
 Its standard input is a Unix stream socket to the agent.  It reads
 requests there, one JSON object a line::
@@ -62,6 +63,16 @@ def encode_error(e):
     return {"kind": "other", "text": f"{e.__class__.__name__}: {e}"}
 
 
+def decode_error(fields):
+    """The exception an error answer stands for (an OSError keeps its errno, so its subclass)."""
+    kind = fields.get("kind")
+    if kind == "escape":
+        return paths.PathEscape(fields.get("text", ""))
+    if kind == "os" and fields.get("errno") is not None:
+        return OSError(fields["errno"], fields.get("strerror") or fields.get("text", ""))
+    return RuntimeError(fields.get("text", "the directory process failed"))
+
+
 class _Log:
     """Collects what the blocking work logs, for the answer to carry."""
 
@@ -77,10 +88,6 @@ class _Log:
     warn = _event("warn")
     error = _event("error")
     del _event
-
-
-#: Which thread does what (making never waits behind a removal).
-_QUEUE_OF = {"make": "make", "retire": "retire"}
 
 
 def serve(sock, work_dir, err=None):
@@ -129,7 +136,7 @@ def serve(sock, work_dir, err=None):
         for line in requests:
             try:
                 request = json.loads(line)
-                q = queues[_QUEUE_OF[request["op"]]]
+                q = queues[request["op"]]  # (making never waits behind a removal)
             except (ValueError, KeyError, TypeError):
                 print(f"everest-agent directory process: unreadable request {line[:200]!r}", file=err, flush=True)
                 continue

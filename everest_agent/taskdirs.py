@@ -41,8 +41,7 @@ from twisted.logger import Logger, LogLevel
 from zope.interface import Attribute, Interface, implementer
 
 import everest_agent
-from everest_agent import paths
-from everest_agent.dirworker import make_task_dir, retire_task_dir
+from everest_agent.dirworker import decode_error, make_task_dir, retire_task_dir
 from everest_agent.spares import SpareDirs
 
 
@@ -109,16 +108,6 @@ class ThreadTaskDirs:
 
 
 # -- in a process of their own ---------------------------------------------------------
-
-
-def decode_error(fields):
-    """The exception an error answer stands for (an OSError keeps its errno, so its subclass)."""
-    kind = fields.get("kind")
-    if kind == "escape":
-        return paths.PathEscape(fields.get("text", ""))
-    if kind == "os" and fields.get("errno") is not None:
-        return OSError(fields["errno"], fields.get("strerror") or fields.get("text", ""))
-    return RuntimeError(fields.get("text", "the directory process failed"))
 
 
 class _Watch(protocol.ProcessProtocol):

@@ -20,7 +20,8 @@ from zope.interface.verify import verifyObject
 from everest_agent import dirworker, paths
 from everest_agent.fsio import InlineFileIO
 from everest_agent.spares import SPARE_DIR
-from everest_agent.taskdirs import ITaskDirs, ProcessTaskDirs, ThreadTaskDirs, decode_error
+from everest_agent.dirworker import decode_error
+from everest_agent.taskdirs import ITaskDirs, ProcessTaskDirs, ThreadTaskDirs
 from tests.support import eventually, watch_reactor_lag
 
 

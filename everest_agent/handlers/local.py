@@ -437,11 +437,10 @@ class LocalTaskHandler:
     def use_files(self, files):
         """
         Do the handler's blocking work (each spawn, with the opening of the
-        task's files before it, L{_open_and_spawn}; /proc lookups;
-        exit-code files)
-        through C{files}, an L{everest_agent.fsio.IFileIO}: the agent passes
-        its file-system threads; the default runs it inline.  The spawns of
-        one reactor turn go in one hop.
+        task's files before it, L{_open_and_spawn}; /proc lookups; exit-code
+        files) through C{files}, an L{everest_agent.fsio.IFileIO}: the agent
+        passes its file-system threads; the default runs it inline.  The
+        spawns of one reactor turn go in one hop.
         """
         self.files = files
         self._spawn = files.batch(_open_and_spawn)
