@@ -43,8 +43,14 @@ removes only the C{tmp/} directories whose lock nobody holds (their agent is
 gone).  Entries themselves are only ever replaced by a rename of complete,
 verified content, so the agents' indexes may differ but never their bytes.
 
-Everything here is synchronous and quick (stat, rename, unlink); hashing
-and copying are done by the caller, in a thread.
+The index lives in memory, on the reactor thread.  Its disk work (looking
+at an entry, setting its access time, renaming one in, removing one) is
+done through a L{Lane} once L{ContentCache.use} gave it the agent's
+file-system threads: one job at a time, in the order asked, so a removal
+and a later rename of the same name never cross.  Before that (while
+L{ContentCache.open} scans the directory, in a thread of its own, and in
+tests) it is done at once, where it is asked.  Hashing and copying are
+done by the caller, in a thread.
 """
 
 import errno
@@ -58,7 +64,10 @@ import time
 import uuid
 from collections import OrderedDict
 
+from twisted.internet import defer
 from twisted.logger import Logger
+
+from everest_agent.transfer.jobs import Lane, run_inline
 
 _NAME = re.compile(r"[0-9a-f]{64}(\.x)?\Z")
 READ_ONLY = 0o444
@@ -152,6 +161,14 @@ class ContentCache:
         self._tmp = None  # this cache's own directory in tmp/, once open
         self._lock = None
         self._store = os.path.join(self.directory, "sha256")
+        self._disk = run_inline
+
+    def use(self, run):
+        """
+        From now on do the disk work through C{run} (the thread seam:
+        C{run(f, *args)} returns a Deferred), one job at a time, in order.
+        """
+        self._disk = Lane(run)
 
     @property
     def tmp_dir(self):
@@ -233,12 +250,15 @@ class ContentCache:
                 _remove(path)
 
     def close(self):
-        """Give up this cache's temporary directory (what is in it is lost)."""
-        if self._lock is not None:
-            _remove(self._tmp)
-            _remove(f"{self._tmp}.lock")
-            os.close(self._lock)
-            self._lock = None
+        """
+        Give up this cache's temporary directory (what is in it is lost).
+
+        @return: a Deferred that fires when that is done.
+        """
+        if self._lock is None:
+            return defer.succeed(None)
+        lock, self._lock = self._lock, None
+        return self._disk(_release_tmp, self._tmp, lock)
 
     # -- looking up -------------------------------------------------------------
 
@@ -264,36 +284,35 @@ class ContentCache:
         """
         Whether C{entry} can be used as it is.
 
-        @return: C{"ok"}; C{"verify"} if its content must be hashed again
-            (never verified by this process, or changed since); or
-            C{"missing"} if its file is gone (the entry is then dropped).
+        @return: a Deferred of C{"ok"}; C{"verify"} if its content must be
+            hashed again (never verified by this process, or changed
+            since); or C{"missing"} if its file is gone (the entry is then
+            dropped).
         """
         if entry.gone:
+            return defer.succeed("missing")
+        return self._disk(_look, entry.path, entry.mode).addCallback(self._checked, entry)
+
+    def _checked(self, seen, entry):
+        if entry.gone:
             return "missing"
-        try:
-            st = os.lstat(entry.path)
-        except FileNotFoundError:
-            self.drop(entry, why="its file disappeared")
+        state, stamp = seen
+        if state != "ok" and state != "mode restored":
+            self.drop(entry, why=state)
             return "missing"
-        if not _isreg(st):
-            self.drop(entry, why="it is no longer a regular file")
-            return "missing"
-        if (st.st_mode & 0o7777) != entry.mode:
-            # Someone made it writable (or changed its run bit): put it back
-            # and look at the content again.
-            try:
-                os.chmod(entry.path, entry.mode)
-            except OSError:
-                self.drop(entry, why="its mode cannot be restored")
-                return "missing"
+        if state == "mode restored":
+            # Someone made it writable (or changed its run bit): it is put
+            # back, and the content looked at again.
             entry.verified = False
-        if not entry.verified or _stamp(st) != entry.stamp:
+        if not entry.verified or stamp != entry.stamp:
             return "verify"
         return "ok"
 
-    def mark_verified(self, entry, size, digest):
+    def mark_verified(self, entry, size, digest, stamp):
         """
-        Record the result of hashing C{entry}'s file.
+        Record the result of hashing C{entry}'s file (L{hash_file}: the
+        bytes read, their sha256, and the file's stamp just after, or None
+        if it was gone by then).
 
         @return: True if the content is right; if not, the entry is dropped.
         """
@@ -306,17 +325,14 @@ class ContentCache:
             )
             self.drop(entry, why="corrupt")
             return False
-        try:
-            st = os.lstat(entry.path)
-        except OSError:
+        if stamp is None:
             self.drop(entry, why="its file disappeared")
             return False
-        if st.st_size != size:
-            # Changed while it was being hashed: look again next time.
-            return True
-        self.total += st.st_size - entry.size
-        entry.size = st.st_size
-        entry.stamp = _stamp(st)
+        if stamp[0] != size:
+            return True  # changed while it was being hashed: look again next time
+        self.total += stamp[0] - entry.size
+        entry.size = stamp[0]
+        entry.stamp = stamp
         entry.verified = True
         return True
 
@@ -335,16 +351,11 @@ class ContentCache:
                 self._evict()
 
     def touch(self, entry):
-        """Mark C{entry} as just used (in memory and in its access time)."""
+        """Mark C{entry} as just used (in memory, and in its access time)."""
         if entry.gone:
             return
         self._entries.move_to_end(entry.key)
-        try:
-            st = os.lstat(entry.path)
-            now = int(self._clock() * 1e9)
-            os.utime(entry.path, ns=(now, st.st_mtime_ns), follow_symlinks=False)
-        except OSError:
-            pass
+        self._disk(_set_atime, entry.path, int(self._clock() * 1e9))
 
     # -- adding and removing ----------------------------------------------------
 
@@ -359,20 +370,23 @@ class ContentCache:
 
     def add(self, digest, executable, temporary, size):
         """
-        Move the verified file C{temporary} into the cache and index it.  The
-        new entry is returned pinned once: the caller unpins it.
+        Move the verified file C{temporary} into the cache and index it.
+
+        @return: a Deferred of the new entry, pinned once: the caller
+            unpins it.  It fails with the C{OSError} if the file cannot be
+            moved in (C{temporary} is then removed).
         """
         path = self.path_for(digest, executable)
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        os.chmod(temporary, EXECUTABLE if executable else READ_ONLY)
-        st = os.lstat(temporary)
-        os.replace(temporary, path)
+        mode = EXECUTABLE if executable else READ_ONLY
+        return self._disk(_install, temporary, path, mode).addCallback(self._added, digest, executable, path)
+
+    def _added(self, stamp, digest, executable, path):
         old = self._entries.pop((digest, executable), None)
         if old is not None:
             old.gone = True
             if not old.transient:
                 self.total -= old.size
-        entry = Entry(digest, executable, path, st.st_size, _stamp(st), verified=True)
+        entry = Entry(digest, executable, path, stamp[0], stamp, verified=True)
         entry.pins = 1
         self._entries[entry.key] = entry
         if entry.size > self.max_size:
@@ -392,7 +406,7 @@ class ContentCache:
             del self._entries[entry.key]
             if not entry.transient:
                 self.total -= entry.size
-        _remove(entry.path)
+        self._disk(_remove, entry.path)
         self.log.debug("Cache entry {path} removed: {why}", path=entry.path, why=why)
 
     def _evict(self, extra=0):
@@ -405,6 +419,78 @@ class ContentCache:
                 continue
             self.drop(entry, why="least recently used")
             self.evictions += 1
+
+
+def hash_file(path):
+    """
+    The size and sha256 (hex) of the file at C{path}, and its stamp (size,
+    modification time) just after, or None if it is gone by then (in a
+    thread).
+    """
+    size, digest = sha256_file(path)
+    try:
+        stamp = _stamp(os.lstat(path))
+    except OSError:
+        stamp = None
+    return size, digest, stamp
+
+
+def _look(path, mode):
+    """
+    How the file of an entry is (in a thread): C{(state, stamp)}, the state
+    C{"ok"}, C{"mode restored"} (its mode had changed and is put back), or
+    why it is unusable.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "its file disappeared", None
+    except OSError:
+        return "its file cannot be looked at", None
+    if not _isreg(st):
+        return "it is no longer a regular file", None
+    if (st.st_mode & 0o7777) != mode:
+        try:
+            os.chmod(path, mode)
+            st = os.lstat(path)
+        except OSError:
+            return "its mode cannot be restored", None
+        return "mode restored", _stamp(st)
+    return "ok", _stamp(st)
+
+
+def _set_atime(path, now_ns):
+    """Set the access time of C{path}, keeping its modification time (in a thread)."""
+    try:
+        st = os.lstat(path)
+        os.utime(path, ns=(now_ns, st.st_mtime_ns), follow_symlinks=False)
+    except OSError:
+        pass
+
+
+def _install(temporary, path, mode):
+    """
+    Give C{temporary} its mode and rename it to C{path} (in a thread); on
+    failure C{temporary} is removed.
+
+    @return: its stamp.
+    """
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.chmod(temporary, mode)
+        st = os.lstat(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        _remove(temporary)
+        raise
+    return _stamp(st)
+
+
+def _release_tmp(tmp, lock):
+    """Remove a closed cache's temporary directory, then let go of its lock (in a thread)."""
+    _remove(tmp)
+    _remove(f"{tmp}.lock")
+    os.close(lock)
 
 
 def _unlocked(path):

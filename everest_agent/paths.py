@@ -648,6 +648,26 @@ def create_exclusive(path, mode=0o644):
         os.close(dir_fd)
 
 
+def remove_file(path):
+    """
+    Unlink C{path} if it is there, its directory opened as
+    L{create_exclusive} opens it: a link on the way is never followed (then
+    nothing is removed: the file is not where it was made), and a link at
+    C{path} itself is removed, not what it points to.  Blocking: for the
+    file-system threads.
+    """
+    try:
+        dir_fd, name = _open_parent(path)
+    except (OSError, PathEscape):
+        return
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
 def link_exclusive(source, path):
     """
     Hard-link C{source} (the agent's own file, e.g. cached content) at

@@ -158,6 +158,27 @@ class CreateExclusiveTests(PathsTestCase):
     def test_temporary_name(self):
         self.assertEqual(paths.temporary_for("/t/a/b.txt"), "/t/a/.b.txt.part")
 
+    def test_remove_file_never_through_a_link(self):
+        # A directory on the way swapped for a link: nothing is removed
+        # where the link points.
+        os.makedirs(os.path.join(self.task, "d"))
+        with open(os.path.join(self.task, "d", ".x.part"), "w") as f:
+            f.write("partial")
+        os.rename(os.path.join(self.task, "d"), os.path.join(self.task, "d.real"))
+        os.symlink(self.outside, os.path.join(self.task, "d"))
+        paths.remove_file(os.path.join(self.task, "d", "secret"))
+        self.assertEqual(os.listdir(self.outside), ["secret"])
+        # A link at the name itself is removed, not what it points to.
+        planted = os.path.join(self.task, "d.real", ".x.part")
+        os.unlink(planted)
+        os.symlink(os.path.join(self.outside, "secret"), planted)
+        paths.remove_file(planted)
+        self.assertFalse(os.path.lexists(planted))
+        self.assertEqual(os.listdir(self.outside), ["secret"])
+        # Nothing there, or no such directory: nothing to do, no error.
+        paths.remove_file(planted)
+        paths.remove_file(os.path.join(self.task, "nowhere", "x"))
+
 
 def _umask():
     mask = os.umask(0)

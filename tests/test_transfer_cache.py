@@ -8,7 +8,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from everest_agent.cache import ContentCache, parse_size, sha256_file
+from everest_agent.cache import ContentCache, hash_file, parse_size
 
 
 def sha(data):
@@ -41,7 +41,7 @@ class CacheTests(SynchronousTestCase):
         tmp = cache.temporary()
         with open(tmp, "wb") as f:
             f.write(data)
-        entry = cache.add(sha(data), executable, tmp, len(data))
+        entry = self.successResultOf(cache.add(sha(data), executable, tmp, len(data)))
         cache.unpin(entry)
         return entry
 
@@ -74,7 +74,7 @@ class CacheTests(SynchronousTestCase):
         tmp = self.cache.temporary()
         with open(tmp, "wb") as f:
             f.write(b"\3" * 400)
-        c = self.cache.add(sha(b"\3" * 400), False, tmp, 400)  # comes back pinned
+        c = self.successResultOf(self.cache.add(sha(b"\3" * 400), False, tmp, 400))  # comes back pinned
         self.assertFalse(a.gone or b.gone or c.gone)
         self.assertEqual(self.cache.total, 1200)  # over the limit while all are in use
         self.cache.unpin(b)
@@ -102,7 +102,7 @@ class CacheTests(SynchronousTestCase):
         tmp = self.cache.temporary()
         with open(tmp, "wb") as f:
             f.write(b"B" * 2000)
-        big = self.cache.add(sha(b"B" * 2000), False, tmp, 2000)
+        big = self.successResultOf(self.cache.add(sha(b"B" * 2000), False, tmp, 2000))
         self.assertFalse(small.gone)  # nothing evicted for it
         self.assertEqual(self.cache.total, 100)
         self.assertTrue(os.path.exists(big.path))
@@ -113,15 +113,14 @@ class CacheTests(SynchronousTestCase):
     def test_check_and_verification(self):
         data = b"content"
         entry = self.add(data)
-        self.assertEqual(self.cache.check(entry), "ok")
+        self.assertEqual(self.successResultOf(self.cache.check(entry)), "ok")
         # Changed behind the cache's back: must be hashed again.
         os.chmod(entry.path, 0o644)
         with open(entry.path, "r+b") as f:
             f.write(b"CONTENT")
-        self.assertEqual(self.cache.check(entry), "verify")
+        self.assertEqual(self.successResultOf(self.cache.check(entry)), "verify")
         self.assertEqual(os.stat(entry.path).st_mode & 0o777, 0o444)  # mode restored
-        size, digest = sha256_file(entry.path)
-        self.assertFalse(self.cache.mark_verified(entry, size, digest))
+        self.assertFalse(self.cache.mark_verified(entry, *hash_file(entry.path)))
         self.assertTrue(entry.gone)
         self.assertFalse(os.path.exists(entry.path))
         self.assertIsNone(self.cache.get(sha(data), False))
@@ -129,14 +128,14 @@ class CacheTests(SynchronousTestCase):
     def test_intact_entry_verified_again(self):
         entry = self.add(b"content")
         entry.verified = False
-        self.assertEqual(self.cache.check(entry), "verify")
-        self.assertTrue(self.cache.mark_verified(entry, *sha256_file(entry.path)))
-        self.assertEqual(self.cache.check(entry), "ok")
+        self.assertEqual(self.successResultOf(self.cache.check(entry)), "verify")
+        self.assertTrue(self.cache.mark_verified(entry, *hash_file(entry.path)))
+        self.assertEqual(self.successResultOf(self.cache.check(entry)), "ok")
 
     def test_missing_file(self):
         entry = self.add(b"content")
         os.unlink(entry.path)
-        self.assertEqual(self.cache.check(entry), "missing")
+        self.assertEqual(self.successResultOf(self.cache.check(entry)), "missing")
         self.assertIsNone(self.cache.get(entry.digest, False))
         self.assertEqual(self.cache.total, 0)
 
@@ -158,7 +157,7 @@ class CacheTests(SynchronousTestCase):
         self.assertIsNone(again.get(b.digest, False))  # least recently used: evicted to fit
         entry = again.get(a.digest, False)
         self.assertIsNotNone(entry)
-        self.assertEqual(again.check(entry), "verify")
+        self.assertEqual(self.successResultOf(again.check(entry)), "verify")
         self.assertEqual(again.total, 300)
 
     def test_replace_same_key(self):
@@ -201,7 +200,7 @@ class SharedDirectoryTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(in_flight))
         self.assertNotEqual(first.tmp_dir, second.tmp_dir)
         # first still completes its download into the shared store.
-        entry = first.add(sha(b"half a download"), False, in_flight, 15)
+        entry = self.successResultOf(first.add(sha(b"half a download"), False, in_flight, 15))
         first.unpin(entry)
         self.assertTrue(os.path.exists(entry.path))
 

@@ -142,5 +142,10 @@ class BackpressureTests(SynchronousTestCase):
         self.assertIn("disk full", failure.value.message)
         self.assertTrue(transport.stopped)
         done = writer.dispose(unlink=path)
+        # The close and the removal are a worker's job, not the reactor's.
+        self.assertNoResult(done)
+        self.assertEqual([job[0] for job in workers.jobs], [sink.close_file])
+        self.assertTrue(os.path.exists(path))
+        workers.finish()
         self.successResultOf(done)
         self.assertFalse(os.path.exists(path))

@@ -25,6 +25,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 
+from everest_agent.fsio import reactor_thread_guard
 from everest_agent.transfer import fastpath, producer as producing, sink
 from everest_agent.transfer.errors import StagingError
 from everest_agent.transfer.stager import Stager
@@ -719,6 +720,35 @@ class StagingTests(TestCase):
         with open(os.path.join(two, "c.dat"), "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(os.stat(stager.cache.get(sha(data), False).path).st_mode & 0o777, 0o444)
+
+    async def test_cache_and_space_checks_stay_off_the_reactor_thread(self):
+        """
+        Once its first scan is done, the cache glue, the disk-space checks
+        and the clean-up of a failed download look at, touch, rename and
+        remove files only in the file-system threads: a networked
+        file system that stalls them never holds the reactor.
+        """
+        data = payload(60000)
+        uri = self.put("/files/guarded.dat", data)
+        stager = self.stager(cache_dir=True)
+        short = self.put("/files/short.dat", payload(5000))
+        first, second, third, fourth = (self.task_dir() for _ in range(4))
+        await stager._cached_inputs()  # the first scan: a thread of its own
+        guard = reactor_thread_guard(SimpleNamespace(inside=False))
+        for name in ("lstat", "stat", "statvfs", "utime", "unlink", "replace", "chmod", "rename", "rmdir"):
+            self.patch(os, name, guard(getattr(os, name)))
+        item = {"path": "g.dat", "uri": uri, "sha256": sha(data), "size": len(data)}
+        await stager.stage_in(first, [item])  # fetched into the cache
+        await stager.stage_in(second, [item])  # a hit: checked, linked, touched
+        await stager.stage_in(third, [dict(item, executable=True)])  # the other mode: a local copy
+        # A download that fails after its file was made: removed in a thread.
+        failed = defer.ensureDeferred(stager.stage_in(fourth, [{"path": "short.dat", "uri": short, "size": 6000}]))
+        await self.assertStagingFails(failed, "input 'short.dat'")
+        await stager.close()
+        self.assertEqual(os.listdir(fourth), [])
+        for task in (first, second, third):
+            with open(os.path.join(task, "g.dat"), "rb") as f:
+                self.assertEqual(f.read(), data)
 
     async def test_cache_reopened_entries_are_verified(self):
         data = payload(50000)

@@ -17,7 +17,7 @@ import os
 from twisted.internet.defer import CancelledError
 
 from everest_agent import paths
-from everest_agent.cache import sha256_file
+from everest_agent.cache import hash_file
 from everest_agent.transfer.errors import Failed, io_failure, remove
 from everest_agent.transfer.jobs import Shared, mirror
 
@@ -42,6 +42,11 @@ def copy_file(source, target, mode):
         os.fchmod(out, mode)
     finally:
         os.close(out)
+
+
+def _other_file_system(directory, cache_directory):
+    """Whether C{directory} is on another file system than the cache (in a thread)."""
+    return os.stat(directory).st_dev != os.stat(cache_directory).st_dev
 
 
 #: Errors of a hard link that a copy gets around.
@@ -112,11 +117,11 @@ class CachedInputs:
         if size is not None:
             directory = os.path.dirname(target)
             try:
-                other_fs = os.stat(directory).st_dev != os.stat(cache.directory).st_dev
+                other_fs = await mirror(self._run(_other_file_system, directory, cache.directory))
             except OSError as e:
                 raise io_failure(e) from None
             if other_fs and cache.get(digest, executable) is None:
-                with self._space.claim(directory, size, reserve=False):
+                async with self._space.claim(directory, size, reserve=False):
                     pass
         tried = set()
         while True:
@@ -162,12 +167,11 @@ class CachedInputs:
         size = item.get("size")
         tmp = cache.temporary()
         cache.make_room(size)
-        with self._space.claim(cache.directory, size):
+        async with self._space.claim(cache.directory, size):
             length, _ = await self._download(key, item["uri"], tmp, size, digest, 0o600)
         try:
-            return cache.add(digest, executable, tmp, length)
+            return await mirror(cache.add(digest, executable, tmp, length))  # (tmp removed if not)
         except OSError as e:
-            remove(tmp)
             raise io_failure(e) from None
 
     async def _in_thread(self, f, *args, cleanup=None):
@@ -177,7 +181,7 @@ class CachedInputs:
             return await mirror(job)
         except CancelledError:
             if cleanup is not None:
-                job.addBoth(lambda _: cleanup())
+                job.addBoth(lambda _: self._run(cleanup))
             raise
         except paths.PathEscape as e:
             raise Failed(str(e)) from None
@@ -191,16 +195,15 @@ class CachedInputs:
         try:
             tmp = cache.temporary()
             cache.make_room(other.size)
-            with self._space.claim(cache.directory, other.size):
+            async with self._space.claim(cache.directory, other.size):
                 try:
                     await self._in_thread(copy_file, other.path, tmp, 0o600, cleanup=lambda: remove(tmp))
                 except Failed:
-                    remove(tmp)
+                    await self._run(remove, tmp)
                     raise
             try:
-                return cache.add(other.digest, executable, tmp, other.size)
+                return await mirror(cache.add(other.digest, executable, tmp, other.size))
             except OSError as e:
-                remove(tmp)
                 raise io_failure(e) from None
         finally:
             cache.unpin(other)
@@ -214,7 +217,7 @@ class CachedInputs:
         cache = self.cache
         cache.pin(entry)
         try:
-            state = cache.check(entry)
+            state = await mirror(cache.check(entry))
             if state == "missing":
                 return False
             if state == "verify" and not await self._verify(entry):
@@ -242,11 +245,11 @@ class CachedInputs:
         cache.pin(entry)
         try:
             try:
-                size, digest = await mirror(self._run(sha256_file, entry.path))
+                size, digest, stamp = await mirror(self._run(hash_file, entry.path))
             except OSError:
                 cache.drop(entry, why="unreadable")
                 return False
-            return cache.mark_verified(entry, size, digest)
+            return cache.mark_verified(entry, size, digest, stamp)
         finally:
             self._checks.pop(entry, None)
             cache.unpin(entry)
@@ -258,6 +261,6 @@ class CachedInputs:
             return False
         if how == "copy":
             tmp = paths.temporary_for(target)
-            with self._space.claim(os.path.dirname(target), entry.size):
+            async with self._space.claim(os.path.dirname(target), entry.size):
                 await self._in_thread(copy_into, entry.path, target, entry.mode, cleanup=lambda: remove(tmp))
         return True

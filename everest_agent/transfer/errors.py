@@ -1,7 +1,8 @@
 """The ways a transfer fails, and the words a task's reason uses for them."""
 
 import errno
-import os
+
+from everest_agent import paths
 
 
 class StagingError(Exception):
@@ -42,8 +43,9 @@ def describe(error):
 
 
 def remove(path):
-    """Unlink C{path}, if it is there."""
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    """
+    Unlink C{path}, if it is there, never through a link
+    (L{everest_agent.paths.remove_file}).  Blocking: call it in the
+    file-system threads.
+    """
+    paths.remove_file(path)

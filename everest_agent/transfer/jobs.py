@@ -1,6 +1,7 @@
 """
 Running transfers side by side: the fair slot limiter, a group of
-coroutines, a job several tasks wait for, and the thread-pool seam.
+coroutines, a job several tasks wait for, and the thread-pool seam (with
+its lane, for jobs that must run in order).
 """
 
 from collections import OrderedDict, deque
@@ -33,6 +34,35 @@ def pool_runner(reactor, pool, start=None):
 def run_inline(f, *args):
     """The C{run} of tests: call C{f} now, on this thread."""
     return defer.maybeDeferred(f, *args)
+
+
+class Lane:
+    """
+    C{lane(f, *args)}: run C{f} through C{run} (the thread seam) after the
+    jobs given to this lane before it have finished, whatever their
+    outcome: one job at a time, in the order asked.  Returns a Deferred of
+    its result.
+    """
+
+    def __init__(self, run):
+        self._run = run
+        self._tail = defer.succeed(None)
+
+    def __call__(self, f, *args):
+        result = Deferred()
+
+        def start(_):
+            done = Deferred()
+
+            def finished(outcome):
+                done.callback(None)
+                return outcome
+
+            self._run(f, *args).addBoth(finished).chainDeferred(result)
+            return done
+
+        self._tail.addCallback(start)
+        return result
 
 
 def mirror(d):

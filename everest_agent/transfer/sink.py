@@ -19,7 +19,7 @@ import hashlib
 import os
 from collections import deque
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
@@ -170,8 +170,9 @@ class FileWriter:
     def dispose(self, unlink=None):
         """
         Drop what is queued, then (once no job runs) close the file and
-        remove C{unlink}.  This happens even if the returned Deferred is
-        cancelled.
+        remove C{unlink}, both in a job of their own (a close may wait on a
+        networked file system; L{errors.remove} never follows a link).  This
+        happens even if the returned Deferred is cancelled.
         """
         self._batch = []
         self._batch_size = 0
@@ -180,23 +181,39 @@ class FileWriter:
         d = Deferred()
 
         def finish():
-            self._close()
-            if unlink is not None:
-                remove(unlink)
-            if not d.called:
-                d.callback(None)
+            self._close(unlink).addBoth(lambda _: d.called or d.callback(None))
 
         self._when_idle(finish)
         return d
 
-    def _close(self):
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
+    def _close(self, unlink=None):
+        """Close the file (and remove C{unlink}) in a job; a Deferred of its end."""
+        if self.closed:
+            return self._run(remove, unlink) if unlink is not None else succeed(None)
+        self.closed = True
+        return self._run(close_file, self.fd, unlink)
 
     async def close(self):
+        """
+        Write what is queued, then close the file.
+
+        @raise Failed: if the close fails (a networked file system reports
+            a write error there).
+        """
         await self.drain()
-        self._close()
+        try:
+            await self._close()
+        except OSError as e:
+            raise io_failure(e) from None
+
+
+def close_file(fd, unlink=None):
+    """Close C{fd}, then remove C{unlink} if given (in a worker thread)."""
+    try:
+        os.close(fd)
+    finally:
+        if unlink is not None:
+            remove(unlink)
 
 
 class BodyReceiver(Protocol):

@@ -68,7 +68,7 @@ from everest_agent.client import trust_root
 from everest_agent.transfer.cached import CachedInputs
 from everest_agent.transfer.errors import Failed, StagingError, describe, io_failure, remove
 from everest_agent.transfer.exchange import Exchanges, RangeState
-from everest_agent.transfer.jobs import FairLimiter, gather, mirror, pool_runner
+from everest_agent.transfer.jobs import FairLimiter, Lane, gather, mirror, pool_runner
 from everest_agent.transfer.retry import RetryPolicy, retrying
 from everest_agent.transfer.sink import FileWriter
 from everest_agent.transfer.space import DiskSpace
@@ -102,6 +102,15 @@ def _write_inline(target, data, executable):
                 os.fchmod(fd, 0o755)
         finally:
             os.close(fd)
+        paths.replace_into(tmp, target)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def _replace_or_remove(tmp, target):
+    """Rename C{tmp} over C{target}; if that fails, remove C{tmp} (in a thread)."""
+    try:
         paths.replace_into(tmp, target)
     except BaseException:
         remove(tmp)
@@ -285,7 +294,7 @@ class Stager:
         self.policy = RetryPolicy(platform_url, retries, retry_initial_delay, retry_max_delay, random)
         self.http = Exchanges(http, self._clock, timeout, stall_timeout)
         self.limiter = FairLimiter(max_concurrent)
-        self.space = DiskSpace()
+        self.space = DiskSpace(run)
         self.stage_out_timeout = stage_out_timeout
         self.max_stage_out = max_stage_out
         self.max_output_entries = max_output_entries
@@ -296,7 +305,7 @@ class Stager:
         self._cached = None
         self._cache_failed = False
         self._opening = None
-        self._lane = succeed(None)
+        self._lane = Lane(self._run)
         self.bytes_out = 0
 
     @classmethod
@@ -392,6 +401,7 @@ class Stager:
                 directory=self._cache_dir, error=result.strerror or result,
             )
             return
+        result.use(self._run)
         self._cached = CachedInputs(result, self._download, self._run, self.space)
 
     async def _cached_inputs(self):
@@ -412,13 +422,19 @@ class Stager:
         return {}
 
     def close(self):
-        """Close idle connections and stop the worker threads."""
-        if self._cached is not None:
-            self._cached.cache.close()
-        if self._on_close is not None:
-            on_close, self._on_close = self._on_close, None
-            return on_close()
-        return None
+        """
+        Give up the cache's temporary directory, then close idle connections
+        and stop the worker threads.
+
+        @return: a Deferred, or None if there was nothing to wait for.
+        """
+        on_close, self._on_close = self._on_close, None
+        if self._cached is None:
+            return on_close() if on_close is not None else None
+        closing = self._cached.cache.close()
+        if on_close is not None:
+            closing.addBoth(lambda _: on_close())
+        return closing
 
     # -- stage in -------------------------------------------------------------
 
@@ -435,20 +451,7 @@ class Stager:
         finished: tasks whose inputs are all inline are ready in the order
         they came, as they would be without threads.
         """
-        result = Deferred()
-
-        def start(_):
-            done = Deferred()
-
-            def finished(outcome):
-                done.callback(None)
-                return outcome
-
-            self._run(f, *args).addBoth(finished).chainDeferred(result)
-            return done
-
-        self._lane.addCallback(start)
-        return result
+        return self._lane(f, *args)
 
     async def _input(self, task_dir, target, item):
         what = f"input {item['path']!r}"
@@ -467,17 +470,15 @@ class Stager:
     async def _input_direct(self, key, target, item):
         size = item.get("size")
         tmp = paths.temporary_for(target)
-        with self.space.claim(os.path.dirname(target), size):
+        async with self.space.claim(os.path.dirname(target), size):
             await self._download(key, item["uri"], tmp, size, item.get("sha256"),
                                  0o755 if item.get("executable") else 0o644,
                                  authorization=item.get("authorization"))
         try:
-            await mirror(self._run(paths.replace_into, tmp, target))
+            await mirror(self._run(_replace_or_remove, tmp, target))
         except OSError as e:
-            remove(tmp)
             raise io_failure(e) from None
         except paths.PathEscape as e:
-            remove(tmp)
             raise Failed(str(e)) from None
 
     async def _download(self, key, uri, tmp, size, sha256, mode, authorization=None):
