@@ -771,7 +771,11 @@ def find_outputs(task_dir, pattern, max_entries=1_000_000, max_matches=100_000):
     normal = posixpath.normpath(pattern)
     if _lexically_outside(normal):
         return [], [f"output pattern {pattern!r} leads outside the task directory"]
-    segments = _split(normal)
+    segments = []
+    for segment in _split(normal):
+        # ("**/**" matches what "**" does: walking both would only multiply the work.)
+        if segment != "**" or not segments or segments[-1] != "**":
+            segments.append(segment)
     if segments and segments[-1] == "**":
         segments.append("*")
     if not segments:
@@ -874,13 +878,18 @@ class _Glob:
         finally:
             os.close(fd)
 
-    def walk(self, fd, rel, segments, i, depth):
-        """Match C{segments[i:]} against directory C{fd} (C{rel} from the root)."""
+    def walk(self, fd, rel, segments, i, depth, listing=None):
+        """
+        Match C{segments[i:]} against directory C{fd} (C{rel} from the
+        root); C{listing} is its L{names}, when a C{**} has read them
+        already (each directory is listed, and its entries counted, once).
+        """
         segment = segments[i]
         last = i == len(segments) - 1
         if segment == "**":  # never last: find_outputs appends "*" after a final "**"
-            self.walk(fd, rel, segments, i + 1, depth)
-            for name, is_dir, _, _ in self.names(fd):
+            listing = self.names(fd)
+            self.walk(fd, rel, segments, i + 1, depth, listing)
+            for name, is_dir, _, _ in listing:
                 if name.startswith(".") or not is_dir:
                     continue  # links are never followed by **
                 child = self.open_dir(fd, name)
@@ -888,7 +897,8 @@ class _Glob:
                     self.down(child, posixpath.join(rel, name) if rel else name, segments, i, depth)
             return
         if _magic(segment):
-            candidates = sorted(c for c in self.names(fd) if _segment_matches(c[0], segment))
+            names = listing if listing is not None else self.names(fd)
+            candidates = sorted(c for c in names if _segment_matches(c[0], segment))
         else:
             try:
                 mode = os.stat(segment, dir_fd=fd, follow_symlinks=False).st_mode

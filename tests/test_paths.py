@@ -335,6 +335,19 @@ class FindOutputsTests(PathsTestCase):
         os.symlink(os.path.join(self.outside, "secret"), os.path.join(self.task, "s.dat"))
         self.assertRaises(paths.PathEscape, paths.match_outputs, self.task, "*.dat")
 
+    def test_each_entry_counts_once_against_the_bound(self):
+        # many/ holds sub/ and 60 files: 61 entries, and sub/ 60 more.
+        os.makedirs(os.path.join(self.task, "many", "sub"))
+        for i in range(60):
+            open(os.path.join(self.task, "many", f"{i}.dat"), "wb").close()
+            open(os.path.join(self.task, "many", "sub", f"{i}.dat"), "wb").close()
+        for pattern in ("many/**/*.dat", "many/**/**/*.dat", "many/**"):
+            matches, errors = paths.find_outputs(self.task, pattern, max_entries=121)
+            self.assertEqual((len(matches), errors), (120, []), pattern)
+            matches, errors = paths.find_outputs(self.task, pattern, max_entries=120)
+            self.assertEqual(matches, [], pattern)
+            self.assertIn("more than 120 entries", errors[0])
+
     def test_bounds(self):
         os.makedirs(os.path.join(self.task, "many", "sub"))
         for i in range(60):
