@@ -203,6 +203,32 @@ def filesystem(path):
     return kind
 
 
+def machine_cpu():
+    """
+    C{(busy, total)} CPU seconds of the whole machine since boot, all cores
+    (C{/proc/stat}; iowait counts as idle), for the share of the cores a
+    phase kept busy.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) / CLOCK_TICKS for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+class MachineLoad:
+    """The machine's CPU over one phase: C{with MachineLoad() as load: ...}."""
+
+    def __enter__(self):
+        self._start = machine_cpu()
+        return self
+
+    def __exit__(self, *exc):
+        busy0, total0 = self._start
+        busy1, total1 = machine_cpu()
+        self.busy = busy1 - busy0  # CPU seconds, every process of the machine
+        self.share = self.busy / (total1 - total0) if total1 > total0 else float("nan")
+
+
 def own_cpu():
     t = os.times()
     return t.user + t.system
@@ -640,10 +666,14 @@ async def main(reactor, args):
 
     if "1" in only or "2" in only:
         await spawn_baseline(reactor, min(200, args.tasks), slots)  # warm up
-        baseline = await spawn_baseline(reactor, args.tasks, slots)
+        with MachineLoad() as raw_load:
+            baseline = await spawn_baseline(reactor, args.tasks, slots)
         out.record("baseline_per_s", baseline)
+        out.record("baseline_machine_cpu_ms", raw_load.busy / args.tasks * 1000)
         out.line(f"1. raw spawnProcess baseline: {args.tasks} x /bin/sh -c true, {slots} at once: "
-                 f"{baseline:,.0f} processes/s (before the agent's run)")
+                 f"{baseline:,.0f} processes/s (before the agent's run); the machine spent "
+                 f"{raw_load.busy / args.tasks * 1000:.2f} ms of CPU per process, its cores "
+                 f"{raw_load.share:.0%} busy")
 
     agent = None
     platform = None
@@ -668,7 +698,8 @@ async def main(reactor, args):
     try:
         if "2" in only:
             (user0, system0, tasks0, dirs0), cpu_own = agent_cpu(agent.pid), own_cpu()
-            seconds, states, run_times = await run_tasks(platform, args.tasks)
+            with MachineLoad() as load:
+                seconds, states, run_times = await run_tasks(platform, args.tasks)
             rate = args.tasks / seconds
             user1, system1, tasks1, dirs1 = agent_cpu(agent.pid)
             cpu_own = own_cpu() - cpu_own
@@ -693,6 +724,14 @@ async def main(reactor, args):
                      f"system {cpu_system / args.tasks * 1e6:,.0f}), its directory process "
                      f"{(dirs1 - dirs0) / args.tasks * 1e6:,.0f} us/task; tasks {(tasks1 - tasks0) / args.tasks * 1e6:,.0f} us/task; "
                      f"platform+benchmark {cpu_own:.2f} s")
+            # Where the ratio comes from: item 2 needs this much CPU per
+            # task in all, item 1 that much per process, and the cores are
+            # only so busy.
+            out.record("end_to_end_machine_cpu_ms", load.busy / args.tasks * 1000)
+            out.record("end_to_end_machine_busy", load.share)
+            out.line(f"   the machine spent {load.busy / args.tasks * 1000:.2f} ms of CPU per task "
+                     f"(every process: agent, directory process, tasks, platform), its cores "
+                     f"{load.share:.0%} busy")
             slot_ms = slots * seconds / args.tasks * 1000
             run_p50 = percentile(run_times, 50) * 1000
             out.record("slot_cycle_ms", slot_ms)
