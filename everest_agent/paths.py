@@ -708,6 +708,15 @@ def replace_into(tmp, target):
 # -- the path-taking functions: outputs ---------------------------------------
 
 
+def replace_or_remove(tmp, target):
+    """L{replace_into}; if that fails, C{tmp} is removed (L{remove_file})."""
+    try:
+        replace_into(tmp, target)
+    except BaseException:
+        remove_file(tmp)
+        raise
+
+
 def open_output(task_dir, relpath):
     """
     Open output C{relpath} of C{task_dir} for reading: links followed

@@ -72,11 +72,7 @@ def link_into(source, target):
         if e.errno in _NO_LINK:
             return "copy"
         raise
-    try:
-        paths.replace_into(tmp, target)
-    except BaseException:
-        remove(tmp)
-        raise
+    paths.replace_or_remove(tmp, target)
     return "ok"
 
 
@@ -114,13 +110,14 @@ class CachedInputs:
         """Put the content C{item} names at C{target} (raise L{Failed} if not)."""
         cache = self.cache
         digest, executable, size = item["sha256"], bool(item.get("executable")), item.get("size")
-        if size is not None:
+        if size is not None and cache.get(digest, executable) is None:
+            # A miss: room for the copy too, if the task is on another file system.
             directory = os.path.dirname(target)
             try:
                 other_fs = await mirror(self._run(_other_file_system, directory, cache.directory))
             except OSError as e:
                 raise io_failure(e) from None
-            if other_fs and cache.get(digest, executable) is None:
+            if other_fs:
                 async with self._space.claim(directory, size, reserve=False):
                     pass
         tried = set()

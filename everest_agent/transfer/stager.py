@@ -108,15 +108,6 @@ def _write_inline(target, data, executable):
         raise
 
 
-def _replace_or_remove(tmp, target):
-    """Rename C{tmp} over C{target}; if that fails, remove C{tmp} (in a thread)."""
-    try:
-        paths.replace_into(tmp, target)
-    except BaseException:
-        remove(tmp)
-        raise
-
-
 def _prepare_inputs(task_dir, inputs):
     """Plan the inputs and write the inline ones (in a thread)."""
     planned = _plan_inputs(task_dir, inputs)
@@ -475,7 +466,7 @@ class Stager:
                                  0o755 if item.get("executable") else 0o644,
                                  authorization=item.get("authorization"))
         try:
-            await mirror(self._run(_replace_or_remove, tmp, target))
+            await mirror(self._run(paths.replace_or_remove, tmp, target))
         except OSError as e:
             raise io_failure(e) from None
         except paths.PathEscape as e:
