@@ -11,9 +11,14 @@ to C{.everest/job.sh} in the task directory); the script
  3. runs the command with C{/bin/sh -c} in a subshell that holds the task's
     environment, standard input from C{/dev/null}, standard output and
     error to the files C{stdout} and C{stderr},
- 5. and as its last act writes the command's exit status to
-    C{.everest/exitcode} with L{exit_code_writer}, the one writer of that
-    file (the local handler's wrapper uses it too).
+ 4. and as its last act writes the command's exit status to
+    C{.everest/exitcode} with L{exit_code_writer}, the one writer of a
+    status in that file (the local handler's wrapper uses it too).
+
+The local handler's wrapper (also inside pilots) has no C{started} file:
+it writes L{STARTED_MARK} into C{.everest/exitcode} before its command
+begins (L{started_writer}), and L{read_exit_status} tells a command that
+began from one that never did.
 
 So the exit status comes from the job itself, not from the scheduler's
 accounting, and L{read_exit_code} finds it even when the scheduler has long
@@ -42,6 +47,9 @@ JOB_OUTPUT_FILE = os.path.join(STATE_DIR, "job.out")
 STARTED_FILE = os.path.join(STATE_DIR, "started")
 #: Holds the command's exit status, written by the script as its last act.
 EXIT_CODE_FILE = os.path.join(STATE_DIR, "exitcode")
+#: What the local wrapper writes into L{EXIT_CODE_FILE} just before its
+#: command begins (L{started_writer}).
+STARTED_MARK = "started"
 
 
 
@@ -72,6 +80,23 @@ def exit_code_writer(variable):
     @param variable: the name of the shell variable holding the status.
     """
     return f"printf '%11d\\n' \"${variable}\" 1<>{EXIT_CODE_FILE}"
+
+
+def started_writer():
+    """
+    The shell command with which the local wrapper notes, in the task
+    directory, that its command is about to begin: L{STARTED_MARK} written
+    over the start of L{EXIT_CODE_FILE} in place, with no newline, so it is
+    never read as a status (L{read_exit_code}) and the status is later
+    written over it (L{exit_code_writer}).  A shell built-in and one
+    C{write}, like the status.
+
+    It tells a restarted agent that found no wrapper and no status whether
+    the command ever began (L{read_exit_status}): the agent can be killed
+    after it readied the directory and before its spawn, and the task is
+    then started, not taken for lost.
+    """
+    return f"printf '%{EXIT_CODE_SIZE - 1}s' {STARTED_MARK} 1<>{EXIT_CODE_FILE}"
 
 
 #: The script's exit status when it cannot enter the task directory.
@@ -175,6 +200,17 @@ def read_exit_code(directory):
     @raise ValueError: if the file holds something else than a number, or
         is not a regular file (a link there was planted: it is not followed).
     """
+    return read_exit_status(directory)[0]
+
+
+def read_exit_status(directory):
+    """
+    L{read_exit_code}, and whether the local wrapper's command began there
+    (L{started_writer}; always true with a status).
+
+    @return: C{(exit code or None, began)}.
+    @raise ValueError: as L{read_exit_code}.
+    """
     try:
         root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
         try:
@@ -182,17 +218,18 @@ def read_exit_code(directory):
         finally:
             os.close(root)
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return None, False
     except paths.PathEscape as e:
         raise ValueError(str(e)) from None
     with os.fdopen(fd, "rb") as f:
         text = f.read(100).decode("utf-8", "replace")
     if not text.endswith("\n"):
-        return None  # created, not written yet
+        # Created and not written yet, emptied for a start, or only marked.
+        return None, text.strip() == STARTED_MARK
     text = text.strip()
     if not re.fullmatch(r"-?[0-9]{1,10}", text):
         raise ValueError(f"{EXIT_CODE_FILE} holds {text!r}, not an exit status")
-    return int(text)
+    return int(text), True
 
 
 def exit_code_or_reason(directory):
@@ -201,12 +238,23 @@ def exit_code_or_reason(directory):
     why the file is unreadable or None)}, for a handler settling an ended
     job (blocking: run in the file-system threads).
     """
+    code, _, unreadable = exit_status_or_reason(directory)
+    return code, unreadable
+
+
+def exit_status_or_reason(directory):
+    """
+    L{read_exit_status}, its failure turned into words: C{(exit code or
+    None, began, why the file is unreadable or None)}; an unreadable file
+    counts as begun (something wrote there: the task is not run again).
+    """
     try:
-        return read_exit_code(directory), None
+        code, began = read_exit_status(directory)
     except ValueError as e:
-        return None, str(e)
+        return None, True, str(e)
     except OSError as e:
-        return None, f"cannot read {EXIT_CODE_FILE}: {e.strerror or e}"
+        return None, True, f"cannot read {EXIT_CODE_FILE}: {e.strerror or e}"
+    return code, began, None
 
 
 def job_started(directory):

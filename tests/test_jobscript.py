@@ -117,6 +117,29 @@ class ExitCodeFileTests(SynchronousTestCase):
             self.write(text)
             self.assertRaises(ValueError, jobscript.read_exit_code, self.dir)
 
+    def test_began_is_told_from_never_began(self):
+        """Only the wrapper's mark, or a status, says the command began; an emptied file does not."""
+        self.assertEqual(jobscript.read_exit_status(self.dir), (None, False))
+        for text, status in (("", (None, False)),
+                             ("          3 ", (None, False)),  # a status with its newline taken back
+                             ("    started", (None, True)),
+                             ("    started ", (None, True)),  # marked over an emptied status
+                             ("          3\n", (3, True))):
+            self.write(text)
+            self.assertEqual(jobscript.read_exit_status(self.dir), status, text)
+
+    def test_the_shell_writers_make_what_is_read(self):
+        """The mark and then the status, written by /bin/sh over an emptied file, read as meant."""
+        self.write("        137 ")
+        mark = subprocess.run(["/bin/sh", "-c", jobscript.started_writer()], cwd=self.dir)
+        self.assertEqual(mark.returncode, 0)
+        self.assertEqual(jobscript.read_exit_status(self.dir), (None, True))
+        status = subprocess.run(["/bin/sh", "-c", "s=4; " + jobscript.exit_code_writer("s")], cwd=self.dir)
+        self.assertEqual(status.returncode, 0)
+        self.assertEqual(jobscript.read_exit_status(self.dir), (4, True))
+        with open(os.path.join(self.dir, jobscript.EXIT_CODE_FILE)) as f:
+            self.assertEqual(len(f.read()), jobscript.EXIT_CODE_SIZE)
+
 
 class RealScriptTests(SynchronousTestCase):
     """The script run by /bin/sh, as a scheduler would (but synchronously)."""

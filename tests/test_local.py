@@ -267,6 +267,26 @@ class ReattachTests(TestCase):
         return self.assertFailure(self.second.reattach(self.request("true"), None), JobNeverStarted)
 
     @defer.inlineCallbacks
+    def test_readied_but_never_spawned_is_started(self):
+        """
+        The agent killed between readying the directory (its C{.everest}
+        made, a used-again one's status emptied) and the spawn: a restart
+        starts the task instead of taking it for lost.
+        """
+        from everest_agent import spares
+        from everest_agent.interfaces import JobNeverStarted
+
+        request = self.request("exit 4")
+        earlier = yield self.first.submit(request)  # an earlier run left a status here
+        self.assertEqual((yield earlier.result).exit_code, 4)
+        for fd in spares.open_for_spawn(self.dir):
+            os.close(fd)
+        yield self.assertFailure(self.second.reattach(request, None), JobNeverStarted)
+        yield self.assertFailure(self.second.reattach(request, str(earlier.pid)), JobNeverStarted)
+        again = yield self.second.submit(request)  # what the worker does then
+        self.assertEqual((yield again.result).exit_code, 4)
+
+    @defer.inlineCallbacks
     def test_started_then_killed_before_its_id_was_recorded_is_lost(self):
         """Once the spawn's marker is there, a task without a wrapper or an exit status is lost, not restarted."""
         request = self.request("echo started; sleep 60")

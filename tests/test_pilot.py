@@ -514,6 +514,24 @@ class LostPilotReadsTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(job.result), JobResult(3, "exit code 3"))
         self.failureResultOf(never, JobNeverStarted)
 
+    def test_readied_but_never_begun_is_not_lost(self):
+        """A pilot lost between readying a task's directory and its spawn: the task starts again."""
+        from everest_agent import spares
+
+        h = self.h
+        readied, marked = h.request("readied"), h.request("marked")
+        for task in (readied, marked):
+            for fd in spares.open_for_spawn(task.directory):
+                os.close(fd)
+        with open(os.path.join(marked.directory, ".everest", "exitcode"), "w") as f:
+            f.write("    started")  # what the wrapper writes before the command
+        never = h.handler.reattach(readied, "999")
+        lost = h.handler.reattach(marked, "999")
+        h.reactor.advance(0)
+        self.files.release()
+        self.failureResultOf(never, JobNeverStarted)
+        self.failureResultOf(lost, JobLost)
+
     def test_damaged_exit_code_file(self):
         h = self.h
         task = h.request("bad")

@@ -13,7 +13,9 @@ opens empty through a descriptor of the task directory, never through a
 link an earlier run of the same task id left: a regular file of one link
 there is truncated, anything else replaced by a fresh file
 (L{everest_agent.spares.open_output}).  The
-wrapper C{cd}s to the task directory (given as descriptor 3), runs COMMAND in a
+wrapper C{cd}s to the task directory (given as descriptor 3), marks in
+C{.everest/exitcode} that the command is beginning
+(L{jobscript.started_writer}), runs COMMAND in a
 subshell (a fork of the wrapper, not a second shell to load: the wrapper's
 C{$1}/C{$2} are cleared first), and as its last act writes the command's
 exit status to C{.everest/exitcode} and exits with it.  One C{exec} and one
@@ -32,7 +34,9 @@ real exit status from the file.  The directory C{.everest} is made (or a
 used-again directory's idle one renamed into place, L{everest_agent.spares})
 just before the spawn, so an agent that stopped before recording the job id can
 tell whether it started the job: no directory, no job; else the wrapper's
-command line finds it running, or its exit-code file tells how it ended
+command line finds it running, or its exit-code file tells how it ended, or
+that its command never began (the agent was killed between readying the
+directory and the spawn: the task is started then, not lost)
 (which is also why the agent need not wait for the disk before a spawn: see
 L{ITaskHandler.durable_jobs}).  A cancel or an exceeded C{timeLimit}
 sends SIGTERM to the whole process group, then SIGKILL after C{kill_grace}
@@ -61,6 +65,9 @@ _WRAPPER = (
     # agent ($1 only names it for a process listing): no path is resolved
     # again between the agent's check and the cd.
     'cd -P /proc/self/fd/3 && exec 3<&- || exit 126; '
+    # From here a restart that finds no wrapper and no status knows the
+    # command began (jobscript.read_exit_status).
+    f'{jobscript.started_writer()}; '
     '(c=$2; set --; eval "$c"); '
     "s=$?; "
     f'{jobscript.exit_code_writer("s")}; '
@@ -499,7 +506,12 @@ class LocalTaskHandler:
         return job
 
     def _ended_while_away(self, request):
-        def read(exit_code):
+        def read(status):
+            exit_code, began = status
+            if exit_code is None and not began:
+                # The agent readied the directory and stopped before the
+                # spawn (or the wrapper died before its command began).
+                raise JobNeverStarted("the task's command never began (the agent stopped first)")
             if exit_code is None:
                 raise JobLost("the task ended while the agent was away, leaving no exit status (killed?)")
             job = ReattachedJob(request, self._reactor, self.kill_grace, 0, 0, 0.0, self.files)
@@ -511,7 +523,7 @@ class LocalTaskHandler:
             f.trap(ValueError, OSError)
             raise JobLost(f"the task's exit status file is damaged: {f.value}")
 
-        return self.files.run(jobscript.read_exit_code, request.directory).addCallbacks(read, damaged)
+        return self.files.run(jobscript.read_exit_status, request.directory).addCallbacks(read, damaged)
 
     def _watch(self, job):
         self._watched.add(job)

@@ -76,12 +76,14 @@ def read_task_end(directory):
     What a task sent to a pilot left in its directory (blocking: run in the
     file-system threads).
 
-    @return: C{(exit code or None, why it is unreadable or None, whether a
-        pilot started it)}; a pilot's spawn makes the task's
-        C{.everest} directory before the task runs.
+    @return: C{(exit code or None, why it is unreadable or None, whether its
+        command began)}: the wrapper a pilot spawns marks that before the
+        command (L{jobscript.started_writer}), so a task whose pilot was
+        lost between readying its directory and the spawn is not taken
+        for lost.
     """
-    code, unreadable = jobscript.exit_code_or_reason(directory)
-    return code, unreadable, code is not None or os.path.isdir(os.path.join(directory, jobscript.STATE_DIR))
+    code, began, unreadable = jobscript.exit_status_or_reason(directory)
+    return code, unreadable, began
 
 
 def read_task_ends(directories):
