@@ -372,6 +372,22 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(h2.last("t1")[3]["reason"], "its outcome is unknown")
 
 
+    def test_task_never_started_in_restart_is_started_once(self):
+        """A handler that finds the job never started (JobNeverStarted): the worker starts it, once."""
+        h = Harness(self, handler=FakeTaskHandler(hold_submit=True))
+        h.submit("t1", spec())  # the agent dies while the job is being started
+        from everest_agent.interfaces import JobNeverStarted
+
+        handler = FakeTaskHandler()
+        handler.reattach = lambda request, job_id: defer.fail(JobNeverStarted("the agent stopped first"))
+        h2 = self.restart(h, handler)
+        h2.pump()
+        self.assertEqual(list(h2.handler.jobs), ["t1"])
+        h2.handler.jobs["t1"].finish(0)
+        h2.pump()
+        self.assertEqual(h2.states("t1"), ["RUNNING", "DONE"])
+
+
 class SlotPoolTests(SynchronousTestCase):
     def test_fifo(self):
         pool = SlotPool(2)
