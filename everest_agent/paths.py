@@ -705,9 +705,6 @@ def replace_into(tmp, target):
         os.close(dir_fd)
 
 
-# -- the path-taking functions: outputs ---------------------------------------
-
-
 def replace_or_remove(tmp, target):
     """L{replace_into}; if that fails, C{tmp} is removed (L{remove_file})."""
     try:
@@ -715,6 +712,9 @@ def replace_or_remove(tmp, target):
     except BaseException:
         remove_file(tmp)
         raise
+
+
+# -- the path-taking functions: outputs ---------------------------------------
 
 
 def open_output(task_dir, relpath):
